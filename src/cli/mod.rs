@@ -1,0 +1,416 @@
+//! The client side of the binary: `likeness collections|upsert|search|get|delete` talk to
+//! a running daemon at `--addr`; `likeness bench` measures one against its references.
+
+pub mod bench;
+pub mod load;
+
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+use crate::config::ServeArgs;
+use crate::pb;
+use crate::pb::collections_client::CollectionsClient;
+use crate::pb::items_client::ItemsClient;
+
+#[derive(Debug, Parser)]
+#[command(name = "likeness", version, about = "Similarity learning as a service: durable vectors, ANN search, hard-negative mining over gRPC")]
+pub struct Cli {
+    /// Address of the daemon the client subcommands talk to.
+    #[arg(long, env = "LIKENESS_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
+    pub addr: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Create, list, inspect and delete collections.
+    #[command(subcommand)]
+    Collections(CollectionsCmd),
+    /// Bulk-load items from .npy, JSONL or CSV.
+    Upsert(UpsertArgs),
+    /// Nearest neighbours of a vector or of a stored item.
+    Search(SearchArgs),
+    /// Fetch items by id (JSON lines).
+    Get(GetArgs),
+    /// Delete items by id.
+    Delete(DeleteArgs),
+    /// Measure the daemon against its references (see docs/benchmarks.md).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MetricArg {
+    Cosine,
+    L2,
+    Ip,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    F16,
+    I8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CollectionsCmd {
+    /// Create a collection.
+    Create {
+        name: String,
+        #[arg(long)]
+        dimension: u32,
+        #[arg(long, value_enum, default_value = "cosine")]
+        metric: MetricArg,
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
+        /// HNSW degree M (0 = server default).
+        #[arg(long, default_value_t = 0)]
+        connectivity: u32,
+        /// HNSW ef at insertion (0 = server default).
+        #[arg(long, default_value_t = 0)]
+        expansion_add: u32,
+        /// HNSW ef at search (0 = server default).
+        #[arg(long, default_value_t = 0)]
+        expansion_search: u32,
+    },
+    /// List collections.
+    List,
+    /// Show one collection.
+    Get { name: String },
+    /// Delete a collection and its items.
+    Delete { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpsertArgs {
+    /// Target collection.
+    #[arg(long, short)]
+    pub collection: String,
+    /// Input file: .npy (float32/float64, 2-D), .jsonl ({"id","label","metadata","vector"}) or .csv (header `id,label,<one column per dimension>`).
+    pub file: std::path::PathBuf,
+    /// Override the format guessed from the extension.
+    #[arg(long, value_enum)]
+    pub format: Option<load::Format>,
+    /// For .npy: ids are this prefix plus the row number.
+    #[arg(long, default_value = "")]
+    pub id_prefix: String,
+    /// For .npy: a text file with one label per row.
+    #[arg(long)]
+    pub labels: Option<std::path::PathBuf>,
+    /// Items per request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SearchArgs {
+    #[arg(long, short)]
+    pub collection: String,
+    /// Query vector, comma-separated.
+    #[arg(long, conflicts_with = "id", allow_hyphen_values = true)]
+    pub vector: Option<String>,
+    /// Query by a stored item's id.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long, short, default_value_t = 10)]
+    pub k: u32,
+    /// Only these labels (repeatable).
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// Never these labels (repeatable).
+    #[arg(long)]
+    pub exclude_label: Vec<String>,
+    /// Metadata that must match, key=value (repeatable).
+    #[arg(long, value_parser = parse_kv)]
+    pub meta: Vec<(String, String)>,
+    /// Brute force instead of the ANN index.
+    #[arg(long)]
+    pub exact: bool,
+    /// HNSW ef for this query (0 = collection default).
+    #[arg(long, default_value_t = 0)]
+    pub expansion: u32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    #[arg(long, short)]
+    pub collection: String,
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    #[arg(long)]
+    pub with_vectors: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    #[arg(long, short)]
+    pub collection: String,
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+/// Runs one client subcommand; errors are the server's status, printed by `main`.
+pub async fn run(addr: String, command: Command) -> Result<(), String> {
+    match command {
+        Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Bench(args) => bench::run(args).await,
+        Command::Collections(cmd) => collections(&addr, cmd).await,
+        Command::Upsert(args) => upsert(&addr, args).await,
+        Command::Search(args) => search(&addr, args).await,
+        Command::Get(args) => get(&addr, args).await,
+        Command::Delete(args) => delete(&addr, args).await,
+    }
+}
+
+/// A connected channel with message limits raised to the server's default.
+pub async fn connect(addr: &str) -> Result<Channel, String> {
+    Channel::from_shared(addr.to_string())
+        .map_err(|e| format!("--addr {addr}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))
+}
+
+fn items_client(ch: Channel) -> ItemsClient<Channel> {
+    ItemsClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+fn status(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+fn metric_name(m: i32) -> &'static str {
+    match pb::Metric::try_from(m) {
+        Ok(pb::Metric::L2) => "l2",
+        Ok(pb::Metric::InnerProduct) => "ip",
+        _ => "cosine",
+    }
+}
+
+fn precision_name(p: i32) -> &'static str {
+    match pb::Precision::try_from(p) {
+        Ok(pb::Precision::F16) => "f16",
+        Ok(pb::Precision::I8) => "i8",
+        _ => "f32",
+    }
+}
+
+fn print_info(c: &pb::CollectionInfo) {
+    let idx = c.index.unwrap_or_default();
+    println!(
+        "{}\tdimension={}\tmetric={}\tprecision={}\tcount={}\tM={}\tef_add={}\tef_search={}",
+        c.name,
+        c.dimension,
+        metric_name(c.metric),
+        precision_name(c.precision),
+        c.count,
+        idx.connectivity,
+        idx.expansion_add,
+        idx.expansion_search
+    );
+}
+
+async fn collections(addr: &str, cmd: CollectionsCmd) -> Result<(), String> {
+    let mut client = CollectionsClient::new(connect(addr).await?);
+    match cmd {
+        CollectionsCmd::Create {
+            name,
+            dimension,
+            metric,
+            precision,
+            connectivity,
+            expansion_add,
+            expansion_search,
+        } => {
+            let info = client
+                .create_collection(pb::CreateCollectionRequest {
+                    name,
+                    dimension,
+                    metric: match metric {
+                        MetricArg::Cosine => pb::Metric::Cosine,
+                        MetricArg::L2 => pb::Metric::L2,
+                        MetricArg::Ip => pb::Metric::InnerProduct,
+                    } as i32,
+                    index: Some(pb::IndexParams {
+                        connectivity,
+                        expansion_add,
+                        expansion_search,
+                    }),
+                    precision: match precision {
+                        PrecisionArg::F32 => pb::Precision::F32,
+                        PrecisionArg::F16 => pb::Precision::F16,
+                        PrecisionArg::I8 => pb::Precision::I8,
+                    } as i32,
+                    model: String::new(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_info(&info);
+        }
+        CollectionsCmd::List => {
+            let list = client
+                .list_collections(pb::ListCollectionsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for c in &list.collections {
+                print_info(c);
+            }
+        }
+        CollectionsCmd::Get { name } => {
+            let info = client
+                .get_collection(pb::GetCollectionRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_info(&info);
+        }
+        CollectionsCmd::Delete { name } => {
+            let r = client
+                .delete_collection(pb::DeleteCollectionRequest { name: name.clone() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("deleted collection {name} ({} items)", r.deleted);
+        }
+    }
+    Ok(())
+}
+
+async fn upsert(addr: &str, args: UpsertArgs) -> Result<(), String> {
+    let format = match args.format {
+        Some(f) => f,
+        None => load::Format::guess(&args.file)?,
+    };
+    let items = load::read(&args.file, format, &args.id_prefix, args.labels.as_deref())?;
+    let total = items.len();
+    let client = items_client(connect(addr).await?);
+    let batch = args.batch.max(1);
+    let start = Instant::now();
+    let mut done = 0usize;
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut chunks = items.chunks(batch).map(|c| c.to_vec());
+    let progress = load::Progress::new(total);
+    loop {
+        while inflight.len() < args.concurrency.max(1) {
+            let Some(chunk) = chunks.next() else { break };
+            let mut c = client.clone();
+            let collection = args.collection.clone();
+            inflight.spawn(async move {
+                c.upsert(pb::UpsertRequest {
+                    collection,
+                    items: chunk,
+                })
+                .await
+                .map(|r| r.into_inner().upserted as usize)
+            });
+        }
+        let Some(res) = inflight.join_next().await else {
+            break;
+        };
+        done += res.map_err(|e| e.to_string())?.map_err(status)?;
+        progress.show(done, start.elapsed());
+    }
+    progress.finish();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "upserted {done} items into {} in {secs:.2} s ({:.0} items/s)",
+        args.collection,
+        done as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+async fn search(addr: &str, args: SearchArgs) -> Result<(), String> {
+    let kind = match (args.vector, args.id) {
+        (Some(v), None) => pb::query::Kind::Vector(pb::Vector {
+            values: load::parse_floats(&v)?,
+        }),
+        (None, Some(id)) => pb::query::Kind::Id(id),
+        _ => return Err("give --vector or --id".into()),
+    };
+    let mut client = items_client(connect(addr).await?);
+    let r = client
+        .search(pb::SearchRequest {
+            collection: args.collection,
+            query: Some(pb::Query { kind: Some(kind) }),
+            k: args.k,
+            filter: Some(pb::Filter {
+                labels: args.label,
+                exclude_labels: args.exclude_label,
+                metadata: args.meta.into_iter().collect(),
+            }),
+            exact: args.exact,
+            expansion: args.expansion,
+            with_vectors: false,
+            with_metadata: true,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("rank\tdistance\tid\tlabel\tmetadata");
+    for (i, h) in r.hits.iter().enumerate() {
+        let meta: Vec<String> = h.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{}\t{:.6}\t{}\t{}\t{}",
+            i + 1,
+            h.distance,
+            h.id,
+            h.label,
+            meta.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn get(addr: &str, args: GetArgs) -> Result<(), String> {
+    let mut client = items_client(connect(addr).await?);
+    let r = client
+        .get(pb::GetRequest {
+            collection: args.collection,
+            ids: args.ids,
+            with_vectors: args.with_vectors,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    for item in r.items {
+        let mut obj = serde_json::json!({ "id": item.id, "label": item.label, "metadata": item.metadata });
+        if args.with_vectors {
+            obj["vector"] = serde_json::json!(item.vector);
+        }
+        println!("{obj}");
+    }
+    Ok(())
+}
+
+async fn delete(addr: &str, args: DeleteArgs) -> Result<(), String> {
+    let mut client = items_client(connect(addr).await?);
+    let r = client
+        .delete(pb::DeleteRequest {
+            collection: args.collection,
+            ids: args.ids,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("deleted {} items", r.deleted);
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Configuration in two stages: what the user typed (flags, `LIKENESS_*` env vars, an
+//! optional TOML file) and the resolved [`Config`] the daemon runs with.
+//! Precedence: flag > env > file > default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::types::Limits;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// `likeness serve` flags. Every one has an env var and a TOML key of the same name
+/// (`--data-dir` = `LIKENESS_DATA_DIR` = `data_dir`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file; its keys are the flag names with underscores.
+    #[arg(long, env = "LIKENESS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, env = "LIKENESS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the store and index snapshots [default: ./likeness-data].
+    #[arg(long, env = "LIKENESS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format [default: human].
+    #[arg(long, env = "LIKENESS_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, tracing-subscriber syntax [default: info].
+    #[arg(long, env = "LIKENESS_LOG")]
+    pub log: Option<String>,
+    /// Largest k a search may ask for [default: 10000].
+    #[arg(long, env = "LIKENESS_MAX_K")]
+    pub max_k: Option<usize>,
+    /// Largest gRPC message, in bytes, before RESOURCE_EXHAUSTED [default: 67108864].
+    #[arg(long, env = "LIKENESS_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Most items in one request [default: 100000].
+    #[arg(long, env = "LIKENESS_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// sled page cache, in MiB [default: 512].
+    #[arg(long, env = "LIKENESS_CACHE_MB")]
+    pub cache_mb: Option<u64>,
+    /// Threads that insert into an index per batch and at rebuild; 0 = all cores [default: 0].
+    #[arg(long, env = "LIKENESS_INDEX_THREADS")]
+    pub index_threads: Option<usize>,
+    /// Seconds to let in-flight RPCs finish on SIGTERM [default: 30].
+    #[arg(long, env = "LIKENESS_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// The TOML file: the same keys as the flags, all optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub log: Option<String>,
+    pub max_k: Option<usize>,
+    pub max_message_bytes: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub cache_mb: Option<u64>,
+    pub index_threads: Option<usize>,
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub log: String,
+    pub max_message_bytes: usize,
+    pub cache_mb: u64,
+    pub index_threads: usize,
+    pub shutdown_grace_secs: u64,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:50051".parse().expect("valid address"),
+            data_dir: PathBuf::from("./likeness-data"),
+            log_format: LogFormat::Human,
+            log: "info".into(),
+            max_message_bytes: 64 << 20,
+            cache_mb: 512,
+            index_threads: 0,
+            shutdown_grace_secs: 30,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// A config with defaults and the given data dir (what tests use).
+    pub fn with_data_dir(dir: impl Into<PathBuf>) -> Self {
+        Config {
+            data_dir: dir.into(),
+            ..Config::default()
+        }
+    }
+
+    /// Resolves flags and env (already merged by clap) over the file over defaults.
+    pub fn resolve(args: &ServeArgs) -> Result<Config, String> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let cfg = Config {
+            listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or(d.data_dir),
+            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
+            log: args.log.clone().or(file.log).unwrap_or(d.log),
+            max_message_bytes: args
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(d.max_message_bytes),
+            cache_mb: args.cache_mb.or(file.cache_mb).unwrap_or(d.cache_mb),
+            index_threads: args
+                .index_threads
+                .or(file.index_threads)
+                .unwrap_or(d.index_threads),
+            shutdown_grace_secs: args
+                .shutdown_grace_secs
+                .or(file.shutdown_grace_secs)
+                .unwrap_or(d.shutdown_grace_secs),
+            limits: Limits {
+                max_k: args.max_k.or(file.max_k).unwrap_or(d.limits.max_k),
+                max_batch: args.max_batch.or(file.max_batch).unwrap_or(d.limits.max_batch),
+                ..d.limits
+            },
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.limits.max_k == 0 {
+            return Err("max_k must be at least 1".into());
+        }
+        if self.limits.max_batch == 0 {
+            return Err("max_batch must be at least 1".into());
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("max_message_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    /// Index threads with 0 resolved to the number of cores.
+    pub fn index_threads(&self) -> usize {
+        if self.index_threads > 0 {
+            self.index_threads
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/likeness.example.toml");
+        let file = read_file(&path).unwrap();
+        assert_eq!(file.max_k, Some(10_000));
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        Config::resolve(&args).unwrap();
+    }
+
+    #[test]
+    fn flag_beats_file_and_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "max_k = 50\ncache_mb = 64\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_k: Some(7),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args).unwrap();
+        assert_eq!(cfg.limits.max_k, 7);
+        assert_eq!(cfg.cache_mb, 64);
+        assert_eq!(cfg.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "max_kk = 50\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        assert!(err.contains("max_kk"), "{err}");
+    }
+}

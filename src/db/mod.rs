@@ -1,0 +1,852 @@
+//! The collections registry: joins the durable store (sled) and the ANN index
+//! (usearch) into collections that can be written, read and searched.
+//!
+//! The store is the truth. Every write goes to sled first as one atomic batch, then into
+//! the index, then into the in-memory catalogue that search filters read; it is
+//! acknowledged only after a group commit has flushed it. After a crash the index is
+//! rebuilt from the store, so the two always agree.
+//!
+//! Every method here blocks (disk, HNSW); the gRPC layer calls them from blocking threads.
+
+pub mod validate;
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::index::AnnIndex;
+use crate::store::{ItemsTree, Mutation, Store, TreeState};
+use crate::types::{
+    CollectionSpec, Hit, IndexParams, ItemData, Limits, Metric, Precision, QueryTarget,
+    SearchParams,
+};
+
+/// What CreateCollection asks for; zeros and `None` mean defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CreateCollection {
+    pub name: String,
+    pub dimension: u32,
+    pub metric: Option<Metric>,
+    pub index: IndexParams,
+    pub precision: Option<Precision>,
+    pub model: String,
+}
+
+/// A collection's spec and live item count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectionInfo {
+    pub spec: CollectionSpec,
+    pub count: u64,
+}
+
+/// How recovery went, per collection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovered {
+    pub name: String,
+    pub items: usize,
+    pub from_snapshot: bool,
+    pub took: Duration,
+}
+
+/// The previous state of ids an UpsertStream touched, so a failed stream can be undone.
+#[derive(Default)]
+pub struct Undo {
+    before: HashMap<String, Option<ItemData>>,
+}
+
+pub struct Db {
+    store: Store,
+    snapshots: PathBuf,
+    limits: Limits,
+    index_threads: usize,
+    collections: RwLock<BTreeMap<String, Arc<Collection>>>,
+    ready: AtomicBool,
+}
+
+pub struct Collection {
+    spec: CollectionSpec,
+    items: ItemsTree,
+    index: AnnIndex,
+    live: RwLock<Live>,
+    writer: Mutex<Writer>,
+}
+
+/// The in-memory catalogue: which ANN key each id has now, and what search filters and
+/// hits need to know about each key without touching the store.
+#[derive(Default)]
+struct Live {
+    by_id: HashMap<Arc<str>, u64>,
+    by_key: HashMap<u64, Arc<Entry>>,
+}
+
+struct Entry {
+    id: Arc<str>,
+    label: String,
+    metadata: BTreeMap<String, String>,
+}
+
+/// Held by whoever mutates a collection: writers to one collection go one at a time
+/// (each batch is inserted into the index on several threads), flushes are shared.
+struct Writer {
+    state: TreeState,
+    dropped: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotMeta {
+    uid: u64,
+    seq: u64,
+    count: usize,
+}
+
+impl Db {
+    /// Opens the store. Collections are not usable until [`Db::recover`] has run.
+    pub fn open(config: &Config) -> Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let snapshots = config.data_dir.join("index");
+        std::fs::create_dir_all(&snapshots)?;
+        let store = Store::open(&config.data_dir, config.cache_mb << 20)?;
+        Ok(Db {
+            store,
+            snapshots,
+            limits: config.limits.clone(),
+            index_threads: config.index_threads(),
+            collections: RwLock::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Loads every collection: its index from a snapshot when the snapshot matches the
+    /// store, else rebuilt from the store. Then the Db serves.
+    pub fn recover(&self) -> Result<Vec<Recovered>> {
+        let specs = self.store.specs()?;
+        let orphans = self.store.drop_orphans(&specs)?;
+        if orphans > 0 {
+            tracing::warn!(orphans, "dropped item trees of deleted collections");
+        }
+        let mut report = Vec::new();
+        for spec in specs {
+            let start = Instant::now();
+            let (coll, from_snapshot) = Collection::open(
+                spec.clone(),
+                self.store.items(&spec.name)?,
+                &self.snapshots,
+                self.index_threads,
+            )?;
+            report.push(Recovered {
+                name: spec.name.clone(),
+                items: coll.len(),
+                from_snapshot,
+                took: start.elapsed(),
+            });
+            self.collections
+                .write()
+                .expect("registry lock")
+                .insert(spec.name.clone(), Arc::new(coll));
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(report)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Flushes performed by group commit so far.
+    pub fn flushes(&self) -> u64 {
+        self.store.flushes()
+    }
+
+    fn check_ready(&self) -> Result<()> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable("recovery is still running".into()))
+        }
+    }
+
+    pub fn collection(&self, name: &str) -> Result<Arc<Collection>> {
+        self.check_ready()?;
+        self.collections
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("collection {name:?}")))
+    }
+
+    pub fn create_collection(&self, req: CreateCollection) -> Result<CollectionInfo> {
+        self.check_ready()?;
+        validate::collection_name("name", &req.name)?;
+        if req.dimension == 0 || req.dimension > self.limits.max_dimension {
+            return Err(Error::invalid(
+                "dimension",
+                format!(
+                    "{} is out of range 1..={}",
+                    req.dimension, self.limits.max_dimension
+                ),
+            ));
+        }
+        let d = IndexParams::default();
+        let pick = |v: u32, default: u32| if v == 0 { default } else { v };
+        let index = IndexParams {
+            connectivity: pick(req.index.connectivity, d.connectivity),
+            expansion_add: pick(req.index.expansion_add, d.expansion_add),
+            expansion_search: pick(req.index.expansion_search, d.expansion_search),
+        };
+        if !(2..=256).contains(&index.connectivity) {
+            return Err(Error::invalid(
+                "index.connectivity",
+                format!("{} is out of range 2..=256", index.connectivity),
+            ));
+        }
+        for (field, v) in [
+            ("index.expansion_add", index.expansion_add),
+            ("index.expansion_search", index.expansion_search),
+        ] {
+            if v > 4096 {
+                return Err(Error::invalid(field, format!("{v} is out of range 1..=4096")));
+            }
+        }
+        if !req.model.is_empty() {
+            return Err(Error::NotFound(format!(
+                "model {:?} (this daemon has no embedders configured)",
+                req.model
+            )));
+        }
+        let mut registry = self.collections.write().expect("registry lock");
+        if registry.contains_key(&req.name) {
+            return Err(Error::AlreadyExists(format!("collection {:?}", req.name)));
+        }
+        let spec = CollectionSpec {
+            name: req.name.clone(),
+            dimension: req.dimension,
+            metric: req.metric.unwrap_or(Metric::Cosine),
+            index,
+            precision: req.precision.unwrap_or(Precision::F32),
+            model: req.model,
+            uid: new_uid(),
+        };
+        let items = self.store.items(&spec.name)?;
+        let coll = Collection::create(spec.clone(), items)?;
+        self.store.put_spec(&spec)?;
+        registry.insert(spec.name.clone(), Arc::new(coll));
+        tracing::info!(collection = %spec.name, dimension = spec.dimension, metric = ?spec.metric, "created collection");
+        Ok(CollectionInfo { spec, count: 0 })
+    }
+
+    pub fn list_collections(&self) -> Result<Vec<CollectionInfo>> {
+        self.check_ready()?;
+        Ok(self
+            .collections
+            .read()
+            .expect("registry lock")
+            .values()
+            .map(|c| c.info())
+            .collect())
+    }
+
+    /// Deletes a collection; returns how many items it held.
+    pub fn delete_collection(&self, name: &str) -> Result<u64> {
+        self.check_ready()?;
+        validate::collection_name("name", name)?;
+        let mut registry = self.collections.write().expect("registry lock");
+        let Some(coll) = registry.get(name).cloned() else {
+            return Err(Error::NotFound(format!("collection {name:?}")));
+        };
+        let mut w = coll.writer.lock().expect("writer lock");
+        self.store.remove_collection(name)?;
+        registry.remove(name);
+        w.dropped = true;
+        for path in snapshot_paths(&self.snapshots, name) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(collection = name, "deleted collection");
+        Ok(coll.len() as u64)
+    }
+
+    /// Inserts or replaces items; durable on return.
+    pub fn upsert(&self, collection: &str, items: Vec<ItemData>) -> Result<usize> {
+        let coll = self.collection(collection)?;
+        if items.is_empty() {
+            return Err(Error::invalid("items", "must not be empty"));
+        }
+        validate::items(&items, &coll.spec, &self.limits)?;
+        let n = coll.apply_upsert(&items, None, self.index_threads)?;
+        self.store.commit()?;
+        Ok(n)
+    }
+
+    /// One message of an UpsertStream: validated and applied, not yet durable; what it
+    /// replaced is remembered in `undo`.
+    pub fn upsert_staged(
+        &self,
+        collection: &str,
+        items: Vec<ItemData>,
+        undo: &mut Undo,
+    ) -> Result<usize> {
+        let coll = self.collection(collection)?;
+        validate::items(&items, &coll.spec, &self.limits)?;
+        coll.apply_upsert(&items, Some(undo), self.index_threads)
+    }
+
+    /// Makes everything applied so far durable (the end of an UpsertStream).
+    pub fn commit(&self) -> Result<()> {
+        self.store.commit()
+    }
+
+    /// Undoes the staged messages of a failed UpsertStream, durably.
+    pub fn rollback(&self, undo: Undo) -> Result<()> {
+        let mut by_coll: BTreeMap<String, Vec<(String, Option<ItemData>)>> = BTreeMap::new();
+        for (key, before) in undo.before {
+            let (coll, id) = key.split_once('\0').expect("undo key has a separator");
+            by_coll
+                .entry(coll.to_string())
+                .or_default()
+                .push((id.to_string(), before));
+        }
+        for (name, entries) in by_coll {
+            let Ok(coll) = self.collection(&name) else {
+                continue; // deleted meanwhile: nothing left to undo
+            };
+            let (restore, remove): (Vec<_>, Vec<_>) =
+                entries.into_iter().partition(|(_, b)| b.is_some());
+            let restore: Vec<ItemData> = restore.into_iter().filter_map(|(_, b)| b).collect();
+            let remove: Vec<String> = remove.into_iter().map(|(id, _)| id).collect();
+            for chunk in restore.chunks(self.limits.max_batch) {
+                coll.apply_upsert(chunk, None, self.index_threads)?;
+            }
+            coll.apply_delete(&remove)?;
+        }
+        self.store.commit()
+    }
+
+    /// Deletes items by id; durable on return. Returns how many existed.
+    pub fn delete_items(&self, collection: &str, ids: &[String]) -> Result<usize> {
+        let coll = self.collection(collection)?;
+        validate::ids(ids, &self.limits)?;
+        let n = coll.apply_delete(ids)?;
+        if n > 0 {
+            self.store.commit()?;
+        }
+        Ok(n)
+    }
+
+    /// The items that exist among `ids`, in request order.
+    pub fn get_items(
+        &self,
+        collection: &str,
+        ids: &[String],
+        with_vectors: bool,
+    ) -> Result<Vec<ItemData>> {
+        let coll = self.collection(collection)?;
+        validate::ids(ids, &self.limits)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((_, item)) = coll.items.get(id, with_vectors)? {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn search(
+        &self,
+        collection: &str,
+        query: &QueryTarget,
+        params: &SearchParams,
+    ) -> Result<Vec<Hit>> {
+        let coll = self.collection(collection)?;
+        validate::search_params(params, &self.limits)?;
+        coll.search("query", query, params)
+    }
+
+    pub fn search_batch(
+        &self,
+        collection: &str,
+        queries: &[QueryTarget],
+        params: &SearchParams,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let coll = self.collection(collection)?;
+        validate::search_params(params, &self.limits)?;
+        if queries.is_empty() {
+            return Err(Error::invalid("queries", "must not be empty"));
+        }
+        if queries.len() > self.limits.max_batch {
+            return Err(Error::invalid(
+                "queries",
+                format!(
+                    "{} queries, at most {} per request",
+                    queries.len(),
+                    self.limits.max_batch
+                ),
+            ));
+        }
+        queries
+            .iter()
+            .enumerate()
+            .map(|(i, q)| coll.search(&format!("queries[{i}]"), q, params))
+            .collect()
+    }
+
+    /// Saves every index snapshot and flushes the store (clean shutdown).
+    pub fn shutdown(&self) -> Result<()> {
+        let colls: Vec<_> = self
+            .collections
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        for coll in colls {
+            let start = Instant::now();
+            coll.save_snapshot(&self.snapshots)?;
+            tracing::info!(collection = %coll.spec.name, items = coll.len(), took_ms = start.elapsed().as_millis() as u64, "saved index snapshot");
+        }
+        self.store.flush()
+    }
+}
+
+impl Collection {
+    fn create(spec: CollectionSpec, items: ItemsTree) -> Result<Self> {
+        let index = AnnIndex::new(&spec, 0)?;
+        Ok(Collection {
+            spec,
+            items,
+            index,
+            live: RwLock::new(Live::default()),
+            writer: Mutex::new(Writer {
+                state: TreeState::default(),
+                dropped: false,
+            }),
+        })
+    }
+
+    /// Loads the catalogue from the store and the index from a matching snapshot, or
+    /// rebuilds the index. Returns whether the snapshot was used.
+    fn open(
+        spec: CollectionSpec,
+        items: ItemsTree,
+        snapshots: &Path,
+        threads: usize,
+    ) -> Result<(Self, bool)> {
+        let mut state = items.state()?;
+        let mut live = Live::default();
+        for rec in items.scan(false) {
+            let (key, item) = rec?;
+            state.next_key = state.next_key.max(key + 1);
+            live.insert(key, item);
+        }
+        let keys = items.key_count();
+        if keys != live.by_id.len() {
+            return Err(Error::Corrupt(format!(
+                "collection {:?}: {} items but {} ANN keys",
+                spec.name,
+                live.by_id.len(),
+                keys
+            )));
+        }
+        let snapshot = load_snapshot(&spec, snapshots, state.seq, live.by_id.len());
+        let from_snapshot = snapshot.is_some();
+        let index = match snapshot {
+            Some(index) => index,
+            None => {
+                let index = AnnIndex::new(&spec, live.by_id.len())?;
+                let mut chunk: Vec<(u64, Vec<f32>)> = Vec::with_capacity(8192);
+                let flush = |chunk: &mut Vec<(u64, Vec<f32>)>| -> Result<()> {
+                    let refs: Vec<(u64, &[f32])> =
+                        chunk.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+                    index.add_many(&refs, threads)?;
+                    chunk.clear();
+                    Ok(())
+                };
+                for rec in items.scan(true) {
+                    let (key, item) = rec?;
+                    chunk.push((key, item.vector));
+                    if chunk.len() == chunk.capacity() {
+                        flush(&mut chunk)?;
+                    }
+                }
+                flush(&mut chunk)?;
+                index
+            }
+        };
+        Ok((
+            Collection {
+                spec,
+                items,
+                index,
+                live: RwLock::new(live),
+                writer: Mutex::new(Writer {
+                    state,
+                    dropped: false,
+                }),
+            },
+            from_snapshot,
+        ))
+    }
+
+    pub fn spec(&self) -> &CollectionSpec {
+        &self.spec
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.read().expect("live lock").by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn info(&self) -> CollectionInfo {
+        CollectionInfo {
+            spec: self.spec.clone(),
+            count: self.len() as u64,
+        }
+    }
+
+    /// Vectors held by the ANN index (equals `len` when store and index agree).
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>> {
+        let w = self.writer.lock().expect("writer lock");
+        if w.dropped {
+            return Err(Error::NotFound(format!("collection {:?}", self.spec.name)));
+        }
+        Ok(w)
+    }
+
+    /// Store, then index, then catalogue. Validated input only. Not durable until commit.
+    fn apply_upsert(
+        &self,
+        items: &[ItemData],
+        undo: Option<&mut Undo>,
+        threads: usize,
+    ) -> Result<usize> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut w = self.lock_writer()?;
+        let mut state = w.state;
+        let mut m = Mutation::default();
+        let mut keys = Vec::with_capacity(items.len());
+        let mut replaced = Vec::new();
+        {
+            let live = self.live.read().expect("live lock");
+            let mut undo = undo;
+            for item in items {
+                let old = live.by_id.get(item.id.as_str()).copied();
+                if let Some(undo) = undo.as_deref_mut() {
+                    let slot = format!("{}\0{}", self.spec.name, item.id);
+                    if !undo.before.contains_key(&slot) {
+                        let before = match old {
+                            Some(_) => self.items.get(&item.id, true)?.map(|(_, it)| it),
+                            None => None,
+                        };
+                        undo.before.insert(slot, before);
+                    }
+                }
+                if let Some(old) = old {
+                    m.drop_key(old);
+                    replaced.push(old);
+                }
+                let key = state.next_key;
+                state.next_key += 1;
+                m.put(key, item);
+                keys.push(key);
+            }
+        }
+        state.seq += 1;
+        self.items.apply(m, state)?;
+        w.state = state;
+        let entries: Vec<(u64, &[f32])> = keys
+            .iter()
+            .zip(items)
+            .map(|(k, it)| (*k, it.vector.as_slice()))
+            .collect();
+        self.index.add_many(&entries, threads)?;
+        {
+            let mut live = self.live.write().expect("live lock");
+            for (key, item) in keys.iter().zip(items) {
+                live.insert(*key, item.clone());
+            }
+        }
+        self.index.remove_many(&replaced)?;
+        Ok(items.len())
+    }
+
+    fn apply_delete(&self, ids: &[String]) -> Result<usize> {
+        let mut w = self.lock_writer()?;
+        let mut found = Vec::new();
+        {
+            let live = self.live.read().expect("live lock");
+            let mut seen = HashSet::new();
+            for id in ids {
+                if let Some(&key) = live.by_id.get(id.as_str())
+                    && seen.insert(key)
+                {
+                    found.push((id.as_str(), key));
+                }
+            }
+        }
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let mut m = Mutation::default();
+        for (id, key) in &found {
+            m.remove(id, *key);
+        }
+        let mut state = w.state;
+        state.seq += 1;
+        self.items.apply(m, state)?;
+        w.state = state;
+        {
+            let mut live = self.live.write().expect("live lock");
+            for (id, key) in &found {
+                live.by_id.remove(*id);
+                live.by_key.remove(key);
+            }
+        }
+        let keys: Vec<u64> = found.iter().map(|(_, k)| *k).collect();
+        self.index.remove_many(&keys)?;
+        Ok(found.len())
+    }
+
+    fn search(&self, field: &str, query: &QueryTarget, p: &SearchParams) -> Result<Vec<Hit>> {
+        let (vector, exclude) = match query {
+            QueryTarget::Vector(v) => {
+                validate::vector(&format!("{field}.vector"), "", v, &self.spec)?;
+                (v.clone(), None)
+            }
+            QueryTarget::Id(id) => {
+                validate::id(&format!("{field}.id"), id, &Limits::default())?;
+                let Some((key, item)) = self.items.get(id, true)? else {
+                    return Err(Error::NotFound(format!(
+                        "{field}.id: item {id:?} in collection {:?}",
+                        self.spec.name
+                    )));
+                };
+                (item.vector, Some((key, id.as_str())))
+            }
+        };
+        if p.exact {
+            return self.exact_search(&vector, exclude.map(|e| e.1), p);
+        }
+        let exclude_key = exclude.map(|e| e.0);
+        let hits = {
+            let live = self.live.read().expect("live lock");
+            let keep = |key: u64| {
+                Some(key) != exclude_key
+                    && live
+                        .by_key
+                        .get(&key)
+                        .is_some_and(|e| p.filter.is_empty() || p.filter.matches(&e.label, &e.metadata))
+            };
+            let mut found = self.index.search(&vector, p.k.max(p.expansion), &keep)?;
+            found.truncate(p.k);
+            if found.len() < p.k {
+                // HNSW can miss matches behind a selective filter; k hits are promised
+                // whenever k items match, so count them and fall back to brute force.
+                let matching = live.by_key.keys().filter(|k| keep(**k)).count();
+                if matching > found.len() {
+                    None
+                } else {
+                    Some(self.hits(&live, found, p)?)
+                }
+            } else {
+                Some(self.hits(&live, found, p)?)
+            }
+        };
+        match hits {
+            Some(h) => Ok(h),
+            None => self.exact_search(&vector, exclude.map(|e| e.1), p),
+        }
+    }
+
+    fn hits(&self, live: &Live, found: Vec<(u64, f32)>, p: &SearchParams) -> Result<Vec<Hit>> {
+        let mut hits = Vec::with_capacity(found.len());
+        for (key, distance) in found {
+            let Some(e) = live.by_key.get(&key) else {
+                continue;
+            };
+            let vector = if p.with_vectors {
+                self.items
+                    .get(&e.id, true)?
+                    .map(|(_, it)| it.vector)
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            hits.push(Hit {
+                id: e.id.to_string(),
+                label: e.label.clone(),
+                distance,
+                metadata: if p.with_metadata {
+                    e.metadata.clone()
+                } else {
+                    BTreeMap::new()
+                },
+                vector,
+            });
+        }
+        Ok(hits)
+    }
+
+    /// Brute force over the store with exact f64 distances.
+    fn exact_search(
+        &self,
+        query: &[f32],
+        exclude: Option<&str>,
+        p: &SearchParams,
+    ) -> Result<Vec<Hit>> {
+        let mut heap: BinaryHeap<Ranked> = BinaryHeap::with_capacity(p.k + 1);
+        for rec in self.items.scan(true) {
+            let (_, item) = rec?;
+            if Some(item.id.as_str()) == exclude || !p.filter.matches(&item.label, &item.metadata)
+            {
+                continue;
+            }
+            let d = self.spec.metric.distance(query, &item.vector);
+            if heap.len() < p.k {
+                heap.push(Ranked(d, item));
+            } else if heap.peek().is_some_and(|top| d < top.0) {
+                heap.pop();
+                heap.push(Ranked(d, item));
+            }
+        }
+        Ok(heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Ranked(distance, item)| Hit {
+                id: item.id,
+                label: item.label,
+                distance,
+                metadata: if p.with_metadata {
+                    item.metadata
+                } else {
+                    BTreeMap::new()
+                },
+                vector: if p.with_vectors {
+                    item.vector
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect())
+    }
+
+    fn save_snapshot(&self, dir: &Path) -> Result<()> {
+        let w = self.lock_writer()?;
+        let [index_path, meta_path] = snapshot_paths(dir, &self.spec.name);
+        // Drop the old meta first: a crash mid-save then leaves no snapshot to trust.
+        match std::fs::remove_file(&meta_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        let tmp = index_path.with_extension("usearch.tmp");
+        self.index.save(&tmp)?;
+        std::fs::rename(&tmp, &index_path)?;
+        let meta = SnapshotMeta {
+            uid: self.spec.uid,
+            seq: w.state.seq,
+            count: self.len(),
+        };
+        let tmp = meta_path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&meta).expect("meta serialises"))?;
+        std::fs::rename(&tmp, &meta_path)?;
+        Ok(())
+    }
+}
+
+impl Live {
+    fn insert(&mut self, key: u64, item: ItemData) {
+        let id: Arc<str> = Arc::from(item.id.as_str());
+        let entry = Arc::new(Entry {
+            id: id.clone(),
+            label: item.label,
+            metadata: item.metadata,
+        });
+        self.by_key.insert(key, entry);
+        if let Some(old) = self.by_id.insert(id, key) {
+            self.by_key.remove(&old);
+        }
+    }
+}
+
+/// A search candidate ordered by distance (NaN never occurs: inputs are finite).
+struct Ranked(f32, ItemData);
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0 && self.1.id == other.1.id
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0
+            .total_cmp(&other.0)
+            .then_with(|| self.1.id.cmp(&other.1.id))
+    }
+}
+
+fn snapshot_paths(dir: &Path, name: &str) -> [PathBuf; 2] {
+    [
+        dir.join(format!("{name}.usearch")),
+        dir.join(format!("{name}.snapshot.json")),
+    ]
+}
+
+/// The snapshot, when it was saved at exactly the store's state; else None (rebuild).
+fn load_snapshot(spec: &CollectionSpec, dir: &Path, seq: u64, count: usize) -> Option<AnnIndex> {
+    let [index_path, meta_path] = snapshot_paths(dir, &spec.name);
+    let meta: SnapshotMeta = serde_json::from_slice(&std::fs::read(&meta_path).ok()?).ok()?;
+    if meta.uid != spec.uid || meta.seq != seq || meta.count != count {
+        tracing::info!(collection = %spec.name, snapshot_seq = meta.seq, store_seq = seq, "index snapshot is stale; rebuilding");
+        return None;
+    }
+    match AnnIndex::load(spec, &index_path) {
+        Ok(index) if index.len() == count => Some(index),
+        Ok(index) => {
+            tracing::warn!(collection = %spec.name, snapshot = index.len(), store = count, "index snapshot size differs from the store; rebuilding");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(collection = %spec.name, error = %e, "index snapshot unreadable; rebuilding");
+            None
+        }
+    }
+}
+
+fn new_uid() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

@@ -1,0 +1,230 @@
+//! proto <-> domain conversions. Each destructures every field, so a field added to the
+//! proto fails the build here until someone decides what it means.
+
+use crate::db::{CollectionInfo, CreateCollection};
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::types::{self, Filter, Hit, ItemData, Metric, Precision, QueryTarget, SearchParams};
+
+pub fn metric_from(field: &str, v: i32) -> Result<Option<Metric>> {
+    match pb::Metric::try_from(v) {
+        Ok(pb::Metric::Unspecified) => Ok(None),
+        Ok(pb::Metric::Cosine) => Ok(Some(Metric::Cosine)),
+        Ok(pb::Metric::L2) => Ok(Some(Metric::L2)),
+        Ok(pb::Metric::InnerProduct) => Ok(Some(Metric::InnerProduct)),
+        Err(_) => Err(Error::invalid(field, format!("unknown metric {v}"))),
+    }
+}
+
+pub fn metric_to(m: Metric) -> pb::Metric {
+    match m {
+        Metric::Cosine => pb::Metric::Cosine,
+        Metric::L2 => pb::Metric::L2,
+        Metric::InnerProduct => pb::Metric::InnerProduct,
+    }
+}
+
+pub fn precision_from(field: &str, v: i32) -> Result<Option<Precision>> {
+    match pb::Precision::try_from(v) {
+        Ok(pb::Precision::Unspecified) => Ok(None),
+        Ok(pb::Precision::F32) => Ok(Some(Precision::F32)),
+        Ok(pb::Precision::F16) => Ok(Some(Precision::F16)),
+        Ok(pb::Precision::I8) => Ok(Some(Precision::I8)),
+        Err(_) => Err(Error::invalid(field, format!("unknown precision {v}"))),
+    }
+}
+
+pub fn precision_to(p: Precision) -> pb::Precision {
+    match p {
+        Precision::F32 => pb::Precision::F32,
+        Precision::F16 => pb::Precision::F16,
+        Precision::I8 => pb::Precision::I8,
+    }
+}
+
+pub fn create_collection(req: pb::CreateCollectionRequest) -> Result<CreateCollection> {
+    let pb::CreateCollectionRequest {
+        name,
+        dimension,
+        metric,
+        index,
+        precision,
+        model,
+    } = req;
+    let pb::IndexParams {
+        connectivity,
+        expansion_add,
+        expansion_search,
+    } = index.unwrap_or_default();
+    Ok(CreateCollection {
+        name,
+        dimension,
+        metric: metric_from("metric", metric)?,
+        index: types::IndexParams {
+            connectivity,
+            expansion_add,
+            expansion_search,
+        },
+        precision: precision_from("precision", precision)?,
+        model,
+    })
+}
+
+pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
+    let CollectionInfo { spec, count } = info;
+    let types::CollectionSpec {
+        name,
+        dimension,
+        metric,
+        index,
+        precision,
+        model,
+        uid: _,
+    } = spec;
+    pb::CollectionInfo {
+        name,
+        dimension,
+        metric: metric_to(metric) as i32,
+        index: Some(pb::IndexParams {
+            connectivity: index.connectivity,
+            expansion_add: index.expansion_add,
+            expansion_search: index.expansion_search,
+        }),
+        precision: precision_to(precision) as i32,
+        model,
+        count,
+    }
+}
+
+pub fn item_from(item: pb::Item) -> ItemData {
+    let pb::Item {
+        id,
+        label,
+        metadata,
+        vector,
+    } = item;
+    ItemData {
+        id,
+        label,
+        metadata: metadata.into_iter().collect(),
+        vector,
+    }
+}
+
+pub fn item_to(item: ItemData) -> pb::Item {
+    let ItemData {
+        id,
+        label,
+        metadata,
+        vector,
+    } = item;
+    pb::Item {
+        id,
+        label,
+        metadata: metadata.into_iter().collect(),
+        vector,
+    }
+}
+
+pub fn query_from(field: &str, q: Option<pb::Query>) -> Result<QueryTarget> {
+    match q.and_then(|q| q.kind) {
+        Some(pb::query::Kind::Vector(pb::Vector { values })) => Ok(QueryTarget::Vector(values)),
+        Some(pb::query::Kind::Id(id)) => Ok(QueryTarget::Id(id)),
+        None => Err(Error::invalid(field, "empty: set vector or id")),
+    }
+}
+
+pub fn filter_from(f: Option<pb::Filter>) -> Filter {
+    let pb::Filter {
+        labels,
+        exclude_labels,
+        metadata,
+    } = f.unwrap_or_default();
+    Filter {
+        labels,
+        exclude_labels,
+        metadata: metadata.into_iter().collect(),
+    }
+}
+
+pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryTarget, SearchParams)> {
+    let pb::SearchRequest {
+        collection,
+        query,
+        k,
+        filter,
+        exact,
+        expansion,
+        with_vectors,
+        with_metadata,
+    } = req;
+    let query = query_from("query", query)?;
+    Ok((
+        collection,
+        query,
+        SearchParams {
+            k: k as usize,
+            filter: filter_from(filter),
+            exact,
+            expansion: expansion as usize,
+            with_vectors,
+            with_metadata,
+        },
+    ))
+}
+
+pub fn search_batch_request(
+    req: pb::SearchBatchRequest,
+) -> Result<(String, Vec<QueryTarget>, SearchParams)> {
+    let pb::SearchBatchRequest {
+        collection,
+        queries,
+        k,
+        filter,
+        exact,
+        expansion,
+        with_vectors,
+        with_metadata,
+    } = req;
+    let queries = queries
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| query_from(&format!("queries[{i}]"), Some(q)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((
+        collection,
+        queries,
+        SearchParams {
+            k: k as usize,
+            filter: filter_from(filter),
+            exact,
+            expansion: expansion as usize,
+            with_vectors,
+            with_metadata,
+        },
+    ))
+}
+
+pub fn hits_to(hits: Vec<Hit>) -> pb::SearchResponse {
+    pb::SearchResponse {
+        hits: hits
+            .into_iter()
+            .map(|h| {
+                let Hit {
+                    id,
+                    label,
+                    distance,
+                    metadata,
+                    vector,
+                } = h;
+                pb::Hit {
+                    id,
+                    label,
+                    distance,
+                    metadata: metadata.into_iter().collect(),
+                    vector,
+                }
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,169 @@
+//! The gRPC server: services, health, reflection, limits and graceful shutdown.
+
+mod collections;
+pub mod convert;
+mod items;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Status;
+use tonic::transport::Server;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::pb;
+use collections::CollectionsService;
+use items::ItemsService;
+
+/// The encoded descriptor set of likeness.v1, served by reflection.
+pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/likeness_descriptor.bin"));
+
+/// Runs the daemon on `listener` until `shutdown` resolves, then drains in-flight RPCs
+/// (up to the grace period), saves index snapshots and flushes the store.
+///
+/// The port answers at once: health reports NOT_SERVING for the likeness services, and
+/// they answer UNAVAILABLE, until recovery has loaded every collection.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let local: SocketAddr = listener.local_addr()?;
+    let db = {
+        let config = config.clone();
+        Arc::new(tokio::task::spawn_blocking(move || Db::open(&config)).await??)
+    };
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_not_serving::<pb::items_server::ItemsServer<ItemsService>>()
+        .await;
+    reporter
+        .set_not_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+
+    // Recovery runs beside the server; a failure stops the daemon.
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<Error>();
+    let recovery = {
+        let db = db.clone();
+        let reporter = reporter.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            match tokio::task::spawn_blocking(move || db.recover()).await {
+                Ok(Ok(report)) => {
+                    for r in &report {
+                        tracing::info!(collection = %r.name, items = r.items, from_snapshot = r.from_snapshot, took_ms = r.took.as_millis() as u64, "recovered collection");
+                    }
+                    reporter
+                        .set_serving::<pb::items_server::ItemsServer<ItemsService>>()
+                        .await;
+                    reporter
+                        .set_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
+                        .await;
+                    tracing::info!(collections = report.len(), took_ms = start.elapsed().as_millis() as u64, "recovery complete; SERVING");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "recovery failed");
+                    let _ = fatal_tx.send(e);
+                }
+                Err(e) => {
+                    let _ = fatal_tx.send(e.into());
+                }
+            }
+        })
+    };
+
+    let limit = config.max_message_bytes;
+    let items = pb::items_server::ItemsServer::new(ItemsService { db: db.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let colls = pb::collections_server::CollectionsServer::new(CollectionsService { db: db.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    // Shutdown starts on the caller's signal or on a failed recovery.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let fatal = Arc::new(std::sync::Mutex::new(None::<Error>));
+    {
+        let fatal = fatal.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => {}
+                Ok(e) = fatal_rx => { *fatal.lock().expect("fatal lock") = Some(e); }
+            }
+            let _ = stop_tx.send(true);
+        });
+    }
+    let mut stopping = stop_rx.clone();
+    let server = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(oversize_response))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(colls)
+        .add_service(items)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        });
+    tracing::info!(addr = %local, data_dir = %config.data_dir.display(), "listening");
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let mut stop_seen = stop_rx;
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(|e| Error::Io(std::io::Error::other(e)))?,
+        () = async {
+            let _ = stop_seen.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining RPCs"),
+    }
+    recovery.abort();
+    if let Some(e) = fatal.lock().expect("fatal lock").take() {
+        return Err(e);
+    }
+    if db.is_ready() {
+        tokio::task::spawn_blocking(move || db.shutdown()).await??;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs blocking work (disk, HNSW) off the async workers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Error::from(e).into()),
+    }
+}
+
+/// tonic answers an over-long message with OUT_OF_RANGE; gRPC's convention, and our
+/// contract, is RESOURCE_EXHAUSTED.
+pub(crate) fn oversize_to_exhausted(status: Status) -> Status {
+    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
+        Status::resource_exhausted(status.message().to_string())
+    } else {
+        status
+    }
+}
+
+fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
+    let h = res.headers_mut();
+    let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if oversize {
+        h.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    res
+}

@@ -1,0 +1,226 @@
+//! The per-collection ANN index: a usearch HNSW graph keyed by u64 ANN keys.
+//!
+//! usearch allows concurrent adds, removes and searches, each holding one of a fixed
+//! number of thread slots, but not concurrent with `reserve` or `save`. So operations take
+//! a read lock plus a slot, and growth and snapshots take the write lock.
+
+use std::path::Path;
+use std::sync::{Condvar, Mutex, RwLock};
+
+use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
+
+use crate::error::{Error, Result};
+use crate::types::{CollectionSpec, Metric, Precision};
+
+/// Concurrent usearch operations per index. Callers beyond this wait for a slot.
+const SLOTS: usize = 32;
+
+pub struct AnnIndex {
+    inner: RwLock<usearch::Index>,
+    metric: Metric,
+    slots: Slots,
+}
+
+impl AnnIndex {
+    /// An empty index with room for `capacity` vectors.
+    pub fn new(spec: &CollectionSpec, capacity: usize) -> Result<Self> {
+        let index = usearch::Index::new(&options(spec))?;
+        index.reserve_capacity_and_threads(capacity.max(1024), SLOTS)?;
+        Ok(AnnIndex {
+            inner: RwLock::new(index),
+            metric: spec.metric,
+            slots: Slots::new(SLOTS),
+        })
+    }
+
+    /// Loads a snapshot written by [`AnnIndex::save`].
+    pub fn load(spec: &CollectionSpec, path: &Path) -> Result<Self> {
+        let index = usearch::Index::new(&options(spec))?;
+        index.load(path_str(path)?)?;
+        if index.dimensions() != spec.dimension as usize {
+            return Err(Error::Index(format!(
+                "snapshot {} has {} dimensions, expected {}",
+                path.display(),
+                index.dimensions(),
+                spec.dimension
+            )));
+        }
+        let cap = index.capacity().max(index.size() + 1024);
+        index.reserve_capacity_and_threads(cap, SLOTS)?;
+        Ok(AnnIndex {
+            inner: RwLock::new(index),
+            metric: spec.metric,
+            slots: Slots::new(SLOTS),
+        })
+    }
+
+    /// Writes the index to `path` (readers and writers wait meanwhile).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let index = self.inner.write().expect("index lock");
+        index.save(path_str(path)?)?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("index lock").size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.inner.read().expect("index lock").memory_usage()
+    }
+
+    /// Adds vectors (keys must be new), on up to `threads` threads.
+    pub fn add_many(&self, entries: &[(u64, &[f32])], threads: usize) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.ensure_capacity(entries.len())?;
+        let index = self.inner.read().expect("index lock");
+        let threads = threads.clamp(1, SLOTS).min(entries.len().div_ceil(64));
+        if threads == 1 {
+            let _slot = self.slots.acquire();
+            for (key, v) in entries {
+                index.add(*key, v)?;
+            }
+            return Ok(());
+        }
+        let chunk = entries.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = entries
+                .chunks(chunk)
+                .map(|part| {
+                    let index = &*index;
+                    let slots = &self.slots;
+                    s.spawn(move || -> Result<()> {
+                        let _slot = slots.acquire();
+                        for (key, v) in part {
+                            index.add(*key, v)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("index add thread panicked"))
+        })
+    }
+
+    pub fn remove_many(&self, keys: &[u64]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let index = self.inner.read().expect("index lock");
+        let _slot = self.slots.acquire();
+        for key in keys {
+            index.remove(*key)?;
+        }
+        Ok(())
+    }
+
+    /// The `count` nearest keys that pass `keep`, nearest first, with API distances.
+    pub fn search(
+        &self,
+        query: &[f32],
+        count: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, f32)>> {
+        let index = self.inner.read().expect("index lock");
+        let _slot = self.slots.acquire();
+        let m = index.filtered_search(query, count, keep)?;
+        Ok(m.keys
+            .into_iter()
+            .zip(m.distances)
+            .map(|(k, d)| (k, self.api_distance(d)))
+            .collect())
+    }
+
+    /// usearch reports squared L2; the API promises Euclidean.
+    fn api_distance(&self, d: f32) -> f32 {
+        match self.metric {
+            Metric::L2 => d.max(0.0).sqrt(),
+            Metric::Cosine | Metric::InnerProduct => d,
+        }
+    }
+
+    fn ensure_capacity(&self, extra: usize) -> Result<()> {
+        let need = {
+            let index = self.inner.read().expect("index lock");
+            let need = index.size() + extra;
+            if need <= index.capacity() {
+                return Ok(());
+            }
+            need
+        };
+        let index = self.inner.write().expect("index lock");
+        if need > index.capacity() {
+            // Grow geometrically so that a stream of small batches reserves rarely.
+            let cap = need.max(index.capacity() * 2);
+            index.reserve_capacity_and_threads(cap, SLOTS)?;
+        }
+        Ok(())
+    }
+}
+
+fn options(spec: &CollectionSpec) -> IndexOptions {
+    IndexOptions {
+        dimensions: spec.dimension as usize,
+        metric: match spec.metric {
+            Metric::Cosine => MetricKind::Cos,
+            Metric::L2 => MetricKind::L2sq,
+            Metric::InnerProduct => MetricKind::IP,
+        },
+        quantization: match spec.precision {
+            Precision::F32 => ScalarKind::F32,
+            Precision::F16 => ScalarKind::F16,
+            Precision::I8 => ScalarKind::I8,
+        },
+        connectivity: spec.index.connectivity as usize,
+        expansion_add: spec.index.expansion_add as usize,
+        expansion_search: spec.index.expansion_search as usize,
+        multi: false,
+    }
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| Error::Index(format!("path {} is not UTF-8", path.display())))
+}
+
+/// A counting semaphore for blocking threads: usearch fails rather than waits when all
+/// of its thread slots are taken, so callers queue here first.
+struct Slots {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Slots {
+            free: Mutex::new(n),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().expect("slots lock");
+        while *free == 0 {
+            free = self.cv.wait(free).expect("slots lock");
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("slots lock") += 1;
+        self.0.cv.notify_one();
+    }
+}

@@ -1,0 +1,34 @@
+//! likeness: a similarity-learning daemon. It keeps labelled embedding vectors durably,
+//! answers nearest-neighbour queries over gRPC, and (as it grows) embeds inputs with
+//! ONNX Siamese/triplet towers and streams hard negatives to training jobs.
+//!
+//! # Layout
+//! - [`config`]: flags + env + TOML -> one validated [`Config`].
+//! - [`error`]: the crate [`Error`]; the one place errors become gRPC statuses.
+//! - [`types`]: domain types (metrics, items, filters, hits), free of gRPC.
+//! - [`store`]: sled: collection specs, item records, group commit.
+//! - [`index`]: usearch HNSW per collection, snapshots.
+//! - [`db`]: the collections registry joining store and index; recovery; validation.
+//! - [`grpc`]: tonic services (thin handlers), health, reflection, [`serve`].
+//! - [`cli`]: the client subcommands and `likeness bench`.
+//!
+//! Only `grpc` and `error` know about tonic.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod grpc;
+pub mod index;
+pub mod store;
+pub mod types;
+
+/// The generated protobuf types and gRPC stubs of `likeness.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("likeness.v1");
+}
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use grpc::serve;

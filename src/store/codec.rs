@@ -1,0 +1,134 @@
+//! The binary layout of stored records. Little-endian, length-prefixed, versioned.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::types::ItemData;
+
+const VERSION: u8 = 1;
+
+/// Encodes an item and the ANN key it currently has.
+pub fn encode_item(key: u64, item: &ItemData) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        1 + 8 + 4 + item.label.len() + 4 + item.metadata.len() * 16 + 4 + item.vector.len() * 4,
+    );
+    out.push(VERSION);
+    out.extend_from_slice(&key.to_le_bytes());
+    put_str(&mut out, &item.label);
+    out.extend_from_slice(&(item.metadata.len() as u32).to_le_bytes());
+    for (k, v) in &item.metadata {
+        put_str(&mut out, k);
+        put_str(&mut out, v);
+    }
+    out.extend_from_slice(&(item.vector.len() as u32).to_le_bytes());
+    for x in &item.vector {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a record written by [`encode_item`]; `id` comes from the record's key.
+pub fn decode_item(id: &str, bytes: &[u8], with_vector: bool) -> Result<(u64, ItemData)> {
+    let mut r = Reader { bytes, pos: 0, id };
+    let version = r.take(1)?[0];
+    if version != VERSION {
+        return Err(Error::Corrupt(format!(
+            "item {id}: unknown record version {version}"
+        )));
+    }
+    let key = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+    let label = r.string()?;
+    let n = r.u32()? as usize;
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n {
+        let k = r.string()?;
+        let v = r.string()?;
+        metadata.insert(k, v);
+    }
+    let dim = r.u32()? as usize;
+    let raw = r.take(dim * 4)?;
+    let vector = if with_vector {
+        raw.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok((
+        key,
+        ItemData {
+            id: id.to_string(),
+            label,
+            metadata,
+            vector,
+        },
+    ))
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    id: &'a str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(Error::Corrupt(format!("item {}: truncated record", self.id)));
+        };
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn string(&mut self) -> Result<String> {
+        let n = self.u32()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::Corrupt(format!("item {}: invalid UTF-8", self.id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let item = ItemData {
+            id: "a/1".into(),
+            label: "shirt".into(),
+            metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
+            vector: vec![1.5, -2.0, f32::MIN_POSITIVE],
+        };
+        let bytes = encode_item(42, &item);
+        let (key, back) = decode_item("a/1", &bytes, true).unwrap();
+        assert_eq!(key, 42);
+        assert_eq!(back, item);
+        let (_, no_vec) = decode_item("a/1", &bytes, false).unwrap();
+        assert!(no_vec.vector.is_empty());
+    }
+
+    #[test]
+    fn truncated_record_is_an_error_not_a_panic() {
+        let item = ItemData {
+            id: "x".into(),
+            vector: vec![1.0; 4],
+            ..Default::default()
+        };
+        let bytes = encode_item(1, &item);
+        for cut in 0..bytes.len() {
+            assert!(decode_item("x", &bytes[..cut], true).is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Durable state in sled: collection specs, items, and the key bookkeeping that lets the
+//! ANN index be rebuilt exactly from the store.
+//!
+//! Layout: tree `collections` maps a name to its [`CollectionSpec`] (JSON). Each
+//! collection has a tree `c/<name>` holding
+//! - `i<id>`      -> item record (ANN key, label, metadata, f32 vector), see [`codec`];
+//! - `k<key: u64 BE>` -> id, so ANN keys map back to ids in key order;
+//! - `s`          -> [`TreeState`]: a mutation counter and the next ANN key.
+//!
+//! Every mutation of a collection is one sled batch (atomic), and bumps the counter: an
+//! index snapshot is trusted only when it was saved at the counter the store has now.
+
+pub mod codec;
+pub mod commit;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::types::{CollectionSpec, ItemData};
+use commit::GroupCommit;
+
+const ITEM: u8 = b'i';
+const KEY: u8 = b'k';
+const STATE: &[u8] = b"s";
+
+/// The whole store: one sled database.
+pub struct Store {
+    db: sled::Db,
+    specs: sled::Tree,
+    commit: GroupCommit,
+}
+
+impl Store {
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir.join("store"))
+            .cache_capacity(cache_bytes)
+            .open()?;
+        let specs = db.open_tree("collections")?;
+        let commit = GroupCommit::new(db.clone());
+        Ok(Store { db, specs, commit })
+    }
+
+    /// Every collection spec, in name order.
+    pub fn specs(&self) -> Result<Vec<CollectionSpec>> {
+        self.specs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|e| {
+                    Error::Corrupt(format!("collection {}: {e}", String::from_utf8_lossy(&k)))
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a spec durably.
+    pub fn put_spec(&self, spec: &CollectionSpec) -> Result<()> {
+        let json = serde_json::to_vec(spec).expect("spec serialises");
+        self.specs.insert(spec.name.as_bytes(), json)?;
+        self.commit()
+    }
+
+    /// Removes a spec and the collection's items, durably.
+    pub fn remove_collection(&self, name: &str) -> Result<()> {
+        self.specs.remove(name.as_bytes())?;
+        self.commit()?;
+        self.db.drop_tree(tree_name(name))?;
+        self.commit()
+    }
+
+    /// Drops item trees whose spec is gone (a crash between the two steps of a delete).
+    pub fn drop_orphans(&self, live: &[CollectionSpec]) -> Result<usize> {
+        let mut dropped = 0;
+        for name in self.db.tree_names() {
+            if let Some(coll) = name.strip_prefix(b"c/")
+                && !live.iter().any(|s| s.name.as_bytes() == coll)
+            {
+                self.db.drop_tree(&name)?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    pub fn items(&self, name: &str) -> Result<ItemsTree> {
+        Ok(ItemsTree {
+            tree: self.db.open_tree(tree_name(name))?,
+        })
+    }
+
+    /// Returns once every write made before the call is on disk (group commit).
+    pub fn commit(&self) -> Result<()> {
+        self.commit.commit()
+    }
+
+    pub fn flushes(&self) -> u64 {
+        self.commit.flushes()
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn tree_name(collection: &str) -> Vec<u8> {
+    [b"c/", collection.as_bytes()].concat()
+}
+
+/// The per-collection counters persisted with every mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TreeState {
+    /// Bumped by every mutation batch.
+    pub seq: u64,
+    /// The next ANN key to hand out; keys are never reused.
+    pub next_key: u64,
+}
+
+/// One collection's items.
+#[derive(Clone)]
+pub struct ItemsTree {
+    tree: sled::Tree,
+}
+
+/// One mutation batch, applied atomically.
+#[derive(Default)]
+pub struct Mutation {
+    batch: sled::Batch,
+}
+
+impl Mutation {
+    pub fn put(&mut self, key: u64, item: &ItemData) {
+        self.batch
+            .insert(item_key(&item.id), codec::encode_item(key, item));
+        self.batch
+            .insert(&ann_key(key)[..], item.id.as_bytes().to_vec());
+    }
+
+    /// Removes the ANN key of an item (its id record is replaced or removed separately).
+    pub fn drop_key(&mut self, key: u64) {
+        self.batch.remove(&ann_key(key)[..]);
+    }
+
+    pub fn remove(&mut self, id: &str, key: u64) {
+        self.batch.remove(item_key(id));
+        self.drop_key(key);
+    }
+}
+
+impl ItemsTree {
+    pub fn state(&self) -> Result<TreeState> {
+        match self.tree.get(STATE)? {
+            None => Ok(TreeState::default()),
+            Some(v) if v.len() == 16 => Ok(TreeState {
+                seq: u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+                next_key: u64::from_le_bytes(v[8..].try_into().expect("8 bytes")),
+            }),
+            Some(_) => Err(Error::Corrupt("collection state record".into())),
+        }
+    }
+
+    /// Applies a batch together with the new state, atomically. Not yet durable: call
+    /// [`Store::commit`].
+    pub fn apply(&self, mut m: Mutation, state: TreeState) -> Result<()> {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&state.seq.to_le_bytes());
+        v.extend_from_slice(&state.next_key.to_le_bytes());
+        m.batch.insert(STATE, v);
+        self.tree.apply_batch(m.batch)?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str, with_vector: bool) -> Result<Option<(u64, ItemData)>> {
+        match self.tree.get(item_key(id))? {
+            None => Ok(None),
+            Some(v) => codec::decode_item(id, &v, with_vector).map(Some),
+        }
+    }
+
+    /// Every item with its ANN key, in id order.
+    pub fn scan(&self, with_vectors: bool) -> impl Iterator<Item = Result<(u64, ItemData)>> + '_ {
+        self.tree.scan_prefix([ITEM]).map(move |kv| {
+            let (k, v) = kv?;
+            let id = std::str::from_utf8(&k[1..])
+                .map_err(|_| Error::Corrupt("item id is not UTF-8".into()))?;
+            codec::decode_item(id, &v, with_vectors)
+        })
+    }
+
+    /// How many ANN key records there are (must equal the item count).
+    pub fn key_count(&self) -> usize {
+        self.tree.scan_prefix([KEY]).count()
+    }
+}
+
+fn item_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(ITEM);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn ann_key(key: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = KEY;
+    k[1..].copy_from_slice(&key.to_be_bytes());
+    k
+}

@@ -1,0 +1,183 @@
+//! Domain types shared by the store, the index and the API layer, free of gRPC.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How distances are measured; every distance is "smaller is closer".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// 1 - cos(a, b)
+    Cosine,
+    /// |a - b|
+    L2,
+    /// 1 - a.b
+    InnerProduct,
+}
+
+impl Metric {
+    /// The distance between two vectors of equal length, computed exactly in f64.
+    pub fn distance(self, a: &[f32], b: &[f32]) -> f32 {
+        match self {
+            Metric::Cosine => {
+                let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+                for (x, y) in a.iter().zip(b) {
+                    let (x, y) = (f64::from(*x), f64::from(*y));
+                    dot += x * y;
+                    na += x * x;
+                    nb += y * y;
+                }
+                if na == 0.0 || nb == 0.0 {
+                    return 1.0;
+                }
+                (1.0 - dot / (na.sqrt() * nb.sqrt())) as f32
+            }
+            Metric::L2 => a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| {
+                    let d = f64::from(*x) - f64::from(*y);
+                    d * d
+                })
+                .sum::<f64>()
+                .sqrt() as f32,
+            Metric::InnerProduct => {
+                (1.0 - a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                    .sum::<f64>()) as f32
+            }
+        }
+    }
+}
+
+/// How the ANN index stores vectors (the store always keeps exact f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    F16,
+    I8,
+}
+
+/// HNSW parameters, resolved (never 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexParams {
+    pub connectivity: u32,
+    pub expansion_add: u32,
+    pub expansion_search: u32,
+}
+
+impl Default for IndexParams {
+    fn default() -> Self {
+        IndexParams {
+            connectivity: 16,
+            expansion_add: 128,
+            expansion_search: 64,
+        }
+    }
+}
+
+/// Everything that defines a collection; persisted as JSON in the `collections` tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionSpec {
+    pub name: String,
+    pub dimension: u32,
+    pub metric: Metric,
+    pub index: IndexParams,
+    pub precision: Precision,
+    pub model: String,
+    /// Distinguishes this collection from an earlier one of the same name, so that a
+    /// stray snapshot of a deleted collection is never loaded into a new one.
+    pub uid: u64,
+}
+
+/// One stored item.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ItemData {
+    pub id: String,
+    pub label: String,
+    pub metadata: BTreeMap<String, String>,
+    pub vector: Vec<f32>,
+}
+
+/// What a search is near to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryTarget {
+    Vector(Vec<f32>),
+    /// A stored item's vector; the item itself is excluded from the hits.
+    Id(String),
+}
+
+/// Which items a search may return.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Filter {
+    pub labels: Vec<String>,
+    pub exclude_labels: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.exclude_labels.is_empty() && self.metadata.is_empty()
+    }
+
+    pub fn matches(&self, label: &str, metadata: &BTreeMap<String, String>) -> bool {
+        (self.labels.is_empty() || self.labels.iter().any(|l| l == label))
+            && !self.exclude_labels.iter().any(|l| l == label)
+            && self
+                .metadata
+                .iter()
+                .all(|(k, v)| metadata.get(k).is_some_and(|m| m == v))
+    }
+}
+
+/// The knobs of one search.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SearchParams {
+    pub k: usize,
+    pub filter: Filter,
+    pub exact: bool,
+    /// HNSW ef; 0 = the collection's expansion_search.
+    pub expansion: usize,
+    pub with_vectors: bool,
+    pub with_metadata: bool,
+}
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub id: String,
+    pub label: String,
+    pub distance: f32,
+    pub metadata: BTreeMap<String, String>,
+    pub vector: Vec<f32>,
+}
+
+/// Limits on what a request may carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_k: usize,
+    pub max_id_bytes: usize,
+    pub max_label_bytes: usize,
+    pub max_metadata_entries: usize,
+    pub max_metadata_bytes: usize,
+    pub max_dimension: u32,
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_k: 10_000,
+            max_id_bytes: 256,
+            max_label_bytes: 256,
+            max_metadata_entries: 64,
+            max_metadata_bytes: 4096,
+            max_dimension: 65_536,
+            max_batch: 100_000,
+        }
+    }
+}
