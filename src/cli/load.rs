@@ -162,7 +162,11 @@ pub fn parse_npy(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String> {
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or("truncated .npy header")?;
     let descr = dict_value(header, "descr").ok_or("no descr in .npy header")?;
-    let width = match descr.trim_matches(['\'', '"']) {
+    let descr = descr
+        .strip_prefix(['\'', '"'])
+        .and_then(|d| d.split(['\'', '"']).next())
+        .ok_or("bad descr in .npy header")?;
+    let width = match descr {
         "<f4" => 4,
         "<f8" => 8,
         d => return Err(format!("dtype {d} unsupported: use float32 or float64")),

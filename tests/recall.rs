@@ -1,0 +1,84 @@
+//! ANN quality on clustered data, before and after a restart on the same data dir.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+use likeness::pb;
+
+const N: usize = 20_000;
+const DIM: usize = 64;
+const QUERIES: usize = 200;
+const K: u32 = 10;
+
+async fn recall(server: &TestServer, queries: &[Vec<f32>]) -> f64 {
+    let mut items = server.items().await;
+    let mut found = 0usize;
+    for q in queries {
+        let req = |exact| pb::SearchRequest {
+            collection: "clusters".into(),
+            query: vector_query(q.clone()),
+            k: K,
+            exact,
+            ..Default::default()
+        };
+        let approx = items.search(req(false)).await.unwrap().into_inner().hits;
+        let exact = items.search(req(true)).await.unwrap().into_inner().hits;
+        assert_eq!(exact.len(), K as usize);
+        assert!(exact.windows(2).all(|w| w[0].distance <= w[1].distance));
+        let truth: HashSet<&str> = exact.iter().map(|h| h.id.as_str()).collect();
+        found += approx.iter().filter(|h| truth.contains(h.id.as_str())).count();
+    }
+    found as f64 / (queries.len() * K as usize) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recall_at_10_on_20k_clustered_vectors_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), |_| {}).await;
+    let mut c = server.collections().await;
+    create(&mut c, "clusters", DIM as u32, pb::Metric::L2).await;
+    let (vectors, clusters) = clustered(N + QUERIES, DIM, 200, 0.35, 42);
+    let (data, queries) = vectors.split_at(N);
+    let mut items = server.items().await;
+    for (b, chunk) in data.chunks(2000).enumerate() {
+        let batch = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let n = b * 2000 + i;
+                item(&format!("p{n}"), &format!("c{}", clusters[n]), v.clone())
+            })
+            .collect();
+        items
+            .upsert(pb::UpsertRequest {
+                collection: "clusters".into(),
+                items: batch,
+            })
+            .await
+            .unwrap();
+    }
+    let before = recall(&server, queries).await;
+    println!("recall@10 = {before:.4}");
+    assert!(before >= 0.95, "recall@10 {before} < 0.95");
+    server.stop().await;
+
+    // Restart on the same dir: the snapshot is loaded, nothing is lost, quality holds.
+    let server = TestServer::start_in(dir.path(), |_| {}).await;
+    let mut c = server.collections().await;
+    let info = c
+        .get_collection(pb::GetCollectionRequest {
+            name: "clusters".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.count, N as u64);
+    assert_eq!(info.dimension, DIM as u32);
+    assert_eq!(info.metric, pb::Metric::L2 as i32);
+    let after = recall(&server, queries).await;
+    println!("recall@10 after restart = {after:.4}");
+    assert!(after >= 0.95, "recall@10 after restart {after} < 0.95");
+    server.stop().await;
+}
