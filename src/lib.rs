@@ -11,6 +11,7 @@
 //! - [`db`]: the collections registry joining store and index; recovery; validation.
 //! - [`grpc`]: tonic services (thin handlers), health, reflection, [`serve`].
 //! - [`cli`]: the client subcommands and `likeness bench`.
+//! - [`synth`]: deterministic synthetic data for tests and benchmarks.
 //!
 //! Only `grpc` and `error` know about tonic.
 
@@ -21,6 +22,7 @@ pub mod error;
 pub mod grpc;
 pub mod index;
 pub mod store;
+pub mod synth;
 pub mod types;
 
 /// The generated protobuf types and gRPC stubs of `likeness.v1`.

@@ -25,6 +25,14 @@ struct Daemon {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a daemon running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(dir: &Path) -> Daemon {
     let mut child = Command::new(env!("CARGO_BIN_EXE_likeness"))
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32", "--max-k", "100000"])

@@ -1,8 +1,549 @@
-//! `likeness bench`: measures the daemon beside its references in one run.
+//! `likeness bench`: the daemon measured beside its references, in one run, on one
+//! machine, on the same data (../shared/BENCHMARKS.md):
+//! - durable upserts/s over gRPC vs raw sled insert + flush, and vs usearch's own
+//!   in-process add rate (HNSW insertion is the real ceiling);
+//! - search QPS over gRPC (k = 10, many concurrent clients) vs usearch in-process on an
+//!   index built from the same vectors with the same parameters, recall@10 for both
+//!   against exact search.
+//!
+//! The daemon runs in this process on its own runtime, exactly as `likeness serve` runs
+//! it, and is reached over loopback TCP.
 
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-pub async fn run(_args: BenchArgs) -> Result<(), String> {
-    Err("not yet".into())
+use tonic::transport::Channel;
+use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
+
+use crate::config::Config;
+use crate::pb;
+use crate::pb::items_client::ItemsClient;
+use crate::store::codec;
+use crate::synth;
+use crate::types::{IndexParams, ItemData};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Vectors in the collection.
+    #[arg(long, default_value_t = 100_000)]
+    pub n: usize,
+    /// Dimension.
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    /// Items per Upsert.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent upsert clients.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// Concurrent search clients.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Searches per QPS run.
+    #[arg(long, default_value_t = 20_000)]
+    pub queries: usize,
+    /// Queries whose recall@10 is checked against exact search.
+    #[arg(long, default_value_t = 500)]
+    pub recall_queries: usize,
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Threads for in-process references and the daemon's index inserts (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Only run these parts (ingest, search); default both.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+}
+
+/// Median, min and max of a set of runs.
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(mut xs: Vec<f64>) -> Stat {
+    xs.sort_by(f64::total_cmp);
+    Stat {
+        median: xs[xs.len() / 2],
+        min: xs[0],
+        max: xs[xs.len() - 1],
+    }
+}
+
+impl std::fmt::Display for Stat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.max > self.min * 1.1 {
+            write!(f, "{:.0} (min {:.0}, max {:.0})", self.median, self.min, self.max)
+        } else {
+            write!(f, "{:.0}", self.median)
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let threads = if args.threads > 0 {
+        args.threads
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    };
+    let runs = args.runs.max(1);
+    let want = |part: &str| args.only.is_empty() || args.only.iter().any(|p| p == part);
+    println!("# likeness bench\n");
+    println!("{}", machine());
+    println!(
+        "data: {} x {} clustered f32 vectors (1,000 clusters), {} runs per figure, median; threads: {threads} for in-process references and index inserts; client and daemon share the machine\n",
+        args.n, args.dim, runs
+    );
+    let (vectors, clusters) = synth::clustered(args.n + args.recall_queries, args.dim, 1000, 0.25, 7);
+    let (data, queries) = vectors.split_at(args.n);
+    let items: Vec<pb::Item> = data
+        .iter()
+        .enumerate()
+        .map(|(i, v)| pb::Item {
+            id: format!("v{i}"),
+            label: format!("c{}", clusters[i]),
+            metadata: Default::default(),
+            vector: v.clone(),
+        })
+        .collect();
+    let items = Arc::new(items);
+    let params = IndexParams::default();
+
+    let mut daemon: Option<Daemon> = None;
+    if want("ingest") {
+        let mut sled_rates = Vec::new();
+        let mut usearch_rates = Vec::new();
+        let mut daemon_rates = Vec::new();
+        for run in 0..runs {
+            sled_rates.push(raw_sled(&items, args.batch)?);
+            usearch_rates.push(usearch_add(data, args.dim, params, threads)?.1);
+            if let Some(d) = daemon.take() {
+                d.stop().await?;
+            }
+            let d = Daemon::start(threads).await?;
+            daemon_rates.push(d.ingest(&items, args.dim, args.batch, args.writers).await?);
+            daemon = Some(d);
+            eprintln!(
+                "ingest run {}/{runs}: sled {:.0}/s, usearch {:.0}/s, likeness {:.0}/s",
+                run + 1,
+                sled_rates[run],
+                usearch_rates[run],
+                daemon_rates[run]
+            );
+        }
+        let (s, u, d) = (stat(sled_rates), stat(usearch_rates), stat(daemon_rates));
+        println!("## Durable ingest ({}-d, batches of {}, {} concurrent writers, acknowledged after flush)\n", args.dim, args.batch, args.writers);
+        println!("| system | vectors/s | likeness / it |");
+        println!("|---|---|---|");
+        println!("| likeness over gRPC (sled + usearch, durable) | {d} | 1.00 |");
+        println!("| raw sled insert + flush per batch (1 writer) | {s} | {:.2} |", d.median / s.median);
+        println!("| usearch in-process add ({threads} threads) | {u} | {:.2} |", d.median / u.median);
+        println!();
+    }
+
+    if want("search") {
+        let d = match daemon.take() {
+            Some(d) => d,
+            None => {
+                let d = Daemon::start(threads).await?;
+                d.ingest(&items, args.dim, args.batch, args.writers).await?;
+                d
+            }
+        };
+        eprintln!("computing exact neighbours of {} queries", queries.len());
+        let truth = exact_knn(data, queries, 10, threads);
+        let (index, _) = usearch_add(data, args.dim, params, threads)?;
+        let inproc_recall = recall(&truth, |q| {
+            index
+                .search(&queries[q][..], 10)
+                .map(|m| m.keys.iter().map(|k| *k as usize).collect())
+                .unwrap_or_default()
+        });
+        let grpc_recall = d.recall(queries, &truth).await?;
+        let mut inproc = Vec::new();
+        let mut grpc = Vec::new();
+        let mut lat = Vec::new();
+        for run in 0..runs {
+            inproc.push(usearch_qps(&index, queries, args.queries, threads));
+            let (qps, p50, p99) = d.search_qps(queries, args.queries, args.clients).await?;
+            grpc.push(qps);
+            lat.push((p50, p99));
+            eprintln!(
+                "search run {}/{runs}: usearch {:.0} QPS, likeness {qps:.0} QPS (p50 {:.2} ms, p99 {:.2} ms)",
+                run + 1,
+                inproc[run],
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            );
+        }
+        let (u, g) = (stat(inproc), stat(grpc));
+        lat.sort();
+        let (p50, p99) = lat[lat.len() / 2];
+        println!("## Search (k = 10, {} x {}-d, ef = {})\n", args.n, args.dim, params.expansion_search);
+        println!("| system | QPS | recall@10 | likeness / it |");
+        println!("|---|---|---|---|");
+        println!(
+            "| likeness over gRPC ({} concurrent clients; p50 {:.2} ms, p99 {:.2} ms) | {g} | {grpc_recall:.4} | 1.00 |",
+            args.clients,
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        );
+        println!(
+            "| usearch in-process, same vectors and parameters ({threads} threads) | {u} | {inproc_recall:.4} | {:.2} |",
+            g.median / u.median
+        );
+        println!();
+        daemon = Some(d);
+    }
+    if let Some(d) = daemon {
+        d.stop().await?;
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / (1u64 << 20) as f64));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("machine: {cores} cores, {cpu}, {mem} RAM")
+}
+
+/// Raw sled: the same records likeness writes, one batch + flush per `batch` items.
+fn raw_sled(items: &[pb::Item], batch: usize) -> Result<f64, String> {
+    let dir = tempfile_dir("sled")?;
+    let db = sled::Config::new()
+        .path(&dir)
+        .open()
+        .map_err(|e| e.to_string())?;
+    let tree = db.open_tree("items").map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    for (b, chunk) in items.chunks(batch).enumerate() {
+        let mut wb = sled::Batch::default();
+        for (i, it) in chunk.iter().enumerate() {
+            let data = ItemData {
+                id: it.id.clone(),
+                label: it.label.clone(),
+                metadata: Default::default(),
+                vector: it.vector.clone(),
+            };
+            wb.insert(it.id.as_bytes(), codec::encode_item((b * batch + i) as u64, &data));
+        }
+        tree.apply_batch(wb).map_err(|e| e.to_string())?;
+        db.flush().map_err(|e| e.to_string())?;
+    }
+    let rate = items.len() as f64 / start.elapsed().as_secs_f64();
+    drop(tree);
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rate)
+}
+
+fn index_options(dim: usize, p: IndexParams) -> IndexOptions {
+    IndexOptions {
+        dimensions: dim,
+        metric: MetricKind::Cos,
+        quantization: ScalarKind::F32,
+        connectivity: p.connectivity as usize,
+        expansion_add: p.expansion_add as usize,
+        expansion_search: p.expansion_search as usize,
+        multi: false,
+    }
+}
+
+/// usearch's own add rate on `threads` threads: the index and vectors/s.
+fn usearch_add(
+    data: &[Vec<f32>],
+    dim: usize,
+    p: IndexParams,
+    threads: usize,
+) -> Result<(usearch::Index, f64), String> {
+    let index = usearch::Index::new(&index_options(dim, p)).map_err(|e| e.to_string())?;
+    index
+        .reserve_capacity_and_threads(data.len(), threads)
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let chunk = data.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (t, part) in data.chunks(chunk).enumerate() {
+            let index = &index;
+            s.spawn(move || {
+                for (i, v) in part.iter().enumerate() {
+                    index.add((t * chunk + i) as u64, v).expect("add");
+                }
+            });
+        }
+    });
+    let rate = data.len() as f64 / start.elapsed().as_secs_f64();
+    Ok((index, rate))
+}
+
+/// Single-query searches from `threads` threads, round-robin over `queries`.
+fn usearch_qps(index: &usearch::Index, queries: &[Vec<f32>], total: usize, threads: usize) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                let mut i = t;
+                while i < total {
+                    let _ = index.search(&queries[i % queries.len()][..], 10);
+                    i += threads;
+                }
+            });
+        }
+    });
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Exact cosine k-NN by brute force.
+fn exact_knn(data: &[Vec<f32>], queries: &[Vec<f32>], k: usize, threads: usize) -> Vec<Vec<usize>> {
+    let norms: Vec<f32> = data
+        .iter()
+        .map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .collect();
+    let mut out = vec![Vec::new(); queries.len()];
+    let chunk = queries.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (qs, outs) in queries.chunks(chunk).zip(out.chunks_mut(chunk)) {
+            let norms = &norms;
+            s.spawn(move || {
+                for (q, o) in qs.iter().zip(outs) {
+                    let qn = q.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    let mut d: Vec<(f32, usize)> = data
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            let dot: f32 = q.iter().zip(v).map(|(a, b)| a * b).sum();
+                            (1.0 - dot / (qn * norms[i]), i)
+                        })
+                        .collect();
+                    d.select_nth_unstable_by(k, |a, b| a.0.total_cmp(&b.0));
+                    *o = d[..k].iter().map(|(_, i)| *i).collect();
+                }
+            });
+        }
+    });
+    out
+}
+
+fn recall(truth: &[Vec<usize>], mut found: impl FnMut(usize) -> Vec<usize>) -> f64 {
+    let mut hit = 0;
+    for (q, t) in truth.iter().enumerate() {
+        let t: HashSet<usize> = t.iter().copied().collect();
+        hit += found(q).iter().filter(|i| t.contains(i)).count();
+    }
+    hit as f64 / (truth.len() * 10) as f64
+}
+
+fn tempfile_dir(tag: &str) -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "likeness-bench-{tag}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ synth::Rng::new(std::process::id() as u64).next_u64() as u128
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+/// The daemon on its own runtime (2 workers, as `likeness serve` on this machine), on a
+/// temp data dir, reached over loopback.
+struct Daemon {
+    url: String,
+    dir: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl Daemon {
+    async fn start(threads: usize) -> Result<Daemon, String> {
+        let dir = tempfile_dir("daemon")?;
+        let mut config = Config::with_data_dir(&dir);
+        config.index_threads = threads;
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let url = format!("http://{}", std_listener.local_addr().map_err(|e| e.to_string())?);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+                crate::serve(listener, config, async {
+                    let _ = rx.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+            })
+        });
+        // Wait until it answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(ch) = super::connect(&url).await {
+                let mut c = pb::collections_client::CollectionsClient::new(ch);
+                if c.list_collections(pb::ListCollectionsRequest {}).await.is_ok() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("daemon did not start".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Daemon {
+            url,
+            dir,
+            stop,
+            thread,
+        })
+    }
+
+    async fn client(&self) -> Result<ItemsClient<Channel>, String> {
+        Ok(super::items_client(super::connect(&self.url).await?))
+    }
+
+    /// Creates the collection and upserts every item; returns acknowledged vectors/s.
+    async fn ingest(
+        &self,
+        items: &Arc<Vec<pb::Item>>,
+        dim: usize,
+        batch: usize,
+        writers: usize,
+    ) -> Result<f64, String> {
+        let mut c = pb::collections_client::CollectionsClient::new(super::connect(&self.url).await?);
+        c.create_collection(pb::CreateCollectionRequest {
+            name: "bench".into(),
+            dimension: dim as u32,
+            metric: pb::Metric::Cosine as i32,
+            ..Default::default()
+        })
+        .await
+        .map_err(super::status)?;
+        let batches: Vec<Vec<pb::Item>> = items.chunks(batch).map(|c| c.to_vec()).collect();
+        let batches = Arc::new(std::sync::Mutex::new(batches.into_iter()));
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..writers.max(1) {
+            let mut client = self.client().await?;
+            let batches = batches.clone();
+            tasks.spawn(async move {
+                loop {
+                    let next = batches.lock().expect("batches").next();
+                    let Some(items) = next else {
+                        return Ok::<(), String>(());
+                    };
+                    client
+                        .upsert(pb::UpsertRequest {
+                            collection: "bench".into(),
+                            items,
+                        })
+                        .await
+                        .map_err(super::status)?;
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(|e| e.to_string())??;
+        }
+        Ok(items.len() as f64 / start.elapsed().as_secs_f64())
+    }
+
+    async fn recall(&self, queries: &[Vec<f32>], truth: &[Vec<usize>]) -> Result<f64, String> {
+        let mut client = self.client().await?;
+        let mut found = Vec::with_capacity(queries.len());
+        for q in queries {
+            let hits = client
+                .search(search_request(q.clone()))
+                .await
+                .map_err(super::status)?
+                .into_inner()
+                .hits;
+            found.push(
+                hits.iter()
+                    .filter_map(|h| h.id[1..].parse::<usize>().ok())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Ok(recall(truth, |q| found[q].clone()))
+    }
+
+    /// `total` searches from `clients` concurrent clients: (QPS, p50, p99).
+    async fn search_qps(
+        &self,
+        queries: &[Vec<f32>],
+        total: usize,
+        clients: usize,
+    ) -> Result<(f64, Duration, Duration), String> {
+        let queries = Arc::new(queries.to_vec());
+        let mut tasks = tokio::task::JoinSet::new();
+        let start = Instant::now();
+        for c in 0..clients {
+            let mut client = self.client().await?;
+            let queries = queries.clone();
+            tasks.spawn(async move {
+                let mut lat = Vec::with_capacity(total / clients + 1);
+                let mut i = c;
+                while i < total {
+                    let t = Instant::now();
+                    client
+                        .search(search_request(queries[i % queries.len()].clone()))
+                        .await
+                        .map_err(super::status)?;
+                    lat.push(t.elapsed());
+                    i += clients;
+                }
+                Ok::<_, String>(lat)
+            });
+        }
+        let mut lat = Vec::with_capacity(total);
+        while let Some(r) = tasks.join_next().await {
+            lat.extend(r.map_err(|e| e.to_string())??);
+        }
+        let qps = total as f64 / start.elapsed().as_secs_f64();
+        lat.sort();
+        let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+        Ok((qps, p(0.5), p(0.99)))
+    }
+
+    async fn stop(self) -> Result<(), String> {
+        let _ = self.stop.send(());
+        let r = tokio::task::spawn_blocking(move || self.thread.join())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|_| "daemon thread panicked".to_string())?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        r
+    }
+}
+
+fn search_request(q: Vec<f32>) -> pb::SearchRequest {
+    pb::SearchRequest {
+        collection: "bench".into(),
+        query: Some(pb::Query {
+            kind: Some(pb::query::Kind::Vector(pb::Vector { values: q })),
+        }),
+        k: 10,
+        ..Default::default()
+    }
 }

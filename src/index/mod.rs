@@ -122,8 +122,17 @@ impl AnnIndex {
         Ok(())
     }
 
+    /// The `count` nearest keys, nearest first, with API distances.
+    pub fn search(&self, query: &[f32], count: usize) -> Result<Vec<(u64, f32)>> {
+        let index = self.inner.read().expect("index lock");
+        let _slot = self.slots.acquire();
+        let m = index.search(query, count)?;
+        Ok(self.matches(m))
+    }
+
     /// The `count` nearest keys that pass `keep`, nearest first, with API distances.
-    pub fn search(
+    /// Costlier than [`AnnIndex::search`]: `keep` runs for every candidate visited.
+    pub fn filtered_search(
         &self,
         query: &[f32],
         count: usize,
@@ -132,11 +141,15 @@ impl AnnIndex {
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
         let m = index.filtered_search(query, count, keep)?;
-        Ok(m.keys
+        Ok(self.matches(m))
+    }
+
+    fn matches(&self, m: usearch::ffi::Matches) -> Vec<(u64, f32)> {
+        m.keys
             .into_iter()
             .zip(m.distances)
             .map(|(k, d)| (k, self.api_distance(d)))
-            .collect())
+            .collect()
     }
 
     /// usearch reports squared L2; the API promises Euclidean.

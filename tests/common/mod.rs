@@ -153,48 +153,5 @@ pub fn id_query(id: &str) -> Option<pb::Query> {
     })
 }
 
-/// A small deterministic PRNG (xorshift64*), so tests need no rand crate.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-7);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
-
-/// `n` vectors in `clusters` Gaussian clusters; returns (vectors, cluster of each).
-pub fn clustered(n: usize, dim: usize, clusters: usize, spread: f32, seed: u64) -> (Vec<Vec<f32>>, Vec<usize>) {
-    let mut rng = Rng::new(seed);
-    let centres: Vec<Vec<f32>> = (0..clusters)
-        .map(|_| (0..dim).map(|_| rng.normal()).collect())
-        .collect();
-    let mut vectors = Vec::with_capacity(n);
-    let mut labels = Vec::with_capacity(n);
-    for _ in 0..n {
-        let c = rng.below(clusters);
-        vectors.push(centres[c].iter().map(|x| x + spread * rng.normal()).collect());
-        labels.push(c);
-    }
-    (vectors, labels)
-}
+#[allow(unused_imports)]
+pub use likeness::synth::{Rng, clustered};
