@@ -105,3 +105,38 @@ async fn client_subcommands_round_trip() {
     assert!(out.contains("301 items"), "{out}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_flag_over_env_over_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("likeness.toml");
+    std::fs::write(&file, "max_k = 5\nmax_batch = 3\n").unwrap();
+    let data = dir.path().join("data");
+    let file_arg = file.to_str().unwrap();
+    // File says max_k 5 and max_batch 3; env says max_k 7; the flag says max_batch 4.
+    let daemon = spawn_daemon(
+        &data,
+        &["--config", file_arg, "--max-batch", "4"],
+        &[("LIKENESS_MAX_K", "7"), ("LIKENESS_MAX_BATCH", "2")],
+    );
+    let url = format!("http://{}", daemon.addr);
+    wait_serving(&url).await;
+    let (ok, _, err) = cli(&url, &["collections", "create", "cfg", "--dimension", "2"]).await;
+    assert!(ok, "{err}");
+    let csv = dir.path().join("five.csv");
+    std::fs::write(&csv, "id,a,b\nq,1,0\nr,0,1\ns,1,1\nt,2,1\nu,1,2\n").unwrap();
+    // Batches of 4 pass (flag beats env's 2 and the file's 3), 5 do not.
+    let (ok, _, err) = cli(&url, &["upsert", "-c", "cfg", csv.to_str().unwrap(), "--batch", "4"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&url, &["upsert", "-c", "cfg", csv.to_str().unwrap(), "--batch", "5"]).await;
+    assert!(!ok);
+    assert!(err.contains("at most 4"), "{err}");
+    // k = 7 passes (env beats the file's 5), 8 does not.
+    let (ok, _, err) = cli(&url, &["search", "-c", "cfg", "--id", "q", "-k", "7"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&url, &["search", "-c", "cfg", "--id", "q", "-k", "8"]).await;
+    assert!(!ok);
+    assert!(err.contains("limit of 7"), "{err}");
+    assert!(data.join("store").exists(), "--data-dir was used");
+    drop(daemon);
+}

@@ -5,10 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,48 +15,6 @@ use likeness::pb;
 const DIM: usize = 16;
 const WRITERS: usize = 4;
 const BATCH: usize = 50;
-
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // A failed assertion must not leave a daemon running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(dir: &Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_likeness"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32", "--max-k", "100000"])
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["fields"]["message"] == "listening"
-            {
-                let _ = tx.send(v["fields"]["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap());
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("daemon never said where it listens");
-    Daemon { child, addr, log }
-}
 
 #[derive(Default)]
 struct Ledger {
@@ -117,7 +72,7 @@ async fn sigkill_loses_nothing_acknowledged() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut rng = Rng::new(99);
     for cycle in 0..4 {
-        let mut daemon = spawn(dir.path());
+        let mut daemon = spawn_daemon(dir.path(), &["--max-k", "100000"], &[]);
         let url = format!("http://{}", daemon.addr);
         wait_serving(&url).await;
         if cycle == 0 {
@@ -146,7 +101,7 @@ async fn sigkill_loses_nothing_acknowledged() {
 
     // Last round: recover, verify, then SIGTERM: a clean stop that saves a snapshot,
     // which the next start loads.
-    let mut daemon = spawn(dir.path());
+    let mut daemon = spawn_daemon(dir.path(), &["--max-k", "100000"], &[]);
     let url = format!("http://{}", daemon.addr);
     wait_serving(&url).await;
     verify(&url, &ledger.lock().unwrap()).await;
@@ -156,7 +111,7 @@ async fn sigkill_loses_nothing_acknowledged() {
     assert!(status.success(), "SIGTERM should stop the daemon cleanly: {status}");
     assert!(daemon.log.lock().unwrap().iter().any(|l| l.contains("saved index snapshot")));
 
-    let mut daemon = spawn(dir.path());
+    let mut daemon = spawn_daemon(dir.path(), &["--max-k", "100000"], &[]);
     let url = format!("http://{}", daemon.addr);
     wait_serving(&url).await;
     verify(&url, &ledger.lock().unwrap()).await;

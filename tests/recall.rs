@@ -81,4 +81,24 @@ async fn recall_at_10_on_20k_clustered_vectors_survives_restart() {
     println!("recall@10 after restart = {after:.4}");
     assert!(after >= 0.95, "recall@10 after restart {after} < 0.95");
     server.stop().await;
+
+    // Without a snapshot the index is rebuilt from the store; meanwhile health says
+    // NOT_SERVING and the likeness services answer UNAVAILABLE.
+    std::fs::remove_file(dir.path().join("index/clusters.snapshot.json")).unwrap();
+    let server = TestServer::start_recovering(dir.path(), |c| c.index_threads = 1).await;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let status = health(&server.url(), "likeness.v1.Items").await;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    let err = server
+        .collections()
+        .await
+        .list_collections(pb::ListCollectionsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    wait_serving(&server.url()).await;
+    assert_eq!(health(&server.url(), "likeness.v1.Collections").await, ServingStatus::Serving as i32);
+    let rebuilt = recall(&server, &queries[..50]).await;
+    assert!(rebuilt >= 0.95, "recall@10 after rebuild {rebuilt} < 0.95");
+    server.stop().await;
 }

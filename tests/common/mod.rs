@@ -2,8 +2,11 @@
 //! gracefully on `stop` (or abruptly when dropped), and data generators.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use likeness::Config;
@@ -27,8 +30,16 @@ impl TestServer {
         (server, dir)
     }
 
-    /// A server on `dir`, with `tweak` applied to the default config.
+    /// A server on `dir`, with `tweak` applied to the default config; returns once it
+    /// is SERVING.
     pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let server = TestServer::start_recovering(dir, tweak).await;
+        wait_serving(&server.url()).await;
+        server
+    }
+
+    /// Like `start_in`, but returns as soon as the port is bound, while recovery runs.
+    pub async fn start_recovering(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config::with_data_dir(dir);
         config.cache_mb = 64;
         config.shutdown_grace_secs = 5;
@@ -39,14 +50,12 @@ impl TestServer {
         let task = tokio::spawn(likeness::serve(listener, config, async {
             let _ = rx.await;
         }));
-        let server = TestServer {
+        TestServer {
             addr,
             dir: dir.to_path_buf(),
             stop: Some(tx),
             task: Some(task),
-        };
-        wait_serving(&server.url()).await;
-        server
+        }
     }
 
     pub fn url(&self) -> String {
@@ -78,6 +87,52 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// The real binary as a child process (`likeness serve` on 127.0.0.1:0, JSON logs).
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a daemon running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on `dir` with extra flags and env vars; returns once it listens.
+pub fn spawn_daemon(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_likeness"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "listening"
+            {
+                let _ = tx.send(v["fields"]["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("daemon never said where it listens");
+    Daemon { child, addr, log }
 }
 
 /// Polls grpc.health.v1 until likeness.v1.Items is SERVING (10 s at most).
@@ -130,6 +185,20 @@ pub async fn channel(url: &str) -> Channel {
         .connect()
         .await
         .unwrap()
+}
+
+/// The health status of one service.
+pub async fn health(url: &str, service: &str) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut c = HealthClient::new(channel(url).await);
+    c.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
 }
 
 pub fn item(id: &str, label: &str, vector: Vec<f32>) -> pb::Item {
