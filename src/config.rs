@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// Seconds to let in-flight RPCs finish on SIGTERM [default: 30].
     #[arg(long, env = "LIKENESS_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Threads that run searches; 0 = all cores [default: 0].
+    #[arg(long, env = "LIKENESS_SEARCH_THREADS")]
+    pub search_threads: Option<usize>,
+    /// Searches that may wait for a thread before RESOURCE_EXHAUSTED [default: 4096].
+    #[arg(long, env = "LIKENESS_SEARCH_QUEUE")]
+    pub search_queue: Option<usize>,
 }
 
 /// The TOML file: the same keys as the flags, all optional.
@@ -70,6 +76,8 @@ pub struct FileConfig {
     pub cache_mb: Option<u64>,
     pub index_threads: Option<usize>,
     pub shutdown_grace_secs: Option<u64>,
+    pub search_threads: Option<usize>,
+    pub search_queue: Option<usize>,
 }
 
 /// The resolved configuration.
@@ -83,6 +91,8 @@ pub struct Config {
     pub cache_mb: u64,
     pub index_threads: usize,
     pub shutdown_grace_secs: u64,
+    pub search_threads: usize,
+    pub search_queue: usize,
     pub limits: Limits,
 }
 
@@ -97,6 +107,8 @@ impl Default for Config {
             cache_mb: 512,
             index_threads: 0,
             shutdown_grace_secs: 30,
+            search_threads: 0,
+            search_queue: 4096,
             limits: Limits::default(),
         }
     }
@@ -136,6 +148,14 @@ impl Config {
                 .shutdown_grace_secs
                 .or(file.shutdown_grace_secs)
                 .unwrap_or(d.shutdown_grace_secs),
+            search_threads: args
+                .search_threads
+                .or(file.search_threads)
+                .unwrap_or(d.search_threads),
+            search_queue: args
+                .search_queue
+                .or(file.search_queue)
+                .unwrap_or(d.search_queue),
             limits: Limits {
                 max_k: args.max_k.or(file.max_k).unwrap_or(d.limits.max_k),
                 max_batch: args.max_batch.or(file.max_batch).unwrap_or(d.limits.max_batch),
@@ -153,6 +173,9 @@ impl Config {
         if self.limits.max_batch == 0 {
             return Err("max_batch must be at least 1".into());
         }
+        if self.search_queue == 0 {
+            return Err("search_queue must be at least 1".into());
+        }
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes must be at least 1024".into());
         }
@@ -161,11 +184,20 @@ impl Config {
 
     /// Index threads with 0 resolved to the number of cores.
     pub fn index_threads(&self) -> usize {
-        if self.index_threads > 0 {
-            self.index_threads
-        } else {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
-        }
+        or_cores(self.index_threads)
+    }
+
+    /// Search threads with 0 resolved to the number of cores.
+    pub fn search_threads(&self) -> usize {
+        or_cores(self.search_threads)
+    }
+}
+
+fn or_cores(n: usize) -> usize {
+    if n > 0 {
+        n
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`types`]: domain types (metrics, items, filters, hits), free of gRPC.
 //! - [`store`]: sled: collection specs, item records, group commit.
 //! - [`index`]: usearch HNSW per collection, snapshots.
+//! - [`pool`]: the fixed thread pool that runs searches, with admission control.
 //! - [`db`]: the collections registry joining store and index; recovery; validation.
 //! - [`grpc`]: tonic services (thin handlers), health, reflection, [`serve`].
 //! - [`cli`]: the client subcommands and `likeness bench`.
@@ -21,6 +22,7 @@ pub mod db;
 pub mod error;
 pub mod grpc;
 pub mod index;
+pub mod pool;
 pub mod store;
 pub mod synth;
 pub mod types;

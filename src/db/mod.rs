@@ -479,7 +479,7 @@ impl Collection {
         for rec in items.scan(false) {
             let (key, item) = rec?;
             state.next_key = state.next_key.max(key + 1);
-            live.insert(key, item);
+            live.insert(key, &item.id, item.label, item.metadata);
         }
         let keys = items.key_count();
         if keys != live.by_id.len() {
@@ -614,7 +614,7 @@ impl Collection {
         {
             let mut live = self.live.write().expect("live lock");
             for (key, item) in keys.iter().zip(items) {
-                live.insert(*key, item.clone());
+                live.insert(*key, &item.id, item.label.clone(), item.metadata.clone());
             }
         }
         self.index.remove_many(&replaced)?;
@@ -823,12 +823,12 @@ impl Collection {
 }
 
 impl Live {
-    fn insert(&mut self, key: u64, item: ItemData) {
-        let id: Arc<str> = Arc::from(item.id.as_str());
+    fn insert(&mut self, key: u64, id: &str, label: String, metadata: BTreeMap<String, String>) {
+        let id: Arc<str> = Arc::from(id);
         let entry = Arc::new(Entry {
             id: id.clone(),
-            label: item.label,
-            metadata: item.metadata,
+            label,
+            metadata,
         });
         self.by_key.insert(key, entry);
         if let Some(old) = self.by_id.insert(id, key) {

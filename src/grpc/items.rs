@@ -7,9 +7,12 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{blocking, convert, oversize_to_exhausted};
 use crate::db::{Db, Undo};
 use crate::pb;
+use crate::pool::WorkPool;
 
 pub struct ItemsService {
     pub db: Arc<Db>,
+    /// Runs searches off the async workers, on as many threads as cores.
+    pub searches: Arc<WorkPool>,
 }
 
 #[tonic::async_trait]
@@ -97,7 +100,10 @@ impl pb::items_server::Items for ItemsService {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let (collection, query, params) = convert::search_request(request.into_inner())?;
         let db = self.db.clone();
-        let hits = blocking(move || db.search(&collection, &query, &params)).await?;
+        let hits = self
+            .searches
+            .run(move || db.search(&collection, &query, &params))
+            .await?;
         Ok(Response::new(convert::hits_to(hits)))
     }
 
@@ -107,7 +113,10 @@ impl pb::items_server::Items for ItemsService {
     ) -> Result<Response<pb::SearchBatchResponse>, Status> {
         let (collection, queries, params) = convert::search_batch_request(request.into_inner())?;
         let db = self.db.clone();
-        let results = blocking(move || db.search_batch(&collection, &queries, &params)).await?;
+        let results = self
+            .searches
+            .run(move || db.search_batch(&collection, &queries, &params))
+            .await?;
         Ok(Response::new(pb::SearchBatchResponse {
             results: results.into_iter().map(convert::hits_to).collect(),
         }))

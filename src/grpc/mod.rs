@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::pb;
+use crate::pool::WorkPool;
 use collections::CollectionsService;
 use items::ItemsService;
 
@@ -83,7 +84,15 @@ pub async fn serve(
     };
 
     let limit = config.max_message_bytes;
-    let items = pb::items_server::ItemsServer::new(ItemsService { db: db.clone() })
+    let searches = Arc::new(WorkPool::new(
+        "search",
+        config.search_threads(),
+        config.search_queue,
+    ));
+    let items = pb::items_server::ItemsServer::new(ItemsService {
+        db: db.clone(),
+        searches,
+    })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let colls = pb::collections_server::CollectionsServer::new(CollectionsService { db: db.clone() })
