@@ -75,6 +75,7 @@ pub struct Collection {
     index: AnnIndex,
     live: RwLock<Live>,
     writer: Mutex<Writer>,
+    turns: Turns,
 }
 
 /// The in-memory catalogue: which ANN key each id has now, and what search filters and
@@ -126,6 +127,67 @@ struct Entry {
 struct Writer {
     state: TreeState,
     dropped: bool,
+    /// The next publication ticket (see [`Collection::apply_upsert`]).
+    next_ticket: u64,
+}
+
+impl Writer {
+    fn new(state: TreeState) -> Self {
+        Writer {
+            state,
+            dropped: false,
+            next_ticket: 0,
+        }
+    }
+
+    fn take_ticket(&mut self) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        t
+    }
+}
+
+/// Publication order: batch n publishes to the catalogue after batch n - 1.
+#[derive(Default)]
+struct Turns {
+    next: Mutex<u64>,
+    cv: std::sync::Condvar,
+}
+
+impl Turns {
+    /// Blocks until every ticket below `until` has published.
+    fn wait_all(&self, until: u64) {
+        let mut next = self.next.lock().expect("turn lock");
+        while *next < until {
+            next = self.cv.wait(next).expect("turn lock");
+        }
+    }
+}
+
+/// One batch's place in the publication order; passes the turn on when dropped, on the
+/// error path too, so a failed batch never blocks the ones after it.
+struct Turn<'a> {
+    turns: &'a Turns,
+    ticket: u64,
+}
+
+impl<'a> Turn<'a> {
+    fn new(turns: &'a Turns, ticket: u64) -> Self {
+        Turn { turns, ticket }
+    }
+
+    fn wait(&self) {
+        self.turns.wait_all(self.ticket);
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.wait();
+        let mut next = self.turns.next.lock().expect("turn lock");
+        *next = self.ticket + 1;
+        self.turns.cv.notify_all();
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -459,10 +521,8 @@ impl Collection {
             items,
             index,
             live: RwLock::new(Live::default()),
-            writer: Mutex::new(Writer {
-                state: TreeState::default(),
-                dropped: false,
-            }),
+            writer: Mutex::new(Writer::new(TreeState::default())),
+            turns: Turns::default(),
         })
     }
 
@@ -521,10 +581,8 @@ impl Collection {
                 items,
                 index,
                 live: RwLock::new(live),
-                writer: Mutex::new(Writer {
-                    state,
-                    dropped: false,
-                }),
+                writer: Mutex::new(Writer::new(state)),
+                turns: Turns::default(),
             },
             from_snapshot,
         ))
@@ -563,6 +621,11 @@ impl Collection {
     }
 
     /// Store, then index, then catalogue. Validated input only. Not durable until commit.
+    ///
+    /// Only the store write is serialised (the writer lock); HNSW insertion, the costly
+    /// part, runs concurrently with other batches. Batches then publish to the catalogue
+    /// in the order they were written to the store (a ticket), so the catalogue, and
+    /// with it search, always reflects a prefix of the store's history.
     fn apply_upsert(
         &self,
         items: &[ItemData],
@@ -572,45 +635,45 @@ impl Collection {
         if items.is_empty() {
             return Ok(0);
         }
-        let mut w = self.lock_writer()?;
-        let mut state = w.state;
-        let mut m = Mutation::default();
         let mut keys = Vec::with_capacity(items.len());
         let mut replaced = Vec::new();
-        {
-            let live = self.live.read().expect("live lock");
+        let ticket = {
+            let mut w = self.lock_writer()?;
+            let mut state = w.state;
+            let mut m = Mutation::default();
             let mut undo = undo;
             for item in items {
-                let old = live.by_id.get(item.id.as_str()).copied();
+                // The store, not the catalogue, knows the latest key: an earlier batch
+                // may be written but not yet published.
+                let old = self.items.get(&item.id, undo.is_some())?;
                 if let Some(undo) = undo.as_deref_mut() {
                     let slot = format!("{}\0{}", self.spec.name, item.id);
-                    if !undo.before.contains_key(&slot) {
-                        let before = match old {
-                            Some(_) => self.items.get(&item.id, true)?.map(|(_, it)| it),
-                            None => None,
-                        };
-                        undo.before.insert(slot, before);
-                    }
+                    undo.before
+                        .entry(slot)
+                        .or_insert_with(|| old.as_ref().map(|(_, it)| it.clone()));
                 }
-                if let Some(old) = old {
-                    m.drop_key(old);
-                    replaced.push(old);
+                if let Some((old_key, _)) = old {
+                    m.drop_key(old_key);
+                    replaced.push(old_key);
                 }
                 let key = state.next_key;
                 state.next_key += 1;
                 m.put(key, item);
                 keys.push(key);
             }
-        }
-        state.seq += 1;
-        self.items.apply(m, state)?;
-        w.state = state;
+            state.seq += 1;
+            self.items.apply(m, state)?;
+            w.state = state;
+            w.take_ticket()
+        };
+        let turn = Turn::new(&self.turns, ticket);
         let entries: Vec<(u64, &[f32])> = keys
             .iter()
             .zip(items)
             .map(|(k, it)| (*k, it.vector.as_slice()))
             .collect();
         self.index.add_many(&entries, threads)?;
+        turn.wait();
         {
             let mut live = self.live.write().expect("live lock");
             for (key, item) in keys.iter().zip(items) {
@@ -622,30 +685,32 @@ impl Collection {
     }
 
     fn apply_delete(&self, ids: &[String]) -> Result<usize> {
-        let mut w = self.lock_writer()?;
-        let mut found = Vec::new();
-        {
-            let live = self.live.read().expect("live lock");
+        let mut found: Vec<(&str, u64)> = Vec::new();
+        let ticket = {
+            let mut w = self.lock_writer()?;
             let mut seen = HashSet::new();
             for id in ids {
-                if let Some(&key) = live.by_id.get(id.as_str())
-                    && seen.insert(key)
+                if seen.insert(id.as_str())
+                    && let Some((key, _)) = self.items.get(id, false)?
                 {
                     found.push((id.as_str(), key));
                 }
             }
-        }
-        if found.is_empty() {
-            return Ok(0);
-        }
-        let mut m = Mutation::default();
-        for (id, key) in &found {
-            m.remove(id, *key);
-        }
-        let mut state = w.state;
-        state.seq += 1;
-        self.items.apply(m, state)?;
-        w.state = state;
+            if found.is_empty() {
+                return Ok(0);
+            }
+            let mut m = Mutation::default();
+            for (id, key) in &found {
+                m.remove(id, *key);
+            }
+            let mut state = w.state;
+            state.seq += 1;
+            self.items.apply(m, state)?;
+            w.state = state;
+            w.take_ticket()
+        };
+        let turn = Turn::new(&self.turns, ticket);
+        turn.wait();
         {
             let mut live = self.live.write().expect("live lock");
             for (id, key) in &found {
@@ -800,6 +865,8 @@ impl Collection {
 
     fn save_snapshot(&self, dir: &Path) -> Result<()> {
         let w = self.lock_writer()?;
+        // Batches written before the lock may still be inserting into the index.
+        self.turns.wait_all(w.next_ticket);
         let [index_path, meta_path] = snapshot_paths(dir, &self.spec.name);
         // Drop the old meta first: a crash mid-save then leaves no snapshot to trust.
         match std::fs::remove_file(&meta_path) {

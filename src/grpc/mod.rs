@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::db::Db;
@@ -113,13 +113,15 @@ pub async fn serve(
         });
     }
     let mut stopping = stop_rx.clone();
+    // Small responses must not wait for Nagle's algorithm.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
         .layer(tower::util::MapResponseLayer::new(oversize_response))
         .add_service(health)
         .add_service(reflection)
         .add_service(colls)
         .add_service(items)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping.wait_for(|s| *s).await;
         });
     tracing::info!(addr = %local, data_dir = %config.data_dir.display(), "listening");

@@ -88,19 +88,26 @@ impl AnnIndex {
             }
             return Ok(());
         }
-        let chunk = entries.len().div_ceil(threads);
+        // Threads pull small chunks from a shared cursor, so one slow thread (a core
+        // busy elsewhere) does not leave the others idle at the end of the batch.
+        let cursor = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
-            let workers: Vec<_> = entries
-                .chunks(chunk)
-                .map(|part| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
                     let index = &*index;
                     let slots = &self.slots;
+                    let cursor = &cursor;
                     s.spawn(move || -> Result<()> {
                         let _slot = slots.acquire();
-                        for (key, v) in part {
-                            index.add(*key, v)?;
+                        loop {
+                            let start = cursor.fetch_add(16, std::sync::atomic::Ordering::Relaxed);
+                            if start >= entries.len() {
+                                return Ok(());
+                            }
+                            for (key, v) in &entries[start..(start + 16).min(entries.len())] {
+                                index.add(*key, v)?;
+                            }
                         }
-                        Ok(())
                     })
                 })
                 .collect();
