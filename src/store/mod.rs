@@ -31,11 +31,27 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (or creates) the store. sled holds an exclusive file lock; a predecessor
+    /// that is still exiting (a restart, a rolling update) releases it within moments,
+    /// so a locked store is retried for up to 10 s before giving up.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir.join("store"))
-            .cache_capacity(cache_bytes)
-            .open()?;
+            .cache_capacity(cache_bytes);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(error = %e, "store is locked; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let specs = db.open_tree("collections")?;
         let commit = GroupCommit::new(db.clone());
         Ok(Store { db, specs, commit })
