@@ -19,6 +19,9 @@ pub struct AnnIndex {
     inner: RwLock<usearch::Index>,
     metric: Metric,
     slots: Slots,
+    /// Vectors that batches in flight are about to add: capacity is reserved for them
+    /// up front, since concurrent batches would otherwise each see room for themselves.
+    pending: Mutex<usize>,
 }
 
 impl AnnIndex {
@@ -30,6 +33,7 @@ impl AnnIndex {
             inner: RwLock::new(index),
             metric: spec.metric,
             slots: Slots::new(SLOTS),
+            pending: Mutex::new(0),
         })
     }
 
@@ -51,6 +55,7 @@ impl AnnIndex {
             inner: RwLock::new(index),
             metric: spec.metric,
             slots: Slots::new(SLOTS),
+            pending: Mutex::new(0),
         })
     }
 
@@ -78,7 +83,13 @@ impl AnnIndex {
         if entries.is_empty() {
             return Ok(());
         }
-        self.ensure_capacity(entries.len())?;
+        self.reserve_for(entries.len())?;
+        let result = self.add_reserved(entries, threads);
+        *self.pending.lock().expect("pending lock") -= entries.len();
+        result
+    }
+
+    fn add_reserved(&self, entries: &[(u64, &[f32])], threads: usize) -> Result<()> {
         let index = self.inner.read().expect("index lock");
         let threads = threads.clamp(1, SLOTS).min(entries.len().div_ceil(64));
         if threads == 1 {
@@ -167,21 +178,20 @@ impl AnnIndex {
         }
     }
 
-    fn ensure_capacity(&self, extra: usize) -> Result<()> {
+    /// Makes room for `extra` more vectors beyond what is present and pending.
+    fn reserve_for(&self, extra: usize) -> Result<()> {
+        let mut pending = self.pending.lock().expect("pending lock");
         let need = {
             let index = self.inner.read().expect("index lock");
-            let need = index.size() + extra;
-            if need <= index.capacity() {
-                return Ok(());
-            }
-            need
+            index.size() + *pending + extra
         };
-        let index = self.inner.write().expect("index lock");
-        if need > index.capacity() {
+        let capacity = self.inner.read().expect("index lock").capacity();
+        if need > capacity {
+            let index = self.inner.write().expect("index lock");
             // Grow geometrically so that a stream of small batches reserves rarely.
-            let cap = need.max(index.capacity() * 2);
-            index.reserve_capacity_and_threads(cap, SLOTS)?;
+            index.reserve_capacity_and_threads(need.max(capacity * 2), SLOTS)?;
         }
+        *pending += extra;
         Ok(())
     }
 }
@@ -242,5 +252,62 @@ impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         *self.0.free.lock().expect("slots lock") += 1;
         self.0.cv.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::IndexParams;
+
+    fn spec(metric: Metric) -> CollectionSpec {
+        CollectionSpec {
+            name: "t".into(),
+            dimension: 4,
+            metric,
+            index: IndexParams::default(),
+            precision: Precision::F32,
+            model: String::new(),
+            uid: 1,
+        }
+    }
+
+    #[test]
+    fn concurrent_batches_grow_capacity_safely() {
+        let index = AnnIndex::new(&spec(Metric::Cosine), 0).unwrap();
+        let batches: Vec<Vec<(u64, Vec<f32>)>> = (0..6u64)
+            .map(|b| {
+                (0..700u64)
+                    .map(|i| {
+                        let k = b * 700 + i;
+                        (k, vec![1.0 + k as f32, (k % 7) as f32, (k % 11) as f32, 1.0])
+                    })
+                    .collect()
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for batch in &batches {
+                let index = &index;
+                s.spawn(move || {
+                    let refs: Vec<(u64, &[f32])> =
+                        batch.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+                    index.add_many(&refs, 2).unwrap();
+                });
+            }
+        });
+        assert_eq!(index.len(), 4200);
+        assert_eq!(*index.pending.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn l2_distances_are_euclidean() {
+        let index = AnnIndex::new(&spec(Metric::L2), 0).unwrap();
+        index
+            .add_many(&[(1, &[0.0, 0.0, 0.0, 0.0][..]), (2, &[3.0, 4.0, 0.0, 0.0][..])], 1)
+            .unwrap();
+        let hits = index.search(&[0.0; 4], 2).unwrap();
+        assert_eq!(hits[0], (1, 0.0));
+        assert_eq!(hits[1].0, 2);
+        assert!((hits[1].1 - 5.0).abs() < 1e-5, "{}", hits[1].1);
     }
 }
