@@ -132,7 +132,11 @@ impl Config {
         let d = Config::default();
         let cfg = Config {
             listen: args.listen.or(file.listen).unwrap_or(d.listen),
-            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or(d.data_dir),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or(d.data_dir),
             log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
             log: args.log.clone().or(file.log).unwrap_or(d.log),
             max_message_bytes: args
@@ -158,7 +162,10 @@ impl Config {
                 .unwrap_or(d.search_queue),
             limits: Limits {
                 max_k: args.max_k.or(file.max_k).unwrap_or(d.limits.max_k),
-                max_batch: args.max_batch.or(file.max_batch).unwrap_or(d.limits.max_batch),
+                max_batch: args
+                    .max_batch
+                    .or(file.max_batch)
+                    .unwrap_or(d.limits.max_batch),
                 ..d.limits
             },
         };

@@ -52,7 +52,12 @@ pub fn clustered(
     let mut labels = Vec::with_capacity(n);
     for _ in 0..n {
         let c = rng.below(clusters);
-        vectors.push(centres[c].iter().map(|x| x + spread * rng.normal()).collect());
+        vectors.push(
+            centres[c]
+                .iter()
+                .map(|x| x + spread * rng.normal())
+                .collect(),
+        );
         labels.push(c);
     }
     (vectors, labels)

@@ -26,8 +26,16 @@ async fn collections_lifecycle() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.metric, pb::Metric::Cosine as i32, "unspecified means COSINE");
-    assert_eq!(info.precision, pb::Precision::F32 as i32, "unspecified means F32");
+    assert_eq!(
+        info.metric,
+        pb::Metric::Cosine as i32,
+        "unspecified means COSINE"
+    );
+    assert_eq!(
+        info.precision,
+        pb::Precision::F32 as i32,
+        "unspecified means F32"
+    );
     let idx = info.index.unwrap();
     assert_eq!(idx.connectivity, 8);
     assert_eq!((idx.expansion_add, idx.expansion_search), (128, 64));
@@ -134,7 +142,10 @@ async fn upsert_get_replace_delete() {
     let hits = search(&mut items, "c", vec![0.0, 0.0], 10).await;
     assert_eq!(ids(&hits), ["b", "a"]);
     assert_eq!(hits[1].label, "bird");
-    assert!((hits[1].distance - 20.0).abs() < 1e-4, "L2 is Euclidean, not squared");
+    assert!(
+        (hits[1].distance - 20.0).abs() < 1e-4,
+        "L2 is Euclidean, not squared"
+    );
     assert!((hits[0].distance - 10.0).abs() < 1e-4);
     assert!(hits[1].metadata.is_empty(), "metadata replaced too");
     let info = c
@@ -240,7 +251,11 @@ async fn search_filters_metrics_and_batch() {
         .unwrap()
         .into_inner();
     assert_eq!(r.hits.len(), 40);
-    assert!(r.hits.iter().all(|h| h.label == "L3" && h.metadata["parity"] == "1"));
+    assert!(
+        r.hits
+            .iter()
+            .all(|h| h.label == "L3" && h.metadata["parity"] == "1")
+    );
 
     // exclude_labels, and a query by id leaves the item itself out.
     let r = items
@@ -258,7 +273,11 @@ async fn search_filters_metrics_and_batch() {
         .unwrap()
         .into_inner();
     assert_eq!(r.hits.len(), 10);
-    assert!(r.hits.iter().all(|h| h.id != "v5" && h.label != format!("L{}", clusters[5])));
+    assert!(
+        r.hits
+            .iter()
+            .all(|h| h.id != "v5" && h.label != format!("L{}", clusters[5]))
+    );
 
     // Exact search agrees with the ANN search on the top hit and returns vectors.
     let r = items
@@ -356,15 +375,24 @@ async fn upsert_stream_commits_once_and_rolls_back_on_error() {
     let bad = vec![
         pb::UpsertRequest {
             collection: "s".into(),
-            items: vec![item("keep", "new", vec![9.0, 9.0]), item("fresh", "", vec![0.0, 1.0])],
+            items: vec![
+                item("keep", "new", vec![9.0, 9.0]),
+                item("fresh", "", vec![0.0, 1.0]),
+            ],
         },
         pb::UpsertRequest {
             collection: "s".into(),
-            items: vec![item("fresh2", "", vec![0.0, 2.0]), item("m0-0", "changed", vec![5.0, 5.0])],
+            items: vec![
+                item("fresh2", "", vec![0.0, 2.0]),
+                item("m0-0", "changed", vec![5.0, 5.0]),
+            ],
         },
         pb::UpsertRequest {
             collection: "s".into(),
-            items: vec![item("ok", "", vec![0.0, 3.0]), item("nan", "", vec![f32::NAN, 0.0])],
+            items: vec![
+                item("ok", "", vec![0.0, 3.0]),
+                item("nan", "", vec![f32::NAN, 0.0]),
+            ],
         },
     ];
     let err = items
@@ -372,14 +400,28 @@ async fn upsert_stream_commits_once_and_rolls_back_on_error() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("messages[2].items[1].vector[0]"), "{}", err.message());
-    assert!(err.message().contains("\"nan\""), "names the item: {}", err.message());
+    assert!(
+        err.message().contains("messages[2].items[1].vector[0]"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("\"nan\""),
+        "names the item: {}",
+        err.message()
+    );
     // Nothing of the failed stream remains: count, new ids, replaced items.
     assert_eq!(count(&mut c, "s").await, 501);
     let got = items
         .get(pb::GetRequest {
             collection: "s".into(),
-            ids: vec!["keep".into(), "fresh".into(), "fresh2".into(), "ok".into(), "m0-0".into()],
+            ids: vec![
+                "keep".into(),
+                "fresh".into(),
+                "fresh2".into(),
+                "ok".into(),
+                "m0-0".into(),
+            ],
             with_vectors: true,
         })
         .await
@@ -387,14 +429,23 @@ async fn upsert_stream_commits_once_and_rolls_back_on_error() {
         .into_inner()
         .items;
     assert_eq!(got.len(), 2);
-    assert_eq!((got[0].label.as_str(), got[0].vector.as_slice()), ("old", &[1.0, 1.0][..]));
-    assert_eq!((got[1].label.as_str(), got[1].vector.as_slice()), ("x", &[0.0, 0.0][..]));
+    assert_eq!(
+        (got[0].label.as_str(), got[0].vector.as_slice()),
+        ("old", &[1.0, 1.0][..])
+    );
+    assert_eq!(
+        (got[1].label.as_str(), got[1].vector.as_slice()),
+        ("x", &[0.0, 0.0][..])
+    );
     let hits = search(&mut items, "s", vec![9.0, 9.0], 1).await;
     assert_ne!(hits[0].id, "keep", "the index was rolled back too");
     server.stop().await;
 }
 
-async fn count(c: &mut pb::collections_client::CollectionsClient<tonic::transport::Channel>, name: &str) -> u64 {
+async fn count(
+    c: &mut pb::collections_client::CollectionsClient<tonic::transport::Channel>,
+    name: &str,
+) -> u64 {
     c.get_collection(pb::GetCollectionRequest { name: name.into() })
         .await
         .unwrap()
@@ -419,10 +470,10 @@ async fn health_and_reflection() {
         assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
     }
 
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut r = ServerReflectionClient::new(channel(&server.url()).await);
     let req = ServerReflectionRequest {
         host: String::new(),

@@ -34,22 +34,77 @@ async fn bad_inputs_get_clear_statuses_and_write_nothing() {
     let long_id = "x".repeat(257);
     // (case, request, code, substrings the message must contain)
     let upserts: Vec<(&str, pb::UpsertRequest, Code, Vec<&str>)> = vec![
-        ("wrong dimension", up(vec![good("g"), item("w", "", vec![1.0, 2.0])]), Code::InvalidArgument, vec!["items[1].vector", "\"w\"", "dimension 3"]),
-        ("NaN", up(vec![item("n", "", vec![1.0, f32::NAN, 0.0])]), Code::InvalidArgument, vec!["items[0].vector[1]", "\"n\""]),
-        ("Inf", up(vec![good("g"), item("i", "", vec![f32::INFINITY, 0.0, 0.0])]), Code::InvalidArgument, vec!["items[1].vector[0]", "\"i\""]),
-        ("zero vector under cosine", up(vec![item("z", "", vec![0.0; 3])]), Code::InvalidArgument, vec!["items[0].vector", "zeros"]),
-        ("empty vector", up(vec![item("e", "", vec![])]), Code::InvalidArgument, vec!["items[0].vector", "\"e\""]),
-        ("empty id", up(vec![good("g"), good("")]), Code::InvalidArgument, vec!["items[1].id", "empty"]),
-        ("over-long id", up(vec![good(&long_id)]), Code::InvalidArgument, vec!["items[0].id", "257 bytes"]),
-        ("duplicate ids", up(vec![good("d"), good("x"), good("d")]), Code::InvalidArgument, vec!["items[2].id", "\"d\"", "items[0]"]),
+        (
+            "wrong dimension",
+            up(vec![good("g"), item("w", "", vec![1.0, 2.0])]),
+            Code::InvalidArgument,
+            vec!["items[1].vector", "\"w\"", "dimension 3"],
+        ),
+        (
+            "NaN",
+            up(vec![item("n", "", vec![1.0, f32::NAN, 0.0])]),
+            Code::InvalidArgument,
+            vec!["items[0].vector[1]", "\"n\""],
+        ),
+        (
+            "Inf",
+            up(vec![
+                good("g"),
+                item("i", "", vec![f32::INFINITY, 0.0, 0.0]),
+            ]),
+            Code::InvalidArgument,
+            vec!["items[1].vector[0]", "\"i\""],
+        ),
+        (
+            "zero vector under cosine",
+            up(vec![item("z", "", vec![0.0; 3])]),
+            Code::InvalidArgument,
+            vec!["items[0].vector", "zeros"],
+        ),
+        (
+            "empty vector",
+            up(vec![item("e", "", vec![])]),
+            Code::InvalidArgument,
+            vec!["items[0].vector", "\"e\""],
+        ),
+        (
+            "empty id",
+            up(vec![good("g"), good("")]),
+            Code::InvalidArgument,
+            vec!["items[1].id", "empty"],
+        ),
+        (
+            "over-long id",
+            up(vec![good(&long_id)]),
+            Code::InvalidArgument,
+            vec!["items[0].id", "257 bytes"],
+        ),
+        (
+            "duplicate ids",
+            up(vec![good("d"), good("x"), good("d")]),
+            Code::InvalidArgument,
+            vec!["items[2].id", "\"d\"", "items[0]"],
+        ),
         ("no items", up(vec![]), Code::InvalidArgument, vec!["items"]),
-        ("unknown collection", pb::UpsertRequest { collection: "nope".into(), items: vec![good("g")] }, Code::NotFound, vec!["\"nope\""]),
+        (
+            "unknown collection",
+            pb::UpsertRequest {
+                collection: "nope".into(),
+                items: vec![good("g")],
+            },
+            Code::NotFound,
+            vec!["\"nope\""],
+        ),
     ];
     for (case, req, code, needles) in upserts {
         let err = items.upsert(req).await.expect_err(case);
         assert_eq!(err.code(), code, "{case}: {}", err.message());
         for n in needles {
-            assert!(err.message().contains(n), "{case}: {:?} lacks {n:?}", err.message());
+            assert!(
+                err.message().contains(n),
+                "{case}: {:?} lacks {n:?}",
+                err.message()
+            );
         }
     }
     // The valid items that shared a request with a bad one were not written.
@@ -62,7 +117,11 @@ async fn bad_inputs_get_clear_statuses_and_write_nothing() {
         .await
         .unwrap()
         .into_inner();
-    assert!(got.items.is_empty(), "a failed request wrote {:?}", got.items);
+    assert!(
+        got.items.is_empty(),
+        "a failed request wrote {:?}",
+        got.items
+    );
 
     let search = |k: u32, query: Option<pb::Query>, coll: &str| pb::SearchRequest {
         collection: coll.into(),
@@ -71,21 +130,70 @@ async fn bad_inputs_get_clear_statuses_and_write_nothing() {
         ..Default::default()
     };
     let searches: Vec<(&str, pb::SearchRequest, Code, Vec<&str>)> = vec![
-        ("k = 0", search(0, vector_query(vec![1.0, 0.0, 0.0]), "c"), Code::InvalidArgument, vec!["k"]),
-        ("k over the limit", search(101, vector_query(vec![1.0, 0.0, 0.0]), "c"), Code::InvalidArgument, vec!["k", "100"]),
-        ("empty query", search(5, None, "c"), Code::InvalidArgument, vec!["query"]),
-        ("empty query oneof", search(5, Some(pb::Query { kind: None }), "c"), Code::InvalidArgument, vec!["query"]),
-        ("query wrong dimension", search(5, vector_query(vec![1.0]), "c"), Code::InvalidArgument, vec!["query.vector", "dimension 3"]),
-        ("query NaN", search(5, vector_query(vec![1.0, f32::NAN, 0.0]), "c"), Code::InvalidArgument, vec!["query.vector[1]"]),
-        ("query unknown id", search(5, id_query("ghost"), "c"), Code::NotFound, vec!["query.id", "\"ghost\""]),
-        ("query empty id", search(5, id_query(""), "c"), Code::InvalidArgument, vec!["query.id"]),
-        ("unknown collection", search(5, vector_query(vec![1.0, 0.0, 0.0]), "nope"), Code::NotFound, vec!["\"nope\""]),
+        (
+            "k = 0",
+            search(0, vector_query(vec![1.0, 0.0, 0.0]), "c"),
+            Code::InvalidArgument,
+            vec!["k"],
+        ),
+        (
+            "k over the limit",
+            search(101, vector_query(vec![1.0, 0.0, 0.0]), "c"),
+            Code::InvalidArgument,
+            vec!["k", "100"],
+        ),
+        (
+            "empty query",
+            search(5, None, "c"),
+            Code::InvalidArgument,
+            vec!["query"],
+        ),
+        (
+            "empty query oneof",
+            search(5, Some(pb::Query { kind: None }), "c"),
+            Code::InvalidArgument,
+            vec!["query"],
+        ),
+        (
+            "query wrong dimension",
+            search(5, vector_query(vec![1.0]), "c"),
+            Code::InvalidArgument,
+            vec!["query.vector", "dimension 3"],
+        ),
+        (
+            "query NaN",
+            search(5, vector_query(vec![1.0, f32::NAN, 0.0]), "c"),
+            Code::InvalidArgument,
+            vec!["query.vector[1]"],
+        ),
+        (
+            "query unknown id",
+            search(5, id_query("ghost"), "c"),
+            Code::NotFound,
+            vec!["query.id", "\"ghost\""],
+        ),
+        (
+            "query empty id",
+            search(5, id_query(""), "c"),
+            Code::InvalidArgument,
+            vec!["query.id"],
+        ),
+        (
+            "unknown collection",
+            search(5, vector_query(vec![1.0, 0.0, 0.0]), "nope"),
+            Code::NotFound,
+            vec!["\"nope\""],
+        ),
     ];
     for (case, req, code, needles) in searches {
         let err = items.search(req).await.expect_err(case);
         assert_eq!(err.code(), code, "{case}: {}", err.message());
         for n in needles {
-            assert!(err.message().contains(n), "{case}: {:?} lacks {n:?}", err.message());
+            assert!(
+                err.message().contains(n),
+                "{case}: {:?} lacks {n:?}",
+                err.message()
+            );
         }
     }
     let err = items
@@ -101,7 +209,11 @@ async fn bad_inputs_get_clear_statuses_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("queries[1].vector"), "{}", err.message());
+    assert!(
+        err.message().contains("queries[1].vector"),
+        "{}",
+        err.message()
+    );
 
     // Collections.
     let create_req = |name: &str, dimension: u32, metric: i32| pb::CreateCollectionRequest {
@@ -111,38 +223,86 @@ async fn bad_inputs_get_clear_statuses_and_write_nothing() {
         ..Default::default()
     };
     let creates: Vec<(&str, pb::CreateCollectionRequest, Code, Vec<&str>)> = vec![
-        ("existing name", create_req("c", 3, 0), Code::AlreadyExists, vec!["\"c\""]),
-        ("bad name", create_req("a/b", 3, 0), Code::InvalidArgument, vec!["name", "'/'"]),
-        ("empty name", create_req("", 3, 0), Code::InvalidArgument, vec!["name"]),
-        ("long name", create_req(&"n".repeat(65), 3, 0), Code::InvalidArgument, vec!["name", "64"]),
-        ("zero dimension", create_req("z", 0, 0), Code::InvalidArgument, vec!["dimension"]),
-        ("unknown metric", create_req("m", 3, 42), Code::InvalidArgument, vec!["metric", "42"]),
+        (
+            "existing name",
+            create_req("c", 3, 0),
+            Code::AlreadyExists,
+            vec!["\"c\""],
+        ),
+        (
+            "bad name",
+            create_req("a/b", 3, 0),
+            Code::InvalidArgument,
+            vec!["name", "'/'"],
+        ),
+        (
+            "empty name",
+            create_req("", 3, 0),
+            Code::InvalidArgument,
+            vec!["name"],
+        ),
+        (
+            "long name",
+            create_req(&"n".repeat(65), 3, 0),
+            Code::InvalidArgument,
+            vec!["name", "64"],
+        ),
+        (
+            "zero dimension",
+            create_req("z", 0, 0),
+            Code::InvalidArgument,
+            vec!["dimension"],
+        ),
+        (
+            "unknown metric",
+            create_req("m", 3, 42),
+            Code::InvalidArgument,
+            vec!["metric", "42"],
+        ),
     ];
     for (case, req, code, needles) in creates {
         let err = c.create_collection(req).await.expect_err(case);
         assert_eq!(err.code(), code, "{case}: {}", err.message());
         for n in needles {
-            assert!(err.message().contains(n), "{case}: {:?} lacks {n:?}", err.message());
+            assert!(
+                err.message().contains(n),
+                "{case}: {:?} lacks {n:?}",
+                err.message()
+            );
         }
     }
     for (case, name) in [("delete unknown", "ghost"), ("get unknown", "ghost")] {
         let err = if case.starts_with("delete") {
-            c.delete_collection(pb::DeleteCollectionRequest { name: name.into() }).await.unwrap_err()
+            c.delete_collection(pb::DeleteCollectionRequest { name: name.into() })
+                .await
+                .unwrap_err()
         } else {
-            c.get_collection(pb::GetCollectionRequest { name: name.into() }).await.unwrap_err()
+            c.get_collection(pb::GetCollectionRequest { name: name.into() })
+                .await
+                .unwrap_err()
         };
         assert_eq!(err.code(), Code::NotFound, "{case}");
     }
-    for (case, ids) in [("get no ids", vec![]), ("get empty id", vec!["".to_string()])] {
+    for (case, ids) in [
+        ("get no ids", vec![]),
+        ("get empty id", vec!["".to_string()]),
+    ] {
         let err = items
-            .get(pb::GetRequest { collection: "c".into(), ids, with_vectors: false })
+            .get(pb::GetRequest {
+                collection: "c".into(),
+                ids,
+                with_vectors: false,
+            })
             .await
             .expect_err(case);
         assert_eq!(err.code(), Code::InvalidArgument, "{case}");
         assert!(err.message().contains("ids"), "{case}: {}", err.message());
     }
     let err = items
-        .delete(pb::DeleteRequest { collection: "c".into(), ids: vec!["ok".into(), "".into()] })
+        .delete(pb::DeleteRequest {
+            collection: "c".into(),
+            ids: vec!["ok".into(), "".into()],
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -24,7 +24,19 @@ async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
 async fn client_subcommands_round_trip() {
     let (server, dir) = TestServer::start().await;
     let url = server.url();
-    let (ok, out, err) = cli(&url, &["collections", "create", "cli", "--dimension", "4", "--metric", "l2"]).await;
+    let (ok, out, err) = cli(
+        &url,
+        &[
+            "collections",
+            "create",
+            "cli",
+            "--dimension",
+            "4",
+            "--metric",
+            "l2",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert!(out.contains("cli\tdimension=4\tmetric=l2"), "{out}");
 
@@ -38,7 +50,18 @@ async fn client_subcommands_round_trip() {
     std::fs::write(&labels, text.join("\n")).unwrap();
     let (ok, out, err) = cli(
         &url,
-        &["upsert", "-c", "cli", npy.to_str().unwrap(), "--labels", labels.to_str().unwrap(), "--id-prefix", "n", "--batch", "64"],
+        &[
+            "upsert",
+            "-c",
+            "cli",
+            npy.to_str().unwrap(),
+            "--labels",
+            labels.to_str().unwrap(),
+            "--id-prefix",
+            "n",
+            "--batch",
+            "64",
+        ],
     )
     .await;
     assert!(ok, "{err}");
@@ -65,19 +88,37 @@ async fn client_subcommands_round_trip() {
     assert!(ok);
     assert!(out.contains("count=303"), "{out}");
 
-    let (ok, out, err) = cli(&url, &["search", "-c", "cli", "--vector", "99,1,0,0", "-k", "2"]).await;
+    let (ok, out, err) = cli(
+        &url,
+        &["search", "-c", "cli", "--vector", "99,1,0,0", "-k", "2"],
+    )
+    .await;
     assert!(ok, "{err}");
     let first = out.lines().nth(1).unwrap();
     assert!(first.contains("\tj1\tjson\tsrc=jsonl"), "{out}");
 
-    let (ok, out, err) = cli(&url, &["search", "-c", "cli", "--id", "n0", "-k", "5", "--label", "k0", "--label", "k1"]).await;
+    let (ok, out, err) = cli(
+        &url,
+        &[
+            "search", "-c", "cli", "--id", "n0", "-k", "5", "--label", "k0", "--label", "k1",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     let rows: Vec<&str> = out.lines().skip(1).collect();
     assert_eq!(rows.len(), 5, "{out}");
-    assert!(rows.iter().all(|r| r.contains("\tk0") || r.contains("\tk1")), "{out}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("\tk0") || r.contains("\tk1")),
+        "{out}"
+    );
     assert!(rows.iter().all(|r| !r.contains("\tn0\t")), "{out}");
 
-    let (ok, out, err) = cli(&url, &["get", "-c", "cli", "c1", "missing", "--with-vectors"]).await;
+    let (ok, out, err) = cli(
+        &url,
+        &["get", "-c", "cli", "c1", "missing", "--with-vectors"],
+    )
+    .await;
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["id"], "c1");
@@ -90,10 +131,16 @@ async fn client_subcommands_round_trip() {
     // Errors: the status message on stderr, a non-zero exit.
     let (ok, _, err) = cli(&url, &["search", "-c", "nope", "--vector", "1,2,3,4"]).await;
     assert!(!ok);
-    assert!(err.contains("NotFound") && err.contains("\"nope\""), "{err}");
+    assert!(
+        err.contains("NotFound") && err.contains("\"nope\""),
+        "{err}"
+    );
     let (ok, _, err) = cli(&url, &["search", "-c", "cli", "--vector", "1,2"]).await;
     assert!(!ok);
-    assert!(err.contains("InvalidArgument") && err.contains("query.vector"), "{err}");
+    assert!(
+        err.contains("InvalidArgument") && err.contains("query.vector"),
+        "{err}"
+    );
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"id\":\"x\",\"vector\":[1,2]}\n").unwrap();
     let (ok, _, err) = cli(&url, &["upsert", "-c", "cli", bad.to_str().unwrap()]).await;
@@ -126,9 +173,17 @@ async fn serve_takes_flag_over_env_over_file() {
     let csv = dir.path().join("five.csv");
     std::fs::write(&csv, "id,a,b\nq,1,0\nr,0,1\ns,1,1\nt,2,1\nu,1,2\n").unwrap();
     // Batches of 4 pass (flag beats env's 2 and the file's 3), 5 do not.
-    let (ok, _, err) = cli(&url, &["upsert", "-c", "cfg", csv.to_str().unwrap(), "--batch", "4"]).await;
+    let (ok, _, err) = cli(
+        &url,
+        &["upsert", "-c", "cfg", csv.to_str().unwrap(), "--batch", "4"],
+    )
+    .await;
     assert!(ok, "{err}");
-    let (ok, _, err) = cli(&url, &["upsert", "-c", "cfg", csv.to_str().unwrap(), "--batch", "5"]).await;
+    let (ok, _, err) = cli(
+        &url,
+        &["upsert", "-c", "cfg", csv.to_str().unwrap(), "--batch", "5"],
+    )
+    .await;
     assert!(!ok);
     assert!(err.contains("at most 4"), "{err}");
     // k = 7 passes (env beats the file's 5), 8 does not.

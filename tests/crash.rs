@@ -16,7 +16,7 @@ const DIM: usize = 16;
 const WRITERS: usize = 4;
 const BATCH: usize = 50;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Ledger {
     /// id -> label of its last acknowledged write.
     acked: HashMap<String, String>,
@@ -42,7 +42,9 @@ async fn write_until_killed(url: String, cycle: usize, writer: usize, ledger: Ar
                 .map(|id| (id.clone(), format!("r{cycle}-{writer}-{seq}")))
                 .collect()
         } else {
-            (0..BATCH).map(|i| (format!("c{cycle}-w{writer}-s{seq}-{i}"), "new".to_string())).collect()
+            (0..BATCH)
+                .map(|i| (format!("c{cycle}-w{writer}-s{seq}-{i}"), "new".to_string()))
+                .collect()
         };
         if targets.is_empty() {
             continue;
@@ -51,9 +53,16 @@ async fn write_until_killed(url: String, cycle: usize, writer: usize, ledger: Ar
             .iter()
             .map(|(id, label)| item(id, label, (0..DIM).map(|_| rng.normal()).collect()))
             .collect();
-        ledger.lock().unwrap().maybe.extend(targets.iter().map(|(id, _)| id.clone()));
+        ledger
+            .lock()
+            .unwrap()
+            .maybe
+            .extend(targets.iter().map(|(id, _)| id.clone()));
         let r = client
-            .upsert(pb::UpsertRequest { collection: "crash".into(), items })
+            .upsert(pb::UpsertRequest {
+                collection: "crash".into(),
+                items,
+            })
             .await;
         if r.is_err() {
             return; // the daemon is gone
@@ -76,10 +85,12 @@ async fn sigkill_loses_nothing_acknowledged() {
         let url = format!("http://{}", daemon.addr);
         wait_serving(&url).await;
         if cycle == 0 {
-            let mut c = likeness::pb::collections_client::CollectionsClient::new(channel(&url).await);
+            let mut c =
+                likeness::pb::collections_client::CollectionsClient::new(channel(&url).await);
             create(&mut c, "crash", DIM as u32, pb::Metric::Cosine).await;
         } else {
-            verify(&url, &ledger.lock().unwrap()).await;
+            let seen = ledger.lock().unwrap().clone();
+            verify(&url, &seen).await;
         }
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| tokio::spawn(write_until_killed(url.clone(), cycle, w, ledger.clone())))
@@ -94,9 +105,15 @@ async fn sigkill_loses_nothing_acknowledged() {
         daemon.child.kill().unwrap(); // SIGKILL
         daemon.child.wait().unwrap();
         for w in writers {
-            tokio::time::timeout(Duration::from_secs(30), w).await.unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(30), w)
+                .await
+                .unwrap()
+                .unwrap();
         }
-        println!("cycle {cycle}: {} acknowledged ids", ledger.lock().unwrap().acked.len());
+        println!(
+            "cycle {cycle}: {} acknowledged ids",
+            ledger.lock().unwrap().acked.len()
+        );
     }
 
     // Last round: recover, verify, then SIGTERM: a clean stop that saves a snapshot,
@@ -104,24 +121,45 @@ async fn sigkill_loses_nothing_acknowledged() {
     let mut daemon = spawn_daemon(dir.path(), &["--max-k", "100000"], &[]);
     let url = format!("http://{}", daemon.addr);
     wait_serving(&url).await;
-    verify(&url, &ledger.lock().unwrap()).await;
+    let seen = ledger.lock().unwrap().clone();
+    verify(&url, &seen).await;
     let pid = daemon.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = daemon.child.wait().unwrap();
-    assert!(status.success(), "SIGTERM should stop the daemon cleanly: {status}");
-    assert!(daemon.log.lock().unwrap().iter().any(|l| l.contains("saved index snapshot")));
+    assert!(
+        status.success(),
+        "SIGTERM should stop the daemon cleanly: {status}"
+    );
+    assert!(
+        daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("saved index snapshot"))
+    );
 
     let mut daemon = spawn_daemon(dir.path(), &["--max-k", "100000"], &[]);
     let url = format!("http://{}", daemon.addr);
     wait_serving(&url).await;
-    verify(&url, &ledger.lock().unwrap()).await;
+    let seen = ledger.lock().unwrap().clone();
+    verify(&url, &seen).await;
     let from_snapshot = daemon
         .log
         .lock()
         .unwrap()
         .iter()
         .any(|l| l.contains("recovered collection") && l.contains("\"from_snapshot\":true"));
-    assert!(from_snapshot, "a clean stop should leave a snapshot that the next start uses");
+    assert!(
+        from_snapshot,
+        "a clean stop should leave a snapshot that the next start uses"
+    );
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
 }
@@ -134,28 +172,45 @@ async fn verify(url: &str, ledger: &Ledger) {
         .max_decoding_message_size(64 << 20);
     let mut c = likeness::pb::collections_client::CollectionsClient::new(channel(url).await);
     let count = c
-        .get_collection(pb::GetCollectionRequest { name: "crash".into() })
+        .get_collection(pb::GetCollectionRequest {
+            name: "crash".into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .count;
-    let candidates: Vec<String> = ledger.acked.keys().chain(ledger.maybe.iter()).cloned().collect();
+    let candidates: Vec<String> = ledger
+        .acked
+        .keys()
+        .chain(ledger.maybe.iter())
+        .cloned()
+        .collect();
     let mut stored: HashMap<String, String> = HashMap::new();
     for chunk in candidates.chunks(5000) {
         let got = items
-            .get(pb::GetRequest { collection: "crash".into(), ids: chunk.to_vec(), with_vectors: false })
+            .get(pb::GetRequest {
+                collection: "crash".into(),
+                ids: chunk.to_vec(),
+                with_vectors: false,
+            })
             .await
             .unwrap()
             .into_inner();
         stored.extend(got.items.into_iter().map(|i| (i.id, i.label)));
     }
     for (id, label) in &ledger.acked {
-        let got = stored.get(id).unwrap_or_else(|| panic!("acknowledged id {id} was lost"));
+        let got = stored
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged id {id} was lost"));
         if !ledger.maybe.contains(id) {
             assert_eq!(got, label, "id {id}: last acknowledged label lost");
         }
     }
-    assert_eq!(count as usize, stored.len(), "count must equal the items in the store");
+    assert_eq!(
+        count as usize,
+        stored.len(),
+        "count must equal the items in the store"
+    );
 
     // The index holds exactly the stored ids: an exhaustive ANN query returns them all.
     let any = ledger.acked.keys().next().unwrap().clone();

@@ -28,7 +28,10 @@ async fn recall(server: &TestServer, queries: &[Vec<f32>]) -> f64 {
         assert_eq!(exact.len(), K as usize);
         assert!(exact.windows(2).all(|w| w[0].distance <= w[1].distance));
         let truth: HashSet<&str> = exact.iter().map(|h| h.id.as_str()).collect();
-        found += approx.iter().filter(|h| truth.contains(h.id.as_str())).count();
+        found += approx
+            .iter()
+            .filter(|h| truth.contains(h.id.as_str()))
+            .count();
     }
     found as f64 / (queries.len() * K as usize) as f64
 }
@@ -97,7 +100,10 @@ async fn recall_at_10_on_20k_clustered_vectors_survives_restart() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     wait_serving(&server.url()).await;
-    assert_eq!(health(&server.url(), "likeness.v1.Collections").await, ServingStatus::Serving as i32);
+    assert_eq!(
+        health(&server.url(), "likeness.v1.Collections").await,
+        ServingStatus::Serving as i32
+    );
     let rebuilt = recall(&server, &queries[..50]).await;
     assert!(rebuilt >= 0.95, "recall@10 after rebuild {rebuilt} < 0.95");
     server.stop().await;

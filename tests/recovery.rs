@@ -63,7 +63,10 @@ fn snapshot_is_used_only_when_it_matches_the_store() {
     }
     {
         let (db, report) = open(dir.path());
-        assert!(!report[0].from_snapshot, "stale snapshot must not be loaded");
+        assert!(
+            !report[0].from_snapshot,
+            "stale snapshot must not be loaded"
+        );
         let coll = db.collection("a").unwrap();
         assert_eq!(coll.len(), 599);
         assert_eq!(coll.index_len(), 599, "index matches the store exactly");
@@ -71,7 +74,10 @@ fn snapshot_is_used_only_when_it_matches_the_store() {
             .search(
                 "a",
                 &QueryTarget::Id("i4".into()),
-                &SearchParams { k: 600, ..Default::default() },
+                &SearchParams {
+                    k: 600,
+                    ..Default::default()
+                },
             )
             .unwrap();
         assert_eq!(hits.len(), 598);
@@ -104,7 +110,11 @@ fn deleted_collection_leaves_nothing_behind() {
     }
     let (db, report) = open(dir.path());
     assert_eq!(report.len(), 1);
-    assert_eq!(db.collection("gone").unwrap().len(), 0, "the new collection starts empty");
+    assert_eq!(
+        db.collection("gone").unwrap().len(),
+        0,
+        "the new collection starts empty"
+    );
 }
 
 #[test]
@@ -159,7 +169,8 @@ fn concurrent_writers_to_the_same_ids_leave_index_and_store_agreeing() {
                     }
                     db.upsert("race", batch).unwrap();
                     if (w + round) % 4 == 0 {
-                        let ids: Vec<String> = (0..10).map(|i| format!("shared{}", i * 7)).collect();
+                        let ids: Vec<String> =
+                            (0..10).map(|i| format!("shared{}", i * 7)).collect();
                         db.delete_items("race", &ids).unwrap();
                     }
                 }
@@ -170,7 +181,11 @@ fn concurrent_writers_to_the_same_ids_leave_index_and_store_agreeing() {
         h.join().unwrap();
     }
     let coll = db.collection("race").unwrap();
-    assert_eq!(coll.index_len(), coll.len(), "index size equals the catalogue's");
+    assert_eq!(
+        coll.index_len(),
+        coll.len(),
+        "index size equals the catalogue's"
+    );
     let ids: Vec<String> = (0..100).map(|i| format!("shared{i}")).collect();
     let stored = db.get_items("race", &ids, false).unwrap();
     assert_eq!(stored.len(), coll.len());
@@ -179,13 +194,24 @@ fn concurrent_writers_to_the_same_ids_leave_index_and_store_agreeing() {
         .search(
             "race",
             &QueryTarget::Vector(vec![1.0; 8]),
-            &SearchParams { k: 100, expansion: 200, ..Default::default() },
+            &SearchParams {
+                k: 100,
+                expansion: 200,
+                ..Default::default()
+            },
         )
         .unwrap();
     assert_eq!(hits.len(), stored.len());
     for item in &stored {
-        let hit = hits.iter().find(|h| h.id == item.id).expect("stored item is searchable");
-        assert_eq!(hit.label, item.label, "search shows the stored version of {}", item.id);
+        let hit = hits
+            .iter()
+            .find(|h| h.id == item.id)
+            .expect("stored item is searchable");
+        assert_eq!(
+            hit.label, item.label,
+            "search shows the stored version of {}",
+            item.id
+        );
     }
     // And a restart without a snapshot rebuilds the same state.
     drop(coll);

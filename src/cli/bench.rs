@@ -77,7 +77,11 @@ fn stat(mut xs: Vec<f64>) -> Stat {
 impl std::fmt::Display for Stat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.max > self.min * 1.1 {
-            write!(f, "{:.0} (min {:.0}, max {:.0})", self.median, self.min, self.max)
+            write!(
+                f,
+                "{:.0} (min {:.0}, max {:.0})",
+                self.median, self.min, self.max
+            )
         } else {
             write!(f, "{:.0}", self.median)
         }
@@ -98,7 +102,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         "data: {} x {} clustered f32 vectors (1,000 clusters), {} runs per figure, median; threads: {threads} for in-process references and index inserts; client and daemon share the machine\n",
         args.n, args.dim, runs
     );
-    let (vectors, clusters) = synth::clustered(args.n + args.recall_queries, args.dim, 1000, 0.25, 7);
+    let (vectors, clusters) =
+        synth::clustered(args.n + args.recall_queries, args.dim, 1000, 0.25, 7);
     let (data, queries) = vectors.split_at(args.n);
     let items: Vec<pb::Item> = data
         .iter()
@@ -136,12 +141,21 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             );
         }
         let (s, u, d) = (stat(sled_rates), stat(usearch_rates), stat(daemon_rates));
-        println!("## Durable ingest ({}-d, batches of {}, {} concurrent writers, acknowledged after flush)\n", args.dim, args.batch, args.writers);
+        println!(
+            "## Durable ingest ({}-d, batches of {}, {} concurrent writers, acknowledged after flush)\n",
+            args.dim, args.batch, args.writers
+        );
         println!("| system | vectors/s | likeness / it |");
         println!("|---|---|---|");
         println!("| likeness over gRPC (sled + usearch, durable) | {d} | 1.00 |");
-        println!("| raw sled insert + flush per batch (1 writer) | {s} | {:.2} |", d.median / s.median);
-        println!("| usearch in-process add ({threads} threads) | {u} | {:.2} |", d.median / u.median);
+        println!(
+            "| raw sled insert + flush per batch (1 writer) | {s} | {:.2} |",
+            d.median / s.median
+        );
+        println!(
+            "| usearch in-process add ({threads} threads) | {u} | {:.2} |",
+            d.median / u.median
+        );
         println!();
     }
 
@@ -164,26 +178,46 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                 .unwrap_or_default()
         });
         let grpc_recall = d.recall(queries, &truth).await?;
+        // The same engine without gRPC: a Db in this process, loaded with the same items.
+        let core = core_db(&items, args.dim, threads)?;
         let mut inproc = Vec::new();
         let mut grpc = Vec::new();
+        let mut batched = Vec::new();
+        let mut core_rates = Vec::new();
+        let mut floor = Vec::new();
         let mut lat = Vec::new();
         for run in 0..runs {
             inproc.push(usearch_qps(&index, queries, args.queries, threads));
-            let (qps, p50, p99) = d.search_qps(queries, args.queries, args.clients).await?;
+            core_rates.push(core_qps(&core.0, queries, args.queries, threads));
+            let (qps, p50, p99) = d
+                .search_qps(queries, args.queries, args.clients, Rpc::Search)
+                .await?;
             grpc.push(qps);
             lat.push((p50, p99));
+            let (bq, _, _) = d
+                .search_qps(queries, args.queries, args.clients, Rpc::SearchBatch)
+                .await?;
+            batched.push(bq);
+            let (fq, _, _) = d
+                .search_qps(queries, args.queries, args.clients, Rpc::Trivial)
+                .await?;
+            floor.push(fq);
             eprintln!(
-                "search run {}/{runs}: usearch {:.0} QPS, likeness {qps:.0} QPS (p50 {:.2} ms, p99 {:.2} ms)",
+                "search run {}/{runs}: usearch {:.0} QPS, likeness Search {qps:.0} QPS (p50 {:.2} ms, p99 {:.2} ms), SearchBatch {bq:.0} QPS, GetCollection {fq:.0}/s",
                 run + 1,
                 inproc[run],
                 p50.as_secs_f64() * 1e3,
                 p99.as_secs_f64() * 1e3
             );
         }
-        let (u, g) = (stat(inproc), stat(grpc));
+        let (u, g, b, f) = (stat(inproc), stat(grpc), stat(batched), stat(floor));
+        let c = stat(core_rates);
         lat.sort();
         let (p50, p99) = lat[lat.len() / 2];
-        println!("## Search (k = 10, {} x {}-d, ef = {})\n", args.n, args.dim, params.expansion_search);
+        println!(
+            "## Search (k = 10, {} x {}-d, ef = {})\n",
+            args.n, args.dim, params.expansion_search
+        );
         println!("| system | QPS | recall@10 | likeness / it |");
         println!("|---|---|---|---|");
         println!(
@@ -196,13 +230,83 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             "| usearch in-process, same vectors and parameters ({threads} threads) | {u} | {inproc_recall:.4} | {:.2} |",
             g.median / u.median
         );
+        println!(
+            "| likeness SearchBatch, {BATCH_QUERIES} queries per call, {} clients | {b} | same index | {:.2} (SearchBatch / usearch) |",
+            args.clients,
+            b.median / u.median
+        );
+        println!(
+            "| likeness engine in-process, no gRPC (Db::search, {threads} threads) | {c} | same index | {:.2} (engine / usearch) |",
+            c.median / u.median
+        );
+        println!(
+            "| gRPC floor: GetCollection (no search), {} clients | {f} calls/s | - | - |",
+            args.clients
+        );
         println!();
+        drop(core.0);
+        let _ = std::fs::remove_dir_all(&core.1);
         daemon = Some(d);
     }
     if let Some(d) = daemon {
         d.stop().await?;
     }
     Ok(())
+}
+
+/// A Db in this process holding `items` (the engine without gRPC), and its temp dir.
+fn core_db(
+    items: &[pb::Item],
+    dim: usize,
+    threads: usize,
+) -> Result<(crate::db::Db, std::path::PathBuf), String> {
+    let dir = tempfile_dir("core")?;
+    let mut config = Config::with_data_dir(&dir);
+    config.index_threads = threads;
+    let db = crate::db::Db::open(&config).map_err(|e| e.to_string())?;
+    db.recover().map_err(|e| e.to_string())?;
+    db.create_collection(crate::db::CreateCollection {
+        name: "bench".into(),
+        dimension: dim as u32,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    for chunk in items.chunks(1000) {
+        let batch = chunk
+            .iter()
+            .map(|it| ItemData {
+                id: it.id.clone(),
+                label: it.label.clone(),
+                metadata: Default::default(),
+                vector: it.vector.clone(),
+            })
+            .collect();
+        db.upsert("bench", batch).map_err(|e| e.to_string())?;
+    }
+    Ok((db, dir))
+}
+
+/// Db::search from `threads` threads.
+fn core_qps(db: &crate::db::Db, queries: &[Vec<f32>], total: usize, threads: usize) -> f64 {
+    let params = crate::types::SearchParams {
+        k: 10,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let params = &params;
+            s.spawn(move || {
+                let mut i = t;
+                while i < total {
+                    let q = crate::types::QueryTarget::Vector(queries[i % queries.len()].clone());
+                    let _ = db.search("bench", &q, params);
+                    i += threads;
+                }
+            });
+        }
+    });
+    total as f64 / start.elapsed().as_secs_f64()
 }
 
 fn machine() -> String {
@@ -223,7 +327,9 @@ fn machine() -> String {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / (1u64 << 20) as f64));
+        .map_or("?".into(), |kb| {
+            format!("{:.1} GiB", kb as f64 / (1u64 << 20) as f64)
+        });
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("machine: {cores} cores, {cpu}, {mem} RAM")
 }
@@ -246,7 +352,10 @@ fn raw_sled(items: &[pb::Item], batch: usize) -> Result<f64, String> {
                 metadata: Default::default(),
                 vector: it.vector.clone(),
             };
-            wb.insert(it.id.as_bytes(), codec::encode_item((b * batch + i) as u64, &data));
+            wb.insert(
+                it.id.as_bytes(),
+                codec::encode_item((b * batch + i) as u64, &data),
+            );
         }
         tree.apply_batch(wb).map_err(|e| e.to_string())?;
         db.flush().map_err(|e| e.to_string())?;
@@ -358,7 +467,8 @@ fn tempfile_dir(tag: &str) -> Result<std::path::PathBuf, String> {
     let dir = std::env::temp_dir().join(format!(
         "likeness-bench-{tag}-{}-{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ synth::Rng::new(std::process::id() as u64).next_u64() as u128
+        Instant::now().elapsed().as_nanos()
+            ^ synth::Rng::new(std::process::id() as u64).next_u64() as u128
     ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     Ok(dir)
@@ -379,8 +489,13 @@ impl Daemon {
         let mut config = Config::with_data_dir(&dir);
         config.index_threads = threads;
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let url = format!("http://{}", std_listener.local_addr().map_err(|e| e.to_string())?);
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        let url = format!(
+            "http://{}",
+            std_listener.local_addr().map_err(|e| e.to_string())?
+        );
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -402,7 +517,10 @@ impl Daemon {
         loop {
             if let Ok(ch) = super::connect(&url).await {
                 let mut c = pb::collections_client::CollectionsClient::new(ch);
-                if c.list_collections(pb::ListCollectionsRequest {}).await.is_ok() {
+                if c.list_collections(pb::ListCollectionsRequest {})
+                    .await
+                    .is_ok()
+                {
                     break;
                 }
             }
@@ -431,7 +549,8 @@ impl Daemon {
         batch: usize,
         writers: usize,
     ) -> Result<f64, String> {
-        let mut c = pb::collections_client::CollectionsClient::new(super::connect(&self.url).await?);
+        let mut c =
+            pb::collections_client::CollectionsClient::new(super::connect(&self.url).await?);
         c.create_collection(pb::CreateCollectionRequest {
             name: "bench".into(),
             dimension: dim as u32,
@@ -488,12 +607,13 @@ impl Daemon {
         Ok(recall(truth, |q| found[q].clone()))
     }
 
-    /// `total` searches from `clients` concurrent clients: (QPS, p50, p99).
+    /// `total` queries from `clients` concurrent clients: (queries/s, p50, p99 per call).
     async fn search_qps(
         &self,
         queries: &[Vec<f32>],
         total: usize,
         clients: usize,
+        rpc: Rpc,
     ) -> Result<(f64, Duration, Duration), String> {
         let queries = Arc::new(queries.to_vec());
         let mut tasks = tokio::task::JoinSet::new();
@@ -501,17 +621,54 @@ impl Daemon {
         for c in 0..clients {
             let mut client = self.client().await?;
             let queries = queries.clone();
+            let url = self.url.clone();
             tasks.spawn(async move {
                 let mut lat = Vec::with_capacity(total / clients + 1);
-                let mut i = c;
+                let step = match rpc {
+                    Rpc::SearchBatch => BATCH_QUERIES,
+                    Rpc::Search | Rpc::Trivial => 1,
+                };
+                let mut colls =
+                    pb::collections_client::CollectionsClient::new(super::connect(&url).await?);
+                let mut i = c * step;
                 while i < total {
                     let t = Instant::now();
-                    client
-                        .search(search_request(queries[i % queries.len()].clone()))
-                        .await
-                        .map_err(super::status)?;
+                    match rpc {
+                        Rpc::Search => {
+                            client
+                                .search(search_request(queries[i % queries.len()].clone()))
+                                .await
+                                .map_err(super::status)?;
+                        }
+                        Rpc::SearchBatch => {
+                            let qs = (i..i + step)
+                                .map(|j| pb::Query {
+                                    kind: Some(pb::query::Kind::Vector(pb::Vector {
+                                        values: queries[j % queries.len()].clone(),
+                                    })),
+                                })
+                                .collect();
+                            client
+                                .search_batch(pb::SearchBatchRequest {
+                                    collection: "bench".into(),
+                                    queries: qs,
+                                    k: 10,
+                                    ..Default::default()
+                                })
+                                .await
+                                .map_err(super::status)?;
+                        }
+                        Rpc::Trivial => {
+                            colls
+                                .get_collection(pb::GetCollectionRequest {
+                                    name: "bench".into(),
+                                })
+                                .await
+                                .map_err(super::status)?;
+                        }
+                    }
                     lat.push(t.elapsed());
-                    i += clients;
+                    i += clients * step;
                 }
                 Ok::<_, String>(lat)
             });
@@ -535,6 +692,16 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&self.dir);
         r
     }
+}
+
+/// Queries per SearchBatch call in the batched figure.
+const BATCH_QUERIES: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Search,
+    SearchBatch,
+    Trivial,
 }
 
 fn search_request(q: Vec<f32>) -> pb::SearchRequest {

@@ -42,8 +42,8 @@ pub fn read(
             let (rows, dim, values) = parse_npy(&bytes).map_err(ctx)?;
             let labels = match labels {
                 Some(p) => {
-                    let text = std::fs::read_to_string(p)
-                        .map_err(|e| format!("{}: {e}", p.display()))?;
+                    let text =
+                        std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
                     let l: Vec<String> = text.lines().map(str::to_string).collect();
                     if l.len() != rows {
                         return Err(format!(
@@ -75,8 +75,8 @@ pub fn read(
                 if line.trim().is_empty() {
                     continue;
                 }
-                let row: JsonItem = serde_json::from_str(&line)
-                    .map_err(|e| ctx(format!("line {}: {e}", n + 1)))?;
+                let row: JsonItem =
+                    serde_json::from_str(&line).map_err(|e| ctx(format!("line {}: {e}", n + 1)))?;
                 items.push(pb::Item {
                     id: row.id,
                     label: row.label,
@@ -106,7 +106,10 @@ struct JsonItem {
 
 /// `id,label,x0,x1,...` with a header row; no quoting (ids and labels without commas).
 pub fn parse_csv(text: &str) -> Result<Vec<pb::Item>, String> {
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
         return Ok(Vec::new());
     };
@@ -136,7 +139,11 @@ pub fn parse_csv(text: &str) -> Result<Vec<pb::Item>, String> {
         debug_assert_eq!(vector.len(), dim);
         items.push(pb::Item {
             id: fields[0].to_string(),
-            label: if has_label { fields[1].to_string() } else { String::new() },
+            label: if has_label {
+                fields[1].to_string()
+            } else {
+                String::new()
+            },
             metadata: HashMap::new(),
             vector,
         });
@@ -183,7 +190,10 @@ pub fn parse_npy(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|e| format!("shape {shape}: {e}")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|e| format!("shape {shape}: {e}"))
+        })
         .collect::<Result<_, _>>()?;
     let [rows, dim] = dims[..] else {
         return Err(format!("shape {dims:?}: need a 2-D array"));
@@ -219,7 +229,8 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 
 /// Writes a 2-D float32 .npy (for tests and benchmarks).
 pub fn write_npy(rows: usize, dim: usize, values: &[f32]) -> Vec<u8> {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }

@@ -15,10 +15,19 @@ use crate::pb::collections_client::CollectionsClient;
 use crate::pb::items_client::ItemsClient;
 
 #[derive(Debug, Parser)]
-#[command(name = "likeness", version, about = "Similarity learning as a service: durable vectors, ANN search, hard-negative mining over gRPC")]
+#[command(
+    name = "likeness",
+    version,
+    about = "Similarity learning as a service: durable vectors, ANN search, hard-negative mining over gRPC"
+)]
 pub struct Cli {
     /// Address of the daemon the client subcommands talk to.
-    #[arg(long, env = "LIKENESS_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "LIKENESS_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     pub addr: String,
     #[command(subcommand)]
     pub command: Command,
@@ -392,7 +401,8 @@ async fn get(addr: &str, args: GetArgs) -> Result<(), String> {
         .map_err(status)?
         .into_inner();
     for item in r.items {
-        let mut obj = serde_json::json!({ "id": item.id, "label": item.label, "metadata": item.metadata });
+        let mut obj =
+            serde_json::json!({ "id": item.id, "label": item.label, "metadata": item.metadata });
         if args.with_vectors {
             obj["vector"] = serde_json::json!(item.vector);
         }

@@ -307,7 +307,10 @@ impl Db {
             ("index.expansion_search", index.expansion_search),
         ] {
             if v > 4096 {
-                return Err(Error::invalid(field, format!("{v} is out of range 1..=4096")));
+                return Err(Error::invalid(
+                    field,
+                    format!("{v} is out of range 1..=4096"),
+                ));
             }
         }
         if !req.model.is_empty() {
@@ -748,10 +751,9 @@ impl Collection {
             let live = self.live.read().expect("live lock");
             let keep = |key: u64| {
                 Some(key) != exclude_key
-                    && live
-                        .by_key
-                        .get(&key)
-                        .is_some_and(|e| p.filter.is_empty() || p.filter.matches(&e.label, &e.metadata))
+                    && live.by_key.get(&key).is_some_and(|e| {
+                        p.filter.is_empty() || p.filter.matches(&e.label, &e.metadata)
+                    })
             };
             let count = p.k.max(p.expansion);
             let mut found = if p.filter.is_empty() {
@@ -764,12 +766,12 @@ impl Collection {
                 found.retain(|(k, _)| keep(*k));
                 let available = live.by_key.len().saturating_sub(extra);
                 if found.len() < p.k.min(available) {
-                    self.index.filtered_search(&vector, count, &keep)?
+                    self.index.filtered_search(&vector, count, keep)?
                 } else {
                     found
                 }
             } else {
-                self.index.filtered_search(&vector, count, &keep)?
+                self.index.filtered_search(&vector, count, keep)?
             };
             found.truncate(p.k);
             if found.len() < p.k {
@@ -830,8 +832,7 @@ impl Collection {
         let mut heap: BinaryHeap<Ranked> = BinaryHeap::with_capacity(p.k + 1);
         for rec in self.items.scan(true) {
             let (_, item) = rec?;
-            if Some(item.id.as_str()) == exclude || !p.filter.matches(&item.label, &item.metadata)
-            {
+            if Some(item.id.as_str()) == exclude || !p.filter.matches(&item.label, &item.metadata) {
                 continue;
             }
             let d = self.spec.metric.distance(query, &item.vector);

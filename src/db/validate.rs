@@ -149,7 +149,11 @@ pub fn ids(ids: &[String], limits: &Limits) -> Result<()> {
     if ids.len() > limits.max_batch {
         return Err(Error::invalid(
             "ids",
-            format!("{} ids, at most {} per request", ids.len(), limits.max_batch),
+            format!(
+                "{} ids, at most {} per request",
+                ids.len(),
+                limits.max_batch
+            ),
         ));
     }
     for (i, v) in ids.iter().enumerate() {
@@ -171,7 +175,11 @@ pub fn search_params(p: &SearchParams, limits: &Limits) -> Result<()> {
     if p.expansion > limits.max_k.max(4096) {
         return Err(Error::invalid(
             "expansion",
-            format!("{} exceeds the limit of {}", p.expansion, limits.max_k.max(4096)),
+            format!(
+                "{} exceeds the limit of {}",
+                p.expansion,
+                limits.max_k.max(4096)
+            ),
         ));
     }
     filter(&p.filter)

@@ -122,4 +122,3 @@ impl pb::items_server::Items for ItemsService {
         }))
     }
 }
-

@@ -23,7 +23,8 @@ use collections::CollectionsService;
 use items::ItemsService;
 
 /// The encoded descriptor set of likeness.v1, served by reflection.
-pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/likeness_descriptor.bin"));
+pub const DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/likeness_descriptor.bin"));
 
 /// Runs the daemon on `listener` until `shutdown` resolves, then drains in-flight RPCs
 /// (up to the grace period), saves index snapshots and flushes the store.
@@ -70,7 +71,11 @@ pub async fn serve(
                     reporter
                         .set_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
                         .await;
-                    tracing::info!(collections = report.len(), took_ms = start.elapsed().as_millis() as u64, "recovery complete; SERVING");
+                    tracing::info!(
+                        collections = report.len(),
+                        took_ms = start.elapsed().as_millis() as u64,
+                        "recovery complete; SERVING"
+                    );
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "recovery failed");
@@ -93,11 +98,12 @@ pub async fn serve(
         db: db.clone(),
         searches,
     })
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let colls = pb::collections_server::CollectionsServer::new(CollectionsService { db: db.clone() })
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let colls =
+        pb::collections_server::CollectionsServer::new(CollectionsService { db: db.clone() })
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
 
     // Shutdown starts on the caller's signal or on a failed recovery.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -169,8 +175,7 @@ pub(crate) fn oversize_to_exhausted(status: Status) -> Status {
 fn oversize_response<B>(mut res: http::Response<B>) -> http::Response<B> {
     let h = res.headers_mut();
     let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
-        && h
-            .get("grpc-message")
+        && h.get("grpc-message")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
     if oversize {

@@ -280,7 +280,10 @@ mod tests {
                 (0..700u64)
                     .map(|i| {
                         let k = b * 700 + i;
-                        (k, vec![1.0 + k as f32, (k % 7) as f32, (k % 11) as f32, 1.0])
+                        (
+                            k,
+                            vec![1.0 + k as f32, (k % 7) as f32, (k % 11) as f32, 1.0],
+                        )
                     })
                     .collect()
             })
@@ -303,7 +306,13 @@ mod tests {
     fn l2_distances_are_euclidean() {
         let index = AnnIndex::new(&spec(Metric::L2), 0).unwrap();
         index
-            .add_many(&[(1, &[0.0, 0.0, 0.0, 0.0][..]), (2, &[3.0, 4.0, 0.0, 0.0][..])], 1)
+            .add_many(
+                &[
+                    (1, &[0.0, 0.0, 0.0, 0.0][..]),
+                    (2, &[3.0, 4.0, 0.0, 0.0][..]),
+                ],
+                1,
+            )
             .unwrap();
         let hits = index.search(&[0.0; 4], 2).unwrap();
         assert_eq!(hits[0], (1, 0.0));

@@ -80,7 +80,10 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let Some(end) = end else {
-            return Err(Error::Corrupt(format!("item {}: truncated record", self.id)));
+            return Err(Error::Corrupt(format!(
+                "item {}: truncated record",
+                self.id
+            )));
         };
         let s = &self.bytes[self.pos..end];
         self.pos = end;
@@ -88,7 +91,9 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn string(&mut self) -> Result<String> {
@@ -128,7 +133,10 @@ mod tests {
         };
         let bytes = encode_item(1, &item);
         for cut in 0..bytes.len() {
-            assert!(decode_item("x", &bytes[..cut], true).is_err(), "cut at {cut}");
+            assert!(
+                decode_item("x", &bytes[..cut], true).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 }

@@ -105,7 +105,11 @@ mod tests {
             t.join().unwrap();
         }
         // The first flush covers whoever had arrived; one more covers the rest.
-        assert!(gc.flushes() <= 3, "{} flushes for {n} commits", gc.flushes());
+        assert!(
+            gc.flushes() <= 3,
+            "{} flushes for {n} commits",
+            gc.flushes()
+        );
         assert!(gc.flushes() >= 1);
     }
 
@@ -114,7 +118,11 @@ mod tests {
         let gc = GroupCommit::with_flush(Box::new(|| Ok(())));
         gc.commit().unwrap();
         gc.commit().unwrap();
-        assert_eq!(gc.flushes(), 2, "sequential commits each need their own flush");
+        assert_eq!(
+            gc.flushes(),
+            2,
+            "sequential commits each need their own flush"
+        );
     }
 
     #[test]

@@ -107,7 +107,15 @@ impl Drop for Daemon {
 /// Starts the binary on `dir` with extra flags and env vars; returns once it listens.
 pub fn spawn_daemon(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
     let mut child = Command::new(env!("CARGO_BIN_EXE_likeness"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--cache-mb", "32"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--cache-mb",
+            "32",
+        ])
         .arg("--data-dir")
         .arg(dir)
         .args(args)
@@ -126,12 +134,20 @@ pub fn spawn_daemon(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon 
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && v["fields"]["message"] == "listening"
             {
-                let _ = tx.send(v["fields"]["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+                let _ = tx.send(
+                    v["fields"]["addr"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<SocketAddr>()
+                        .unwrap(),
+                );
             }
             sink.lock().unwrap().push(line);
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("daemon never said where it listens");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("daemon never said where it listens");
     Daemon { child, addr, log }
 }
 
@@ -141,7 +157,11 @@ pub async fn wait_serving(url: &str) {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(ch) = Channel::from_shared(url.to_string()).unwrap().connect().await {
+        if let Ok(ch) = Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
             let mut c = HealthClient::new(ch);
             let r = c
                 .check(HealthCheckRequest {
