@@ -32,10 +32,10 @@ import fmnist_common as fc  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=14)
-    p.add_argument("--steps-per-epoch", type=int, default=0,
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--steps-per-epoch", type=int, default=187,
                    help="0 = one pass over the training images")
-    p.add_argument("--k", type=int, default=32, help="images per class per batch")
+    p.add_argument("--k", type=int, default=16, help="images per class per batch")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--margin", type=float, default=0.3)
@@ -44,6 +44,11 @@ def parse_args():
                    help="epochs of batch-all mining before --mining kicks in")
     p.add_argument("--aug-prob", type=float, default=0.85,
                    help="probability that an image is augmented")
+    p.add_argument("--instance-weight", type=float, default=2.0,
+                   help="weight of an extra instance-level batch-hard triplet term "
+                        "(two augmented views of one image are the positives); "
+                        "0 disables it and uses one view per image")
+    p.add_argument("--instance-margin", type=float, default=0.1)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
@@ -226,10 +231,21 @@ def main():
             idx = torch.cat([
                 cls[torch.randint(len(cls), (args.k,), generator=gen)]
                 for cls in by_class])
-            xb = augment(x_all[idx], gen, args.aug_prob)
-            xb = (xb - mean) / std
-            emb = model(xb)
-            loss, st = triplet_loss(emb, y_all[idx], args.margin, mode)
+            if args.instance_weight > 0:
+                xa = augment(x_all[idx], gen, args.aug_prob)
+                xv = augment(x_all[idx], gen, 1.0)
+                xb = (torch.cat([xa, xv]) - mean) / std
+                emb = model(xb)
+                yb = torch.cat([y_all[idx], y_all[idx]])
+                loss, st = triplet_loss(emb, yb, args.margin, mode)
+                inst = torch.arange(len(idx)).repeat(2)
+                li, _ = triplet_loss(emb, inst, args.instance_margin, "batch_hard")
+                loss = loss + args.instance_weight * li
+            else:
+                xb = augment(x_all[idx], gen, args.aug_prob)
+                xb = (xb - mean) / std
+                emb = model(xb)
+                loss, st = triplet_loss(emb, y_all[idx], args.margin, mode)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
