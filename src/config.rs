@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::embed::{BatchConfig, Device};
 use crate::types::Limits;
 
 /// Log line format.
@@ -60,6 +61,32 @@ pub struct ServeArgs {
     /// Searches that may wait for a thread before RESOURCE_EXHAUSTED [default: 4096].
     #[arg(long, env = "LIKENESS_SEARCH_QUEUE")]
     pub search_queue: Option<usize>,
+    /// An embedder, NAME=PATH to its manifest (.toml); repeatable. None given: the
+    /// shipped fmnist-triplet model.
+    #[arg(long = "model", env = "LIKENESS_MODELS", value_delimiter = ',', value_parser = parse_model)]
+    pub models: Vec<(String, PathBuf)>,
+    /// Where inference runs: auto, cpu, cuda or cuda:N [default: auto].
+    #[arg(long, env = "LIKENESS_DEVICE")]
+    pub device: Option<String>,
+    /// Largest dynamic batch per model [default: 64].
+    #[arg(long, env = "LIKENESS_EMBED_MAX_BATCH")]
+    pub embed_max_batch: Option<usize>,
+    /// How long a batch waits to fill, in milliseconds [default: 2].
+    #[arg(long, env = "LIKENESS_EMBED_MAX_DELAY_MS")]
+    pub embed_max_delay_ms: Option<u64>,
+    /// Inputs that may queue per tower before unary calls get RESOURCE_EXHAUSTED [default: 4096].
+    #[arg(long, env = "LIKENESS_EMBED_QUEUE")]
+    pub embed_queue: Option<usize>,
+    /// ONNX Runtime intra-op threads per tower; 0 = all cores [default: 0].
+    #[arg(long, env = "LIKENESS_EMBED_THREADS")]
+    pub embed_threads: Option<usize>,
+}
+
+fn parse_model(s: &str) -> Result<(String, PathBuf), String> {
+    s.split_once('=')
+        .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+        .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
+        .ok_or_else(|| format!("--model {s:?}: expected NAME=PATH"))
 }
 
 /// The TOML file: the same keys as the flags, all optional.
@@ -78,6 +105,13 @@ pub struct FileConfig {
     pub shutdown_grace_secs: Option<u64>,
     pub search_threads: Option<usize>,
     pub search_queue: Option<usize>,
+    /// name -> manifest path
+    pub models: Option<std::collections::BTreeMap<String, PathBuf>>,
+    pub device: Option<String>,
+    pub embed_max_batch: Option<usize>,
+    pub embed_max_delay_ms: Option<u64>,
+    pub embed_queue: Option<usize>,
+    pub embed_threads: Option<usize>,
 }
 
 /// The resolved configuration.
@@ -93,6 +127,9 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     pub search_threads: usize,
     pub search_queue: usize,
+    /// Embedders to load (name, manifest). Empty: none.
+    pub models: Vec<(String, PathBuf)>,
+    pub batch: BatchConfig,
     pub limits: Limits,
 }
 
@@ -109,6 +146,8 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             search_threads: 0,
             search_queue: 4096,
+            models: vec![crate::embed::default_model()],
+            batch: BatchConfig::default(),
             limits: Limits::default(),
         }
     }
@@ -160,6 +199,32 @@ impl Config {
                 .search_queue
                 .or(file.search_queue)
                 .unwrap_or(d.search_queue),
+            models: if !args.models.is_empty() {
+                args.models.clone()
+            } else if let Some(m) = file.models {
+                m.into_iter().collect()
+            } else {
+                d.models
+            },
+            batch: BatchConfig {
+                max_batch: args
+                    .embed_max_batch
+                    .or(file.embed_max_batch)
+                    .unwrap_or(d.batch.max_batch),
+                max_delay: args
+                    .embed_max_delay_ms
+                    .or(file.embed_max_delay_ms)
+                    .map_or(d.batch.max_delay, std::time::Duration::from_millis),
+                queue: args
+                    .embed_queue
+                    .or(file.embed_queue)
+                    .unwrap_or(d.batch.queue),
+                device: match args.device.clone().or(file.device) {
+                    Some(s) => s.parse::<Device>()?,
+                    None => d.batch.device,
+                },
+                threads: or_cores(args.embed_threads.or(file.embed_threads).unwrap_or(0)),
+            },
             limits: Limits {
                 max_k: args.max_k.or(file.max_k).unwrap_or(d.limits.max_k),
                 max_batch: args
@@ -179,6 +244,9 @@ impl Config {
         }
         if self.limits.max_batch == 0 {
             return Err("max_batch must be at least 1".into());
+        }
+        if self.batch.max_batch == 0 || self.batch.queue == 0 {
+            return Err("embed_max_batch and embed_queue must be at least 1".into());
         }
         if self.search_queue == 0 {
             return Err("search_queue must be at least 1".into());

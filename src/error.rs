@@ -29,6 +29,9 @@ pub enum Error {
     /// A file operation failed (snapshots, data dir).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A model failed to load or to run.
+    #[error("model: {0}")]
+    Model(String),
     /// A blocking worker panicked or was cancelled.
     #[error("worker: {0}")]
     Worker(String),
@@ -85,6 +88,7 @@ impl From<Error> for Status {
             | Error::Index(_)
             | Error::Io(_)
             | Error::Worker(_)
+            | Error::Model(_)
             | Error::Corrupt(_) => {
                 tracing::error!(error = %e, "internal error");
                 Code::Internal

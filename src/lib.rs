@@ -9,6 +9,7 @@
 //! - [`store`]: sled: collection specs, item records, group commit.
 //! - [`index`]: usearch HNSW per collection, snapshots.
 //! - [`pool`]: the fixed thread pool that runs searches, with admission control.
+//! - [`embed`]: ONNX Runtime embedders: manifests, image preprocessing, dynamic batching.
 //! - [`db`]: the collections registry joining store and index; recovery; validation.
 //! - [`grpc`]: tonic services (thin handlers), health, reflection, [`serve`].
 //! - [`cli`]: the client subcommands and `likeness bench`.
@@ -19,6 +20,7 @@
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod embed;
 pub mod error;
 pub mod grpc;
 pub mod index;

@@ -2,6 +2,7 @@
 
 mod collections;
 pub mod convert;
+mod embedder;
 mod items;
 
 use std::future::Future;
@@ -16,10 +17,12 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::db::Db;
+use crate::embed::Models;
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::pool::WorkPool;
 use collections::CollectionsService;
+use embedder::{EmbedderService, ModelsService};
 use items::ItemsService;
 
 /// The encoded descriptor set of likeness.v1, served by reflection.
@@ -40,6 +43,10 @@ pub async fn serve(
     let db = {
         let config = config.clone();
         Arc::new(tokio::task::spawn_blocking(move || Db::open(&config)).await??)
+    };
+    let models = {
+        let (specs, batch) = (config.models.clone(), config.batch);
+        Arc::new(tokio::task::spawn_blocking(move || Models::load(&specs, batch)).await??)
     };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -105,6 +112,13 @@ pub async fn serve(
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
 
+    let embedder = pb::embedder_server::EmbedderServer::new(EmbedderService {
+        models: models.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
+    let models_svc = pb::models_server::ModelsServer::new(ModelsService { models });
+
     // Shutdown starts on the caller's signal or on a failed recovery.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let fatal = Arc::new(std::sync::Mutex::new(None::<Error>));
@@ -127,6 +141,8 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(colls)
         .add_service(items)
+        .add_service(embedder)
+        .add_service(models_svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping.wait_for(|s| *s).await;
         });

@@ -244,3 +244,73 @@ pub fn id_query(id: &str) -> Option<pb::Query> {
 
 #[allow(unused_imports)]
 pub use likeness::synth::{Rng, clustered};
+
+/// A .npy array from the fixtures: its shape and values widened to f64 (u1, i4, i8, f4).
+pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    let descr = header
+        .split("'descr': '")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
+    let shape: Vec<usize> = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let data = &bytes[10 + header_len..];
+    let values = match descr {
+        "|u1" => data.iter().map(|b| f64::from(*b)).collect(),
+        "<i4" => data
+            .chunks_exact(4)
+            .map(|c| f64::from(i32::from_le_bytes(c.try_into().unwrap())))
+            .collect(),
+        "<i8" => data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        "<f4" => data
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+            .collect(),
+        d => panic!("{}: dtype {d}", path.display()),
+    };
+    (shape, values)
+}
+
+/// The fixture's 28x28 grey images encoded as PNG, as a client would send them.
+pub fn fixture_pngs(name: &str) -> Vec<Vec<u8>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fmnist")
+        .join(name);
+    let (shape, values) = read_npy(&path);
+    let (h, w) = (shape[1], shape[2]);
+    values
+        .chunks(h * w)
+        .map(|px| {
+            let pixels: Vec<u8> = px.iter().map(|v| *v as u8).collect();
+            let img = image::GrayImage::from_raw(w as u32, h as u32, pixels).unwrap();
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+            out.into_inner()
+        })
+        .collect()
+}
+
+pub fn fixture(name: &str) -> (Vec<usize>, Vec<f64>) {
+    read_npy(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fmnist")
+            .join(name),
+    )
+}

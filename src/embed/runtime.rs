@@ -1,0 +1,193 @@
+//! ONNX Runtime: the one process-wide environment, execution-provider choice, and
+//! sessions checked against their manifests.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::ep::ExecutionProvider;
+use ort::session::Session;
+
+use super::manifest::TowerSpec;
+use crate::error::{Error, Result};
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when the library and a GPU are there, otherwise CPU (with a WARN saying why).
+    Auto,
+    Cpu,
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("device {s:?}: use auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// The ONNX Runtime library: LIKENESS_ORT_DYLIB, ORT_DYLIB_PATH, or the one the build
+/// fetched (compiled in).
+pub fn library_path() -> PathBuf {
+    for var in ["LIKENESS_ORT_DYLIB", "ORT_DYLIB_PATH"] {
+        if let Ok(p) = std::env::var(var)
+            && !p.is_empty()
+        {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from(env!("LIKENESS_ORT_DYLIB_DEFAULT"))
+}
+
+static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment (loaded once).
+pub fn environment() -> Result<&'static ort::environment::Environment> {
+    ENV.get_or_init(|| {
+        let path = library_path();
+        let env = ort::init_from(&path)
+            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?
+            .with_name("likeness")
+            .build()
+            .map_err(|e| format!("ONNX Runtime environment: {e}"))?;
+        tracing::info!(library = %path.display(), "loaded ONNX Runtime");
+        Ok(env)
+    })
+    .as_ref()
+    .map_err(|e| Error::Model(e.clone()))
+}
+
+/// Opens one tower's session on `device` with `threads` intra-op threads; returns it with
+/// the execution provider it really runs on.
+pub fn open_session(
+    file: &Path,
+    tower: &TowerSpec,
+    device: Device,
+    threads: usize,
+) -> Result<(Session, &'static str)> {
+    let env = environment()?;
+    let ort_err = |e: ort::Error| Error::Model(format!("{}: {e}", file.display()));
+    let mut builder = Session::builder(env)
+        .map_err(ort_err)?
+        .with_intra_threads(threads.max(1))
+        .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
+    let mut provider = "CPUExecutionProvider";
+    let cuda_id = match device {
+        Device::Cpu => None,
+        Device::Cuda(id) => Some(id),
+        Device::Auto => Some(0),
+    };
+    if let Some(id) = cuda_id {
+        let cuda = ort::ep::CUDA::default().with_device_id(id);
+        let available = ort::ep::CUDA::is_available().unwrap_or(false);
+        if available {
+            match builder.with_execution_providers([cuda.build().error_on_failure()]) {
+                Ok(b) => {
+                    builder = b;
+                    provider = "CUDAExecutionProvider";
+                }
+                Err(e) => {
+                    if device != Device::Auto {
+                        return Err(Error::Model(format!("CUDA device {id}: {e}")));
+                    }
+                    tracing::warn!(error = %e, "CUDA provider could not start; running on CPU");
+                    builder = e.recover();
+                }
+            }
+        } else if device == Device::Auto {
+            tracing::warn!(
+                "CUDA is not available in this ONNX Runtime build or machine; running on CPU"
+            );
+        } else {
+            return Err(Error::Model(format!(
+                "--device cuda:{id}: this ONNX Runtime ({}) has no CUDA provider",
+                library_path().display()
+            )));
+        }
+    }
+    let session = builder.commit_from_file(file).map_err(ort_err)?;
+    check_graph(&session, file, tower)?;
+    Ok((session, provider))
+}
+
+/// The manifest must agree with the graph: names, element types, fixed dimensions.
+fn check_graph(session: &Session, file: &Path, tower: &TowerSpec) -> Result<()> {
+    let bad = |why: String| {
+        Err(Error::Model(format!(
+            "{} vs its manifest: {why}",
+            file.display()
+        )))
+    };
+    let Some(input) = session.inputs().iter().find(|i| i.name() == tower.input) else {
+        let names: Vec<_> = session
+            .inputs()
+            .iter()
+            .map(|i| i.name().to_string())
+            .collect();
+        return bad(format!(
+            "no input {:?} (the graph has {names:?})",
+            tower.input
+        ));
+    };
+    let Some(output) = session.outputs().iter().find(|o| o.name() == tower.output) else {
+        let names: Vec<_> = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        return bad(format!(
+            "no output {:?} (the graph has {names:?})",
+            tower.output
+        ));
+    };
+    let want: Vec<i64> = match (&tower.image, &tower.tensor) {
+        (Some(img), _) => vec![
+            i64::from(img.channels),
+            i64::from(img.height),
+            i64::from(img.width),
+        ],
+        (None, Some(t)) => t.shape.iter().map(|d| i64::from(*d)).collect(),
+        (None, None) => unreachable!("validated manifest"),
+    };
+    let Some(shape) = input.dtype().tensor_shape() else {
+        return bad(format!("input {:?} is not a tensor", tower.input));
+    };
+    let dims: Vec<i64> = shape.iter().copied().collect();
+    if dims.len() != want.len() + 1 {
+        return bad(format!(
+            "input {:?} has shape {dims:?}, the manifest implies [batch, {want:?}]",
+            tower.input
+        ));
+    }
+    for (g, w) in dims[1..].iter().zip(&want) {
+        if *g >= 0 && g != w {
+            return bad(format!(
+                "input {:?} has shape {dims:?}, the manifest implies [batch, {want:?}]",
+                tower.input
+            ));
+        }
+    }
+    if input.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
+        return bad(format!("input {:?} must be float32", tower.input));
+    }
+    let Some(out_shape) = output.dtype().tensor_shape() else {
+        return bad(format!("output {:?} is not a tensor", tower.output));
+    };
+    let out: Vec<i64> = out_shape.iter().copied().collect();
+    if out.len() != 2 || (out[1] >= 0 && out[1] != i64::from(tower.dimension)) {
+        return bad(format!(
+            "output {:?} has shape {out:?}, expected [batch, {}]",
+            tower.output, tower.dimension
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! likeness.v1.Embedder and likeness.v1.Models: thin handlers over [`Models`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::oversize_to_exhausted;
+use crate::embed::{Input, InputData, ModelInfo, Models};
+use crate::error::{Error, Result};
+use crate::pb;
+
+pub struct EmbedderService {
+    pub models: Arc<Models>,
+}
+
+pub struct ModelsService {
+    pub models: Arc<Models>,
+}
+
+fn inputs_from(inputs: Vec<pb::Input>) -> Result<Vec<Input>> {
+    inputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let pb::Input { kind, tower } = input;
+            let data = match kind {
+                Some(pb::input::Kind::Image(bytes)) => InputData::Image(bytes),
+                Some(pb::input::Kind::Tensor(pb::Tensor { shape, values })) => {
+                    InputData::Tensor { shape, values }
+                }
+                None => {
+                    return Err(Error::invalid(
+                        format!("inputs[{i}]"),
+                        "empty: set image or tensor",
+                    ));
+                }
+            };
+            Ok(Input { data, tower })
+        })
+        .collect()
+}
+
+async fn embed(models: &Models, req: pb::EmbedRequest, wait: bool) -> Result<pb::EmbedResponse> {
+    let pb::EmbedRequest { model, inputs } = req;
+    let model = models.get(&model)?;
+    let inputs = inputs_from(inputs)?;
+    let vectors = model.embed(inputs, wait).await?;
+    Ok(pb::EmbedResponse {
+        embeddings: vectors
+            .into_iter()
+            .map(|values| pb::Vector { values })
+            .collect(),
+    })
+}
+
+type EmbedStream = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::embedder_server::Embedder for EmbedderService {
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        Ok(Response::new(
+            embed(&self.models, request.into_inner(), false).await?,
+        ))
+    }
+
+    type EmbedStreamStream = EmbedStream;
+
+    async fn embed_stream(
+        &self,
+        request: Request<Streaming<pb::EmbedRequest>>,
+    ) -> Result<Response<Self::EmbedStreamStream>, Status> {
+        let mut stream = request.into_inner();
+        let models = self.models.clone();
+        // Requests are embedded one after another, so answers come in request order;
+        // each request's inputs are batched with everyone else's.
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut index = 0usize;
+            loop {
+                let msg = match stream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(oversize_to_exhausted(status))).await;
+                        return;
+                    }
+                };
+                let result = embed(&models, msg, true)
+                    .await
+                    .map_err(|e| Status::from(e.within(&format!("messages[{index}]."))));
+                let failed = result.is_err();
+                if tx.send(result).await.is_err() || failed {
+                    return;
+                }
+                index += 1;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn info_to(info: ModelInfo) -> pb::ModelInfo {
+    let ModelInfo {
+        name,
+        version,
+        dimension,
+        towers,
+        execution_provider,
+    } = info;
+    pb::ModelInfo {
+        name,
+        version,
+        dimension,
+        execution_provider,
+        towers: towers
+            .into_iter()
+            .map(|t| {
+                let s = t.spec;
+                pb::TowerInfo {
+                    name: s.name,
+                    input_name: s.input,
+                    output_name: s.output,
+                    dimension: s.dimension,
+                    normalize: s.normalize,
+                    metric: super::convert::metric_to(s.metric) as i32,
+                    input: match (s.image, s.tensor) {
+                        (Some(img), _) => Some(pb::tower_info::Input::Image(pb::ImageInputSpec {
+                            channels: img.channels,
+                            height: img.height,
+                            width: img.width,
+                            resize: format!("{:?}", img.resize).to_lowercase(),
+                            mean: img.mean,
+                            std: img.std,
+                        })),
+                        (None, Some(t)) => {
+                            Some(pb::tower_info::Input::Tensor(pb::TensorInputSpec {
+                                shape: t.shape,
+                            }))
+                        }
+                        (None, None) => None,
+                    },
+                    dbl_margin: s.dbl_margin.unwrap_or(0.0),
+                    threshold: s.threshold.unwrap_or(0.0),
+                    execution_provider: t.execution_provider,
+                }
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::models_server::Models for ModelsService {
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let pb::ListModelsRequest {} = request.into_inner();
+        Ok(Response::new(pb::ListModelsResponse {
+            models: self.models.list().into_iter().map(info_to).collect(),
+        }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let pb::GetModelRequest { name } = request.into_inner();
+        Ok(Response::new(info_to(self.models.get(&name)?.info())))
+    }
+}

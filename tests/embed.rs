@@ -1,0 +1,424 @@
+//! The shipped embedder through the daemon, on the real ONNX Runtime (CPU) and the
+//! committed Fashion-MNIST fixture (classes 6-9, unseen in training).
+
+mod common;
+
+use common::*;
+use likeness::pb;
+use likeness::pb::embedder_client::EmbedderClient;
+use likeness::pb::models_client::ModelsClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MODEL: &str = "fmnist-triplet";
+
+fn image_input(png: &[u8]) -> pb::Input {
+    pb::Input {
+        kind: Some(pb::input::Kind::Image(png.to_vec())),
+        tower: String::new(),
+    }
+}
+
+async fn embed(c: &mut EmbedderClient<Channel>, inputs: Vec<pb::Input>) -> Vec<Vec<f32>> {
+    c.embed(pb::EmbedRequest {
+        model: MODEL.into(),
+        inputs,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .embeddings
+    .into_iter()
+    .map(|v| v.values)
+    .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+async fn clients(server: &TestServer) -> (EmbedderClient<Channel>, ModelsClient<Channel>) {
+    let ch = channel(&server.url()).await;
+    (
+        EmbedderClient::new(ch.clone()).max_decoding_message_size(64 << 20),
+        ModelsClient::new(ch),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_model_is_listed_with_its_input_spec() {
+    let (server, _dir) = TestServer::start().await;
+    let (_, mut models) = clients(&server).await;
+    let list = models
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(list.len(), 1);
+    let m = models
+        .get_model(pb::GetModelRequest { name: MODEL.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m, list[0]);
+    assert_eq!(m.dimension, 64);
+    assert_eq!(m.execution_provider, "CPUExecutionProvider");
+    let t = &m.towers[0];
+    assert_eq!(
+        (t.input_name.as_str(), t.output_name.as_str()),
+        ("input", "embedding")
+    );
+    let Some(pb::tower_info::Input::Image(img)) = &t.input else {
+        panic!("image tower expected")
+    };
+    assert_eq!((img.channels, img.height, img.width), (1, 28, 28));
+    assert!(t.threshold > 0.0);
+    let err = models
+        .get_model(pb::GetModelRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_match_onnx_runtime_and_batching_changes_nothing() {
+    let (server, _dir) = TestServer::start().await;
+    let (mut c, _) = clients(&server).await;
+    let pngs = fixture_pngs("enrol_images.npy");
+    let (shape, reference) = fixture("reference_embeddings.npy");
+    assert_eq!(shape, [16, 64]);
+
+    // One request of 16: equal to ONNX Runtime run directly (in Python) on the same
+    // preprocessed tensors.
+    let batch = embed(&mut c, pngs[..16].iter().map(|p| image_input(p)).collect()).await;
+    for (i, v) in batch.iter().enumerate() {
+        let want: Vec<f32> = reference[i * 64..(i + 1) * 64]
+            .iter()
+            .map(|x| *x as f32)
+            .collect();
+        assert!(
+            max_diff(v, &want) <= 1e-5,
+            "image {i}: {}",
+            max_diff(v, &want)
+        );
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4);
+    }
+    // One by one, concurrently (so they are batched with each other differently).
+    let singles = futures_join(&server, &pngs[..16]).await;
+    for (i, (a, b)) in batch.iter().zip(&singles).enumerate() {
+        assert!(
+            max_diff(a, b) <= 1e-5,
+            "image {i}: batch vs single {}",
+            max_diff(a, b)
+        );
+    }
+    // A tensor input with the same preprocessing gives the same embedding.
+    let (_, pixels) = fixture("enrol_images.npy");
+    let tensor: Vec<f32> = pixels[..784]
+        .iter()
+        .map(|p| ((*p / 255.0) as f32 - 0.2844) / 0.3542)
+        .collect();
+    let err = c
+        .embed(pb::EmbedRequest {
+            model: MODEL.into(),
+            inputs: vec![pb::Input {
+                kind: Some(pb::input::Kind::Tensor(pb::Tensor {
+                    shape: vec![1, 28, 28],
+                    values: tensor.clone(),
+                })),
+                tower: String::new(),
+            }],
+        })
+        .await;
+    let v = err.unwrap().into_inner().embeddings.remove(0).values;
+    assert!(
+        max_diff(&v, &batch[0]) <= 1e-4,
+        "tensor vs image {}",
+        max_diff(&v, &batch[0])
+    );
+
+    // EmbedStream answers in request order, equal to the unary answers.
+    let reqs: Vec<pb::EmbedRequest> = (0..4)
+        .map(|r| pb::EmbedRequest {
+            model: MODEL.into(),
+            inputs: pngs[r * 4..r * 4 + 4]
+                .iter()
+                .map(|p| image_input(p))
+                .collect(),
+        })
+        .collect();
+    let mut stream = c
+        .embed_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    for r in 0..4 {
+        let resp = stream.message().await.unwrap().unwrap();
+        for (j, e) in resp.embeddings.iter().enumerate() {
+            assert!(max_diff(&e.values, &batch[r * 4 + j]) <= 1e-5);
+        }
+    }
+    assert!(stream.message().await.unwrap().is_none());
+    server.stop().await;
+}
+
+async fn futures_join(server: &TestServer, pngs: &[Vec<u8>]) -> Vec<Vec<f32>> {
+    let mut tasks = Vec::new();
+    for p in pngs {
+        let url = server.url();
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = EmbedderClient::new(channel(&url).await);
+            embed(&mut c, vec![image_input(&p)]).await.remove(0)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identification_and_verification_match_the_model_card() {
+    let (server, _dir) = TestServer::start().await;
+    let (mut c, _) = clients(&server).await;
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/fmnist/expected.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let (_, enrol_labels) = fixture("enrol_labels.npy");
+    let (_, query_labels) = fixture("query_labels.npy");
+    let mut enrol = Vec::new();
+    for chunk in fixture_pngs("enrol_images.npy").chunks(100) {
+        enrol.extend(embed(&mut c, chunk.iter().map(|p| image_input(p)).collect()).await);
+    }
+    // Enrol: a collection of the 400 embeddings, labelled by class.
+    let mut colls = server.collections().await;
+    create(&mut colls, "gallery", 64, pb::Metric::Cosine).await;
+    let mut items = server.items().await;
+    items
+        .upsert(pb::UpsertRequest {
+            collection: "gallery".into(),
+            items: enrol
+                .iter()
+                .enumerate()
+                .map(|(i, v)| item(&format!("e{i}"), &format!("{}", enrol_labels[i]), v.clone()))
+                .collect(),
+        })
+        .await
+        .unwrap();
+    let (_, pairs) = fixture("pairs.npy");
+    let threshold = expected["threshold"].as_f64().unwrap() as f32;
+    for (kind, file) in [
+        ("clean", "query_clean_images.npy"),
+        ("reid", "query_reid_images.npy"),
+    ] {
+        let mut queries = Vec::new();
+        for chunk in fixture_pngs(file).chunks(100) {
+            queries.extend(embed(&mut c, chunk.iter().map(|p| image_input(p)).collect()).await);
+        }
+        // Identification: the nearest enrolled item's label, through the daemon's search.
+        let mut right = 0;
+        for (q, v) in queries.iter().enumerate() {
+            let hits = items
+                .search(pb::SearchRequest {
+                    collection: "gallery".into(),
+                    query: vector_query(v.clone()),
+                    k: 1,
+                    exact: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .hits;
+            right += usize::from(hits[0].label == format!("{}", query_labels[q]));
+        }
+        let recall = right as f64 / queries.len() as f64;
+        let want = expected[format!("model_{kind}")]["recall_at_1"]
+            .as_f64()
+            .unwrap();
+        println!("{kind}: recall@1 {recall:.4} (model card {want:.4})");
+        assert!(
+            (recall - want).abs() <= 0.0051,
+            "{kind} recall@1 {recall} vs {want}"
+        );
+        // Verification at the manifest threshold over the card's pairs.
+        let mut correct = 0;
+        for p in pairs.chunks(3) {
+            let (q, e, same) = (p[0] as usize, p[1] as usize, p[2] == 1.0);
+            let d = likeness::types::Metric::Cosine.distance(&queries[q], &enrol[e]);
+            correct += usize::from((d <= threshold) == same);
+        }
+        let acc = correct as f64 / (pairs.len() / 3) as f64;
+        let want = if kind == "clean" {
+            expected["model_clean"]["accuracy_at_manifest_threshold"].as_f64()
+        } else {
+            expected["model_reid"]["accuracy_at_clean_threshold"].as_f64()
+        }
+        .unwrap();
+        println!("{kind}: verification accuracy {acc:.4} (model card {want:.4})");
+        assert!(
+            (acc - want).abs() <= 0.002,
+            "{kind} verification {acc} vs {want}"
+        );
+    }
+    server.stop().await;
+}
+
+/// A PNG whose header claims `w` x `h` pixels (no image data follows).
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for b in bytes {
+            c ^= u32::from(*b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    out.extend_from_slice(&13u32.to_be_bytes());
+    out.extend_from_slice(&ihdr);
+    out.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_name_their_index_and_the_daemon_keeps_serving() {
+    let (server, _dir) = TestServer::start().await;
+    let (mut c, _) = clients(&server).await;
+    let good = fixture_pngs("enrol_images.npy").remove(0);
+    let tensor = |shape: Vec<u32>, n: usize| pb::Input {
+        kind: Some(pb::input::Kind::Tensor(pb::Tensor {
+            shape,
+            values: vec![0.5; n],
+        })),
+        tower: String::new(),
+    };
+    let cases: Vec<(&str, &str, Vec<pb::Input>, Code, Vec<&str>)> = vec![
+        (
+            "undecodable",
+            MODEL,
+            vec![image_input(&good), image_input(b"not an image at all")],
+            Code::InvalidArgument,
+            vec!["inputs[1].image"],
+        ),
+        (
+            "empty image",
+            MODEL,
+            vec![image_input(b"")],
+            Code::InvalidArgument,
+            vec!["inputs[0].image", "empty"],
+        ),
+        (
+            "zero-size",
+            MODEL,
+            vec![image_input(&png_header(0, 10))],
+            Code::InvalidArgument,
+            vec!["inputs[0].image"],
+        ),
+        (
+            "decompression bomb",
+            MODEL,
+            vec![
+                image_input(&good),
+                image_input(&good),
+                image_input(&png_header(100_000, 100_000)),
+            ],
+            Code::InvalidArgument,
+            vec!["inputs[2].image"],
+        ),
+        (
+            "wrong tensor shape",
+            MODEL,
+            vec![tensor(vec![1, 28, 27], 756)],
+            Code::InvalidArgument,
+            vec!["inputs[0].tensor.shape"],
+        ),
+        (
+            "tensor values short",
+            MODEL,
+            vec![tensor(vec![1, 28, 28], 10)],
+            Code::InvalidArgument,
+            vec!["inputs[0].tensor.values"],
+        ),
+        (
+            "unknown tower",
+            MODEL,
+            vec![pb::Input {
+                tower: "aerial".into(),
+                ..image_input(&good)
+            }],
+            Code::NotFound,
+            vec!["inputs[0].tower", "aerial"],
+        ),
+        (
+            "empty input",
+            MODEL,
+            vec![pb::Input {
+                kind: None,
+                tower: String::new(),
+            }],
+            Code::InvalidArgument,
+            vec!["inputs[0]"],
+        ),
+        (
+            "no inputs",
+            MODEL,
+            vec![],
+            Code::InvalidArgument,
+            vec!["inputs"],
+        ),
+        (
+            "unknown model",
+            "nope",
+            vec![image_input(&good)],
+            Code::NotFound,
+            vec!["\"nope\""],
+        ),
+    ];
+    for (case, model, inputs, code, needles) in cases {
+        let err = c
+            .embed(pb::EmbedRequest {
+                model: model.into(),
+                inputs,
+            })
+            .await
+            .expect_err(case);
+        assert_eq!(err.code(), code, "{case}: {}", err.message());
+        for n in needles {
+            assert!(
+                err.message().contains(n),
+                "{case}: {:?} lacks {n:?}",
+                err.message()
+            );
+        }
+    }
+    // Still serving.
+    let v = embed(&mut c, vec![image_input(&good)]).await;
+    assert_eq!(v[0].len(), 64);
+    server.stop().await;
+}
