@@ -306,6 +306,9 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
+/// (case, model, inputs, expected code, substrings of the message)
+type Case<'a> = (&'a str, &'a str, Vec<pb::Input>, Code, Vec<&'a str>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_name_their_index_and_the_daemon_keeps_serving() {
     let (server, _dir) = TestServer::start().await;
@@ -318,7 +321,7 @@ async fn bad_inputs_name_their_index_and_the_daemon_keeps_serving() {
         })),
         tower: String::new(),
     };
-    let cases: Vec<(&str, &str, Vec<pb::Input>, Code, Vec<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "undecodable",
             MODEL,
