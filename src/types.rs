@@ -17,6 +17,15 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// A similarity in which larger is closer: 1 - D for COSINE and INNER_PRODUCT (the
+    /// cosine or the dot product), 1 / (1 + D) for L2.
+    pub fn similarity(self, distance: f32) -> f32 {
+        match self {
+            Metric::Cosine | Metric::InnerProduct => 1.0 - distance,
+            Metric::L2 => 1.0 / (1.0 + distance),
+        }
+    }
+
     /// The distance between two vectors of equal length, computed exactly in f64.
     pub fn distance(self, a: &[f32], b: &[f32]) -> f32 {
         match self {
@@ -89,6 +98,15 @@ pub struct CollectionSpec {
     pub index: IndexParams,
     pub precision: Precision,
     pub model: String,
+    /// Keep raw inputs beside the vectors, so a later model can re-embed them.
+    #[serde(default)]
+    pub keep_inputs: bool,
+    /// Distance-based logistic margin m for Verify (model manifest or Calibrate).
+    #[serde(default)]
+    pub dbl_margin: Option<f32>,
+    /// Verification threshold on the distance (model manifest or Calibrate).
+    #[serde(default)]
+    pub threshold: Option<f32>,
     /// Distinguishes this collection from an earlier one of the same name, so that a
     /// stray snapshot of a deleted collection is never loaded into a new one.
     pub uid: u64,
@@ -101,6 +119,9 @@ pub struct ItemData {
     pub label: String,
     pub metadata: BTreeMap<String, String>,
     pub vector: Vec<f32>,
+    /// The raw input the vector was embedded from, encoded (kept when the collection
+    /// keeps inputs).
+    pub input: Option<Vec<u8>>,
 }
 
 /// What a search is near to.

@@ -22,6 +22,7 @@ async fn collections_lifecycle() {
             }),
             precision: pb::Precision::Unspecified as i32,
             model: String::new(),
+            keep_inputs: None,
         })
         .await
         .unwrap()
@@ -110,6 +111,7 @@ async fn upsert_get_replace_delete() {
             collection: "c".into(),
             ids: vec!["b".into(), "zzz".into(), "a".into()],
             with_vectors: true,
+            with_inputs: false,
         })
         .await
         .unwrap()
@@ -123,6 +125,7 @@ async fn upsert_get_replace_delete() {
             collection: "c".into(),
             ids: vec!["a".into()],
             with_vectors: false,
+            with_inputs: false,
         })
         .await
         .unwrap()
@@ -423,6 +426,7 @@ async fn upsert_stream_commits_once_and_rolls_back_on_error() {
                 "m0-0".into(),
             ],
             with_vectors: true,
+            with_inputs: false,
         })
         .await
         .unwrap()

@@ -113,6 +113,7 @@ async fn bad_inputs_get_clear_statuses_and_write_nothing() {
             collection: "c".into(),
             ids: vec!["g".into(), "d".into(), "x".into()],
             with_vectors: false,
+            with_inputs: false,
         })
         .await
         .unwrap()
@@ -292,6 +293,7 @@ async fn bad_inputs_get_clear_statuses_and_write_nothing() {
                 collection: "c".into(),
                 ids,
                 with_vectors: false,
+                with_inputs: false,
             })
             .await
             .expect_err(case);

@@ -192,6 +192,7 @@ async fn verify(url: &str, ledger: &Ledger) {
                 collection: "crash".into(),
                 ids: chunk.to_vec(),
                 with_vectors: false,
+                with_inputs: false,
             })
             .await
             .unwrap()

@@ -187,7 +187,7 @@ fn concurrent_writers_to_the_same_ids_leave_index_and_store_agreeing() {
         "index size equals the catalogue's"
     );
     let ids: Vec<String> = (0..100).map(|i| format!("shared{i}")).collect();
-    let stored = db.get_items("race", &ids, false).unwrap();
+    let stored = db.get_items("race", &ids, false, false).unwrap();
     assert_eq!(stored.len(), coll.len());
     // Every stored item is found by search with its stored label: no stale copies.
     let hits = db

@@ -113,6 +113,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             label: format!("c{}", clusters[i]),
             metadata: Default::default(),
             vector: v.clone(),
+            input: None,
         })
         .collect();
     let items = Arc::new(items);
@@ -279,6 +280,7 @@ fn core_db(
                 label: it.label.clone(),
                 metadata: Default::default(),
                 vector: it.vector.clone(),
+                input: None,
             })
             .collect();
         db.upsert("bench", batch).map_err(|e| e.to_string())?;
@@ -351,6 +353,7 @@ fn raw_sled(items: &[pb::Item], batch: usize) -> Result<f64, String> {
                 label: it.label.clone(),
                 metadata: Default::default(),
                 vector: it.vector.clone(),
+                input: None,
             };
             wb.insert(
                 it.id.as_bytes(),

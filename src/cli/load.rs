@@ -64,6 +64,7 @@ pub fn read(
                     label,
                     metadata: HashMap::new(),
                     vector: values[i * dim..(i + 1) * dim].to_vec(),
+                    input: None,
                 })
                 .collect())
         }
@@ -82,6 +83,7 @@ pub fn read(
                     label: row.label,
                     metadata: row.metadata,
                     vector: row.vector,
+                    input: None,
                 });
             }
             Ok(items)
@@ -146,6 +148,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<pb::Item>, String> {
             },
             metadata: HashMap::new(),
             vector,
+            input: None,
         });
     }
     Ok(items)

@@ -267,6 +267,7 @@ async fn collections(addr: &str, cmd: CollectionsCmd) -> Result<(), String> {
                         PrecisionArg::I8 => pb::Precision::I8,
                     } as i32,
                     model: String::new(),
+                    keep_inputs: None,
                 })
                 .await
                 .map_err(status)?
@@ -396,6 +397,7 @@ async fn get(addr: &str, args: GetArgs) -> Result<(), String> {
             collection: args.collection,
             ids: args.ids,
             with_vectors: args.with_vectors,
+            with_inputs: false,
         })
         .await
         .map_err(status)?

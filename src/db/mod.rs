@@ -36,6 +36,46 @@ pub struct CreateCollection {
     pub index: IndexParams,
     pub precision: Option<Precision>,
     pub model: String,
+    pub keep_inputs: Option<bool>,
+    /// What the named model implies (resolved by the caller, who knows the models).
+    pub model_defaults: Option<ModelDefaults>,
+}
+
+/// A model's embedding space, as a collection that uses it sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    pub dimension: u32,
+    pub metric: Metric,
+    pub dbl_margin: Option<f32>,
+    pub threshold: Option<f32>,
+}
+
+/// Distance-weighted kNN vote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    pub label: String,
+    pub confidence: f32,
+    /// (label, weight, count), by weight descending.
+    pub votes: Vec<(String, f32, u32)>,
+}
+
+/// Is this pair the same?
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verification {
+    pub distance: f32,
+    pub similarity: f32,
+    pub probability: f32,
+    pub same: bool,
+}
+
+/// What Calibrate fitted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    pub dbl_margin: f32,
+    pub threshold: f32,
+    pub accuracy: f32,
+    pub roc_auc: f32,
+    pub pairs: u32,
 }
 
 /// A collection's spec and live item count.
@@ -76,6 +116,8 @@ pub struct Collection {
     live: RwLock<Live>,
     writer: Mutex<Writer>,
     turns: Turns,
+    /// (dbl_margin, threshold): the spec's, until Calibrate replaces them.
+    calibration: RwLock<(Option<f32>, Option<f32>)>,
 }
 
 /// The in-memory catalogue: which ANN key each id has now, and what search filters and
@@ -280,6 +322,20 @@ impl Db {
     pub fn create_collection(&self, req: CreateCollection) -> Result<CollectionInfo> {
         self.check_ready()?;
         validate::collection_name("name", &req.name)?;
+        let mut req = req;
+        if let Some(d) = req.model_defaults.filter(|_| !req.model.is_empty()) {
+            if req.dimension == 0 {
+                req.dimension = d.dimension;
+            } else if req.dimension != d.dimension {
+                return Err(Error::invalid(
+                    "dimension",
+                    format!(
+                        "{} differs from model {:?}'s {}",
+                        req.dimension, req.model, d.dimension
+                    ),
+                ));
+            }
+        }
         if req.dimension == 0 || req.dimension > self.limits.max_dimension {
             return Err(Error::invalid(
                 "dimension",
@@ -313,12 +369,11 @@ impl Db {
                 ));
             }
         }
-        if !req.model.is_empty() {
-            return Err(Error::NotFound(format!(
-                "model {:?} (this daemon has no embedders configured)",
-                req.model
-            )));
-        }
+        let defaults = match (&req.model.is_empty(), req.model_defaults) {
+            (true, _) => None,
+            (false, Some(d)) => Some(d),
+            (false, None) => return Err(Error::NotFound(format!("model {:?}", req.model))),
+        };
         let mut registry = self.collections.write().expect("registry lock");
         if registry.contains_key(&req.name) {
             return Err(Error::AlreadyExists(format!("collection {:?}", req.name)));
@@ -326,9 +381,15 @@ impl Db {
         let spec = CollectionSpec {
             name: req.name.clone(),
             dimension: req.dimension,
-            metric: req.metric.unwrap_or(Metric::Cosine),
+            metric: req
+                .metric
+                .or(defaults.map(|d| d.metric))
+                .unwrap_or(Metric::Cosine),
             index,
             precision: req.precision.unwrap_or(Precision::F32),
+            keep_inputs: req.keep_inputs.unwrap_or(defaults.is_some()),
+            dbl_margin: defaults.and_then(|d| d.dbl_margin),
+            threshold: defaults.and_then(|d| d.threshold),
             model: req.model,
             uid: new_uid(),
         };
@@ -447,16 +508,148 @@ impl Db {
         collection: &str,
         ids: &[String],
         with_vectors: bool,
+        with_inputs: bool,
     ) -> Result<Vec<ItemData>> {
         let coll = self.collection(collection)?;
         validate::ids(ids, &self.limits)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some((_, item)) = coll.items.get(id, with_vectors)? {
+            if let Some((_, mut item)) = coll.items.get(id, with_vectors)? {
+                if with_inputs {
+                    item.input = coll.items.input(id)?;
+                }
                 out.push(item);
             }
         }
         Ok(out)
+    }
+
+    /// Identification: a distance-weighted vote over the labels of the k nearest items.
+    pub fn classify(
+        &self,
+        collection: &str,
+        query: &QueryTarget,
+        k: usize,
+    ) -> Result<Classification> {
+        let params = SearchParams {
+            k,
+            ..Default::default()
+        };
+        let hits = self.search(collection, query, &params)?;
+        if hits.is_empty() {
+            return Err(Error::invalid(
+                "collection",
+                format!("{collection:?} has no items to vote"),
+            ));
+        }
+        let mut votes: BTreeMap<&str, (f32, u32)> = BTreeMap::new();
+        for h in &hits {
+            let v = votes.entry(h.label.as_str()).or_default();
+            v.0 += 1.0 / (h.distance.max(0.0) + 1e-3);
+            v.1 += 1;
+        }
+        let total: f32 = votes.values().map(|v| v.0).sum();
+        let mut votes: Vec<(String, f32, u32)> = votes
+            .into_iter()
+            .map(|(l, (w, c))| (l.to_string(), w, c))
+            .collect();
+        votes.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(Classification {
+            label: votes[0].0.clone(),
+            confidence: votes[0].1 / total,
+            votes,
+        })
+    }
+
+    /// Verification of a pair, with the collection's metric, margin and threshold.
+    pub fn verify(
+        &self,
+        collection: &str,
+        a: &QueryTarget,
+        b: &QueryTarget,
+    ) -> Result<Verification> {
+        let coll = self.collection(collection)?;
+        let va = coll.resolve("a", a)?.0;
+        let vb = coll.resolve("b", b)?.0;
+        let distance = coll.spec.metric.distance(&va, &vb);
+        let cal = *coll.calibration.read().expect("calibration lock");
+        let m = cal.0.unwrap_or(0.0);
+        let probability = dbl_probability(distance, m);
+        let same = match cal.1 {
+            Some(t) => distance < t,
+            None => probability > 0.5,
+        };
+        Ok(Verification {
+            distance,
+            similarity: coll.spec.metric.similarity(distance),
+            probability,
+            same,
+        })
+    }
+
+    /// Fits m and the threshold on `pairs` labelled pairs sampled from the collection
+    /// (half same label, half not), stores them, and reports accuracy and ROC AUC.
+    pub fn calibrate(&self, collection: &str, pairs: usize, seed: u64) -> Result<Calibration> {
+        let coll = self.collection(collection)?;
+        let mut by_label: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
+        for rec in coll.items.scan(true) {
+            let (_, item) = rec?;
+            by_label.entry(item.label).or_default().push(item.vector);
+        }
+        let groups: Vec<&Vec<Vec<f32>>> = by_label.values().collect();
+        let same_ok: Vec<usize> = (0..groups.len())
+            .filter(|g| groups[*g].len() >= 2)
+            .collect();
+        if same_ok.is_empty() || groups.len() < 2 {
+            return Err(Error::invalid(
+                "collection",
+                format!("{collection:?} needs two labels, one with two items, to calibrate"),
+            ));
+        }
+        let mut rng = crate::synth::Rng::new(if seed == 0 { 0x5EED } else { seed });
+        let metric = coll.spec.metric;
+        let mut scored: Vec<(f32, bool)> = Vec::with_capacity(pairs);
+        for i in 0..pairs {
+            if i % 2 == 0 {
+                let g = groups[same_ok[rng.below(same_ok.len())]];
+                let a = rng.below(g.len());
+                let mut b = rng.below(g.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                scored.push((metric.distance(&g[a], &g[b]), true));
+            } else {
+                let ga = rng.below(groups.len());
+                let mut gb = rng.below(groups.len() - 1);
+                if gb >= ga {
+                    gb += 1;
+                }
+                let (a, b) = (groups[ga], groups[gb]);
+                scored.push((
+                    metric.distance(&a[rng.below(a.len())], &b[rng.below(b.len())]),
+                    false,
+                ));
+            }
+        }
+        let (threshold, accuracy) = best_threshold(&mut scored);
+        let roc_auc = roc_auc(&scored);
+        let dbl_margin = fit_margin(&scored);
+        {
+            let mut spec = coll.spec.clone();
+            spec.dbl_margin = Some(dbl_margin);
+            spec.threshold = Some(threshold);
+            let _registry = self.collections.write().expect("registry lock");
+            self.store.put_spec(&spec)?;
+            *coll.calibration.write().expect("calibration lock") =
+                (Some(dbl_margin), Some(threshold));
+        }
+        Ok(Calibration {
+            dbl_margin,
+            threshold,
+            accuracy,
+            roc_auc,
+            pairs: scored.len() as u32,
+        })
     }
 
     pub fn search(
@@ -520,6 +713,7 @@ impl Collection {
     fn create(spec: CollectionSpec, items: ItemsTree) -> Result<Self> {
         let index = AnnIndex::new(&spec, 0)?;
         Ok(Collection {
+            calibration: RwLock::new((spec.dbl_margin, spec.threshold)),
             spec,
             items,
             index,
@@ -580,6 +774,7 @@ impl Collection {
         };
         Ok((
             Collection {
+                calibration: RwLock::new((spec.dbl_margin, spec.threshold)),
                 spec,
                 items,
                 index,
@@ -604,9 +799,35 @@ impl Collection {
     }
 
     pub fn info(&self) -> CollectionInfo {
+        let mut spec = self.spec.clone();
+        (spec.dbl_margin, spec.threshold) = *self.calibration.read().expect("calibration lock");
         CollectionInfo {
-            spec: self.spec.clone(),
+            spec,
             count: self.len() as u64,
+        }
+    }
+
+    /// A query's vector, and the stored item it came from (id queries).
+    fn resolve<'q>(
+        &self,
+        field: &str,
+        query: &'q QueryTarget,
+    ) -> Result<(Vec<f32>, Option<(u64, &'q str)>)> {
+        match query {
+            QueryTarget::Vector(v) => {
+                validate::vector(&format!("{field}.vector"), "", v, &self.spec)?;
+                Ok((v.clone(), None))
+            }
+            QueryTarget::Id(id) => {
+                validate::id(&format!("{field}.id"), id, &Limits::default())?;
+                let Some((key, item)) = self.items.get(id, true)? else {
+                    return Err(Error::NotFound(format!(
+                        "{field}.id: item {id:?} in collection {:?}",
+                        self.spec.name
+                    )));
+                };
+                Ok((item.vector, Some((key, id.as_str()))))
+            }
         }
     }
 
@@ -727,22 +948,7 @@ impl Collection {
     }
 
     fn search(&self, field: &str, query: &QueryTarget, p: &SearchParams) -> Result<Vec<Hit>> {
-        let (vector, exclude) = match query {
-            QueryTarget::Vector(v) => {
-                validate::vector(&format!("{field}.vector"), "", v, &self.spec)?;
-                (v.clone(), None)
-            }
-            QueryTarget::Id(id) => {
-                validate::id(&format!("{field}.id"), id, &Limits::default())?;
-                let Some((key, item)) = self.items.get(id, true)? else {
-                    return Err(Error::NotFound(format!(
-                        "{field}.id: item {id:?} in collection {:?}",
-                        self.spec.name
-                    )));
-                };
-                (item.vector, Some((key, id.as_str())))
-            }
-        };
+        let (vector, exclude) = self.resolve(field, query)?;
         if p.exact {
             return self.exact_search(&vector, exclude.map(|e| e.1), p);
         }
@@ -964,4 +1170,115 @@ fn new_uid() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// Distance-based logistic (Vo & Hays 2016): p(match) = (1 + e^-m) / (1 + e^(D - m)).
+pub fn dbl_probability(distance: f32, m: f32) -> f32 {
+    let (d, m) = (f64::from(distance), f64::from(m));
+    ((1.0 + (-m).exp()) / (1.0 + (d - m).exp())).clamp(0.0, 1.0) as f32
+}
+
+/// The threshold with the best accuracy of `distance < threshold` (midway between two
+/// neighbouring distances), and that accuracy. Sorts `scored` by distance.
+fn best_threshold(scored: &mut [(f32, bool)]) -> (f32, f32) {
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n = scored.len();
+    let negatives = scored.iter().filter(|s| !s.1).count();
+    // Threshold below everything: every pair called "different".
+    let (mut best, mut best_at) = (negatives, scored.first().map_or(0.0, |s| s.0));
+    let mut correct = negatives;
+    for i in 0..n {
+        correct = if scored[i].1 {
+            correct + 1
+        } else {
+            correct - 1
+        };
+        let at = if i + 1 < n {
+            (scored[i].0 + scored[i + 1].0) / 2.0
+        } else {
+            scored[i].0 + 1e-6
+        };
+        if correct > best && (i + 1 == n || scored[i + 1].0 > scored[i].0) {
+            best = correct;
+            best_at = at;
+        }
+    }
+    (best_at, best as f32 / n.max(1) as f32)
+}
+
+/// ROC AUC of "smaller distance = same": the probability that a random same pair is
+/// closer than a random different pair (ties count half).
+fn roc_auc(scored: &[(f32, bool)]) -> f32 {
+    let mut sorted: Vec<(f32, bool)> = scored.to_vec();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut pos_before, mut sum) = (0f64, 0f64);
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j < sorted.len() && sorted[j].0 == sorted[i].0 {
+            j += 1;
+        }
+        let (p, q) =
+            sorted[i..j].iter().fold(
+                (0f64, 0f64),
+                |(p, q), s| if s.1 { (p + 1.0, q) } else { (p, q + 1.0) },
+            );
+        sum += q * (pos_before + p / 2.0);
+        pos_before += p;
+        i = j;
+    }
+    let positives = pos_before;
+    let negatives = sorted.len() as f64 - positives;
+    if positives == 0.0 || negatives == 0.0 {
+        return 0.5;
+    }
+    (sum / (positives * negatives)) as f32
+}
+
+/// The m in [-10, 10] (0.01 steps) that maximises the pairs' log-likelihood under
+/// [`dbl_probability`].
+fn fit_margin(scored: &[(f32, bool)]) -> f32 {
+    let ll = |m: f32| -> f64 {
+        scored
+            .iter()
+            .map(|(d, same)| {
+                let p = f64::from(dbl_probability(*d, m)).clamp(1e-9, 1.0 - 1e-9);
+                if *same { p.ln() } else { (1.0 - p).ln() }
+            })
+            .sum()
+    };
+    (-1000..=1000)
+        .map(|i| i as f32 / 100.0)
+        .map(|m| (m, ll(m)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(0.0, |(m, _)| m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dbl_probability_is_one_at_zero_distance_and_falls() {
+        assert!((dbl_probability(0.0, 0.5) - 1.0).abs() < 1e-6);
+        assert!(dbl_probability(0.5, 0.5) > dbl_probability(1.0, 0.5));
+        assert!((dbl_probability(0.5, 0.5) - (1.0 + (-0.5f32).exp()) / 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn threshold_separates_separable_pairs() {
+        let mut s = vec![
+            (0.1, true),
+            (0.2, true),
+            (0.3, true),
+            (0.7, false),
+            (0.8, false),
+        ];
+        let (t, acc) = best_threshold(&mut s);
+        assert!(t > 0.3 && t < 0.7, "{t}");
+        assert_eq!(acc, 1.0);
+        assert_eq!(roc_auc(&s), 1.0);
+        let flipped: Vec<(f32, bool)> = s.iter().map(|(d, y)| (*d, !*y)).collect();
+        assert_eq!(roc_auc(&flipped), 0.0);
+    }
 }

@@ -6,10 +6,12 @@ use tonic::{Request, Response, Status};
 
 use super::{blocking, convert};
 use crate::db::Db;
+use crate::embed::Models;
 use crate::pb;
 
 pub struct CollectionsService {
     pub db: Arc<Db>,
+    pub models: Arc<Models>,
 }
 
 #[tonic::async_trait]
@@ -18,7 +20,7 @@ impl pb::collections_server::Collections for CollectionsService {
         &self,
         request: Request<pb::CreateCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
-        let req = convert::create_collection(request.into_inner())?;
+        let req = convert::create_collection(request.into_inner(), &self.models)?;
         let db = self.db.clone();
         let info = blocking(move || db.create_collection(req)).await?;
         Ok(Response::new(convert::collection_info(info)))

@@ -1,7 +1,8 @@
 //! proto <-> domain conversions. Each destructures every field, so a field added to the
 //! proto fails the build here until someone decides what it means.
 
-use crate::db::{CollectionInfo, CreateCollection};
+use crate::db::{CollectionInfo, CreateCollection, ModelDefaults};
+use crate::embed::{Input, InputData, Models};
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::types::{self, Filter, Hit, ItemData, Metric, Precision, QueryTarget, SearchParams};
@@ -42,7 +43,10 @@ pub fn precision_to(p: Precision) -> pb::Precision {
     }
 }
 
-pub fn create_collection(req: pb::CreateCollectionRequest) -> Result<CreateCollection> {
+pub fn create_collection(
+    req: pb::CreateCollectionRequest,
+    models: &Models,
+) -> Result<CreateCollection> {
     let pb::CreateCollectionRequest {
         name,
         dimension,
@@ -50,7 +54,20 @@ pub fn create_collection(req: pb::CreateCollectionRequest) -> Result<CreateColle
         index,
         precision,
         model,
+        keep_inputs,
     } = req;
+    let model_defaults = if model.is_empty() {
+        None
+    } else {
+        let m = models.get(&model)?;
+        let t = m.primary();
+        Some(ModelDefaults {
+            dimension: m.dimension(),
+            metric: t.metric,
+            dbl_margin: t.dbl_margin,
+            threshold: t.threshold,
+        })
+    };
     let pb::IndexParams {
         connectivity,
         expansion_add,
@@ -67,6 +84,8 @@ pub fn create_collection(req: pb::CreateCollectionRequest) -> Result<CreateColle
         },
         precision: precision_from("precision", precision)?,
         model,
+        keep_inputs,
+        model_defaults,
     })
 }
 
@@ -79,6 +98,9 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         index,
         precision,
         model,
+        keep_inputs,
+        dbl_margin,
+        threshold,
         uid: _,
     } = spec;
     pb::CollectionInfo {
@@ -93,22 +115,34 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         precision: precision_to(precision) as i32,
         model,
         count,
+        keep_inputs,
+        dbl_margin: dbl_margin.unwrap_or(0.0),
+        threshold: threshold.unwrap_or(0.0),
     }
 }
 
-pub fn item_from(item: pb::Item) -> ItemData {
+/// An item, and the input to embed when it has no vector.
+pub fn item_from(field: &str, item: pb::Item) -> Result<(ItemData, Option<Input>)> {
     let pb::Item {
         id,
         label,
         metadata,
         vector,
+        input,
     } = item;
-    ItemData {
-        id,
-        label,
-        metadata: metadata.into_iter().collect(),
-        vector,
-    }
+    let input = input
+        .map(|i| input_from(&format!("{field}.input"), i))
+        .transpose()?;
+    Ok((
+        ItemData {
+            id,
+            label,
+            metadata: metadata.into_iter().collect(),
+            vector,
+            input: None,
+        },
+        input,
+    ))
 }
 
 pub fn item_to(item: ItemData) -> pb::Item {
@@ -117,20 +151,61 @@ pub fn item_to(item: ItemData) -> pb::Item {
         label,
         metadata,
         vector,
+        input,
     } = item;
     pb::Item {
         id,
         label,
         metadata: metadata.into_iter().collect(),
         vector,
+        input: input
+            .as_deref()
+            .and_then(crate::embed::decode_input)
+            .map(input_to),
     }
 }
 
-pub fn query_from(field: &str, q: Option<pb::Query>) -> Result<QueryTarget> {
+pub fn input_from(field: &str, input: pb::Input) -> Result<Input> {
+    let pb::Input { kind, tower } = input;
+    let data = match kind {
+        Some(pb::input::Kind::Image(bytes)) => InputData::Image(bytes),
+        Some(pb::input::Kind::Tensor(pb::Tensor { shape, values })) => {
+            InputData::Tensor { shape, values }
+        }
+        None => return Err(Error::invalid(field, "empty: set image or tensor")),
+    };
+    Ok(Input { data, tower })
+}
+
+pub fn input_to(data: InputData) -> pb::Input {
+    pb::Input {
+        kind: Some(match data {
+            InputData::Image(bytes) => pb::input::Kind::Image(bytes),
+            InputData::Tensor { shape, values } => {
+                pb::input::Kind::Tensor(pb::Tensor { shape, values })
+            }
+        }),
+        tower: String::new(),
+    }
+}
+
+/// A query as sent: a target the Db understands, or an input to embed first.
+pub enum QueryIn {
+    Target(QueryTarget),
+    Input(Input),
+}
+
+pub fn query_from(field: &str, q: Option<pb::Query>) -> Result<QueryIn> {
     match q.and_then(|q| q.kind) {
-        Some(pb::query::Kind::Vector(pb::Vector { values })) => Ok(QueryTarget::Vector(values)),
-        Some(pb::query::Kind::Id(id)) => Ok(QueryTarget::Id(id)),
-        None => Err(Error::invalid(field, "empty: set vector or id")),
+        Some(pb::query::Kind::Vector(pb::Vector { values })) => {
+            Ok(QueryIn::Target(QueryTarget::Vector(values)))
+        }
+        Some(pb::query::Kind::Id(id)) => Ok(QueryIn::Target(QueryTarget::Id(id))),
+        Some(pb::query::Kind::Input(input)) => Ok(QueryIn::Input(input_from(
+            &format!("{field}.input"),
+            input,
+        )?)),
+        None => Err(Error::invalid(field, "empty: set vector, id or input")),
     }
 }
 
@@ -147,7 +222,7 @@ pub fn filter_from(f: Option<pb::Filter>) -> Filter {
     }
 }
 
-pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryTarget, SearchParams)> {
+pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryIn, SearchParams)> {
     let pb::SearchRequest {
         collection,
         query,
@@ -175,7 +250,7 @@ pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryTarget, Se
 
 pub fn search_batch_request(
     req: pb::SearchBatchRequest,
-) -> Result<(String, Vec<QueryTarget>, SearchParams)> {
+) -> Result<(String, Vec<QueryIn>, SearchParams)> {
     let pb::SearchBatchRequest {
         collection,
         queries,

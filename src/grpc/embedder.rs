@@ -7,8 +7,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::oversize_to_exhausted;
-use crate::embed::{Input, InputData, ModelInfo, Models};
-use crate::error::{Error, Result};
+use crate::embed::{Input, ModelInfo, Models};
+use crate::error::Result;
 use crate::pb;
 
 pub struct EmbedderService {
@@ -23,22 +23,7 @@ fn inputs_from(inputs: Vec<pb::Input>) -> Result<Vec<Input>> {
     inputs
         .into_iter()
         .enumerate()
-        .map(|(i, input)| {
-            let pb::Input { kind, tower } = input;
-            let data = match kind {
-                Some(pb::input::Kind::Image(bytes)) => InputData::Image(bytes),
-                Some(pb::input::Kind::Tensor(pb::Tensor { shape, values })) => {
-                    InputData::Tensor { shape, values }
-                }
-                None => {
-                    return Err(Error::invalid(
-                        format!("inputs[{i}]"),
-                        "empty: set image or tensor",
-                    ));
-                }
-            };
-            Ok(Input { data, tower })
-        })
+        .map(|(i, input)| super::convert::input_from(&format!("inputs[{i}]"), input))
         .collect()
 }
 

@@ -103,14 +103,17 @@ pub async fn serve(
     ));
     let items = pb::items_server::ItemsServer::new(ItemsService {
         db: db.clone(),
+        models: models.clone(),
         searches,
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
-    let colls =
-        pb::collections_server::CollectionsServer::new(CollectionsService { db: db.clone() })
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
+    let colls = pb::collections_server::CollectionsServer::new(CollectionsService {
+        db: db.clone(),
+        models: models.clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
 
     let embedder = pb::embedder_server::EmbedderServer::new(EmbedderService {
         models: models.clone(),

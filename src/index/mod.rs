@@ -268,6 +268,9 @@ mod tests {
             index: IndexParams::default(),
             precision: Precision::F32,
             model: String::new(),
+            keep_inputs: false,
+            dbl_margin: None,
+            threshold: None,
             uid: 1,
         }
     }

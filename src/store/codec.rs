@@ -61,6 +61,7 @@ pub fn decode_item(id: &str, bytes: &[u8], with_vector: bool) -> Result<(u64, It
             label,
             metadata,
             vector,
+            input: None,
         },
     ))
 }
@@ -115,6 +116,7 @@ mod tests {
             label: "shirt".into(),
             metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
             vector: vec![1.5, -2.0, f32::MIN_POSITIVE],
+            input: None,
         };
         let bytes = encode_item(42, &item);
         let (key, back) = decode_item("a/1", &bytes, true).unwrap();

@@ -5,6 +5,7 @@
 //! collection has a tree `c/<name>` holding
 //! - `i<id>`      -> item record (ANN key, label, metadata, f32 vector), see [`codec`];
 //! - `k<key: u64 BE>` -> id, so ANN keys map back to ids in key order;
+//! - `r<id>`      -> the raw input the vector was embedded from (when kept);
 //! - `s`          -> [`TreeState`]: a mutation counter and the next ANN key.
 //!
 //! Every mutation of a collection is one sled batch (atomic), and bumps the counter: an
@@ -20,6 +21,7 @@ use crate::types::{CollectionSpec, ItemData};
 use commit::GroupCommit;
 
 const ITEM: u8 = b'i';
+const INPUT: u8 = b'r';
 const KEY: u8 = b'k';
 const STATE: &[u8] = b"s";
 
@@ -149,6 +151,10 @@ impl Mutation {
     pub fn put(&mut self, key: u64, item: &ItemData) {
         self.batch
             .insert(item_key(&item.id), codec::encode_item(key, item));
+        match &item.input {
+            Some(raw) => self.batch.insert(input_key(&item.id), raw.clone()),
+            None => self.batch.remove(input_key(&item.id)),
+        }
         self.batch
             .insert(&ann_key(key)[..], item.id.as_bytes().to_vec());
     }
@@ -160,6 +166,7 @@ impl Mutation {
 
     pub fn remove(&mut self, id: &str, key: u64) {
         self.batch.remove(item_key(id));
+        self.batch.remove(input_key(id));
         self.drop_key(key);
     }
 }
@@ -194,6 +201,11 @@ impl ItemsTree {
         }
     }
 
+    /// The raw input stored for an item, if any.
+    pub fn input(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree.get(input_key(id))?.map(|v| v.to_vec()))
+    }
+
     /// Every item with its ANN key, in id order.
     pub fn scan(&self, with_vectors: bool) -> impl Iterator<Item = Result<(u64, ItemData)>> + '_ {
         self.tree.scan_prefix([ITEM]).map(move |kv| {
@@ -213,6 +225,13 @@ impl ItemsTree {
 fn item_key(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + id.len());
     k.push(ITEM);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn input_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(INPUT);
     k.extend_from_slice(id.as_bytes());
     k
 }

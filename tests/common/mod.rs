@@ -227,6 +227,7 @@ pub fn item(id: &str, label: &str, vector: Vec<f32>) -> pb::Item {
         label: label.into(),
         metadata: Default::default(),
         vector,
+        input: None,
     }
 }
 
