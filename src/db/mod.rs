@@ -808,11 +808,7 @@ impl Collection {
     }
 
     /// A query's vector, and the stored item it came from (id queries).
-    fn resolve<'q>(
-        &self,
-        field: &str,
-        query: &'q QueryTarget,
-    ) -> Result<(Vec<f32>, Option<(u64, &'q str)>)> {
+    fn resolve<'q>(&self, field: &str, query: &'q QueryTarget) -> Result<Resolved<'q>> {
         match query {
             QueryTarget::Vector(v) => {
                 validate::vector(&format!("{field}.vector"), "", v, &self.spec)?;
@@ -1110,6 +1106,9 @@ impl Live {
         }
     }
 }
+
+/// A query's vector and, for id queries, the item's ANN key and id.
+type Resolved<'q> = (Vec<f32>, Option<(u64, &'q str)>);
 
 /// A search candidate ordered by distance (NaN never occurs: inputs are finite).
 struct Ranked(f32, ItemData);
