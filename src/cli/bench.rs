@@ -52,7 +52,7 @@ pub struct BenchArgs {
     /// Threads for in-process references and the daemon's index inserts (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Only run these parts (ingest, search); default both.
+    /// Only run these parts (ingest, search, embed); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -249,10 +249,112 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&core.1);
         daemon = Some(d);
     }
+    if want("embed") {
+        let d = match daemon.take() {
+            Some(d) => d,
+            None => Daemon::start(threads).await?,
+        };
+        embed_bench(&d, threads, runs).await?;
+        daemon = Some(d);
+    }
     if let Some(d) = daemon {
         d.stop().await?;
     }
     Ok(())
+}
+
+/// Images embedded per run of each embedding figure.
+const EMBED_IMAGES: usize = 4096;
+
+/// Embedding throughput: the shipped model in-process (ONNX Runtime alone, on tensors
+/// already preprocessed) against the daemon over gRPC (PNG images in), at several batch
+/// sizes, and 64 concurrent single-image clients.
+async fn embed_bench(d: &Daemon, threads: usize, runs: usize) -> Result<(), String> {
+    use crate::embed::{Device, image, manifest::Manifest, runtime};
+    let (_, manifest_path) = crate::embed::default_model();
+    let manifest = Manifest::load(&manifest_path).map_err(|e| e.to_string())?;
+    let tower = manifest.towers[0].clone();
+    let spec = tower.image.clone().ok_or("the default model takes images")?;
+    let pngs = fixture_pngs()?;
+    let tensors: Vec<Vec<f32>> = pngs
+        .iter()
+        .map(|p| image::preprocess(p, &spec))
+        .collect::<Result<_, _>>()?;
+    let (mut session, provider) =
+        runtime::open_session(&manifest.dir.join(&tower.file), &tower, Device::Cpu, threads)
+            .map_err(|e| e.to_string())?;
+    let per = tensors[0].len();
+    let mut inproc_best = (0usize, 0f64);
+    println!("## Embedding ({} on {provider}, {threads} intra-op threads in-process; the daemon splits the same {threads} threads over 2 sessions)\n", manifest.name);
+    println!("| batch | in-process ONNX Runtime, images/s | likeness Embed over gRPC (PNG in), images/s | likeness / in-process |");
+    println!("|---|---|---|---|");
+    for batch in [1usize, 8, 32, 64, 128] {
+        let mut ort_rates = Vec::new();
+        let mut grpc_rates = Vec::new();
+        for _ in 0..runs {
+            let start = Instant::now();
+            let mut done = 0;
+            while done < EMBED_IMAGES {
+                let n = batch.min(EMBED_IMAGES - done);
+                let mut data = Vec::with_capacity(n * per);
+                for i in 0..n {
+                    data.extend_from_slice(&tensors[(done + i) % tensors.len()]);
+                }
+                let shape = vec![n as i64, i64::from(spec.channels), i64::from(spec.height), i64::from(spec.width)];
+                let t = ort::value::Tensor::from_array((shape, data)).map_err(|e| e.to_string())?;
+                let out = session
+                    .run(ort::inputs![tower.input.as_str() => t])
+                    .map_err(|e| e.to_string())?;
+                let _ = out[tower.output.as_str()].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+                done += n;
+            }
+            ort_rates.push(EMBED_IMAGES as f64 / start.elapsed().as_secs_f64());
+            // Two clients keep the daemon's pipeline full at this batch size.
+            grpc_rates.push(d.embed_rate(&pngs, batch, 2).await?.0);
+        }
+        let (o, g) = (stat(ort_rates), stat(grpc_rates));
+        if o.median > inproc_best.1 {
+            inproc_best = (batch, o.median);
+        }
+        println!("| {batch} | {o} | {g} | {:.2} |", g.median / o.median);
+    }
+    let mut single = Vec::new();
+    let mut lat = Vec::new();
+    for _ in 0..runs {
+        let (rate, p50, p99) = d.embed_rate(&pngs, 1, 64).await?;
+        single.push(rate);
+        lat.push((p50, p99));
+    }
+    lat.sort();
+    let (p50, p99) = lat[lat.len() / 2];
+    let s1 = stat(single);
+    println!();
+    println!(
+        "64 concurrent clients, one image per request: {s1} images/s (p50 {:.2} ms, p99 {:.2} ms), {:.2}x the best in-process batch ({} at batch {})\n",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        s1.median / inproc_best.1,
+        inproc_best.1 as u64,
+        inproc_best.0
+    );
+    Ok(())
+}
+
+/// The committed Fashion-MNIST fixture images, PNG-encoded as a client would send them.
+fn fixture_pngs() -> Result<Vec<Vec<u8>>, String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fmnist/enrol_images.npy");
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let pixels = &bytes[10 + header_len..];
+    Ok(pixels
+        .chunks(28 * 28)
+        .map(|px| {
+            let img = ::image::GrayImage::from_raw(28, 28, px.to_vec()).expect("28x28");
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, ::image::ImageFormat::Png).expect("png");
+            out.into_inner()
+        })
+        .collect())
 }
 
 /// A Db in this process holding `items` (the engine without gRPC), and its temp dir.
@@ -684,6 +786,56 @@ impl Daemon {
         lat.sort();
         let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
         Ok((qps, p(0.5), p(0.99)))
+    }
+
+    /// EMBED_IMAGES images in requests of `batch` from `clients` concurrent clients:
+    /// (images/s, p50, p99 per request).
+    async fn embed_rate(
+        &self,
+        pngs: &[Vec<u8>],
+        batch: usize,
+        clients: usize,
+    ) -> Result<(f64, Duration, Duration), String> {
+        let pngs = Arc::new(pngs.to_vec());
+        let requests = EMBED_IMAGES.div_ceil(batch);
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..clients {
+            let ch = super::connect(&self.url).await?;
+            let pngs = pngs.clone();
+            tasks.spawn(async move {
+                let mut client = pb::embedder_client::EmbedderClient::new(ch);
+                let mut lat = Vec::new();
+                let mut r = c;
+                while r < requests {
+                    let inputs = (0..batch)
+                        .map(|i| pb::Input {
+                            kind: Some(pb::input::Kind::Image(pngs[(r * batch + i) % pngs.len()].clone())),
+                            tower: String::new(),
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    client
+                        .embed(pb::EmbedRequest {
+                            model: "fmnist-triplet".into(),
+                            inputs,
+                        })
+                        .await
+                        .map_err(super::status)?;
+                    lat.push(t.elapsed());
+                    r += clients;
+                }
+                Ok::<_, String>(lat)
+            });
+        }
+        let mut lat = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            lat.extend(r.map_err(|e| e.to_string())??);
+        }
+        let rate = (requests * batch) as f64 / start.elapsed().as_secs_f64();
+        lat.sort();
+        let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+        Ok((rate, p(0.5), p(0.99)))
     }
 
     async fn stop(self) -> Result<(), String> {
