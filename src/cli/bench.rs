@@ -285,7 +285,7 @@ async fn embed_bench(d: &Daemon, threads: usize, runs: usize) -> Result<(), Stri
             .map_err(|e| e.to_string())?;
     let per = tensors[0].len();
     let mut inproc_best = (0usize, 0f64);
-    println!("## Embedding ({} on {provider}, {threads} intra-op threads in-process; the daemon splits the same {threads} threads over 2 sessions)\n", manifest.name);
+    println!("## Embedding ({} on {provider}, {threads} intra-op threads in-process; the daemon runs one session per tower with the same threads)\n", manifest.name);
     println!("| batch | in-process ONNX Runtime, images/s | likeness Embed over gRPC (PNG in), images/s | likeness / in-process |");
     println!("|---|---|---|---|");
     for batch in [1usize, 8, 32, 64, 128] {
