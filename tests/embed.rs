@@ -12,13 +12,6 @@ use tonic::transport::Channel;
 
 const MODEL: &str = "fmnist-triplet";
 
-fn image_input(png: &[u8]) -> pb::Input {
-    pb::Input {
-        kind: Some(pb::input::Kind::Image(png.to_vec())),
-        tower: String::new(),
-    }
-}
-
 async fn embed(c: &mut EmbedderClient<Channel>, inputs: Vec<pb::Input>) -> Vec<Vec<f32>> {
     c.embed(pb::EmbedRequest {
         model: MODEL.into(),

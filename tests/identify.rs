@@ -7,19 +7,6 @@ use common::*;
 use likeness::pb;
 use tonic::Code;
 
-fn image(png: &[u8]) -> Option<pb::Input> {
-    Some(pb::Input {
-        kind: Some(pb::input::Kind::Image(png.to_vec())),
-        tower: String::new(),
-    })
-}
-
-fn input_query(png: &[u8]) -> Option<pb::Query> {
-    Some(pb::Query {
-        kind: Some(pb::query::Kind::Input(image(png).unwrap())),
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrol_identify_verify_calibrate_with_images() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,7 +54,7 @@ async fn enrol_identify_verify_calibrate_with_images() {
                     pb::Item {
                         id: format!("e{n}"),
                         label: format!("{}", labels[n]),
-                        input: image(png),
+                        input: Some(image_input(png)),
                         ..Default::default()
                     }
                 })
@@ -278,7 +265,7 @@ async fn model_collection_bad_inputs() {
     let mut items = server.items().await;
     let with_input = |id: &str, bytes: &[u8]| pb::Item {
         id: id.into(),
-        input: image(bytes),
+        input: Some(image_input(bytes)),
         ..Default::default()
     };
     let err = items

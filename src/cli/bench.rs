@@ -274,19 +274,34 @@ async fn embed_bench(d: &Daemon, threads: usize, runs: usize) -> Result<(), Stri
     let (_, manifest_path) = crate::embed::default_model();
     let manifest = Manifest::load(&manifest_path).map_err(|e| e.to_string())?;
     let tower = manifest.towers[0].clone();
-    let spec = tower.image.clone().ok_or("the default model takes images")?;
-    let pngs = fixture_pngs()?;
+    let spec = tower
+        .image
+        .clone()
+        .ok_or("the default model takes images")?;
+    let pngs = super::load::npy_images_as_png(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fmnist/enrol_images.npy"),
+    )?;
     let tensors: Vec<Vec<f32>> = pngs
         .iter()
         .map(|p| image::preprocess(p, &spec))
         .collect::<Result<_, _>>()?;
-    let (mut session, provider) =
-        runtime::open_session(&manifest.dir.join(&tower.file), &tower, Device::Cpu, threads)
-            .map_err(|e| e.to_string())?;
+    let (mut session, provider) = runtime::open_session(
+        &manifest.dir.join(&tower.file),
+        &tower,
+        Device::Cpu,
+        threads,
+    )
+    .map_err(|e| e.to_string())?;
     let per = tensors[0].len();
     let mut inproc_best = (0usize, 0f64);
-    println!("## Embedding ({} on {provider}, {threads} intra-op threads in-process; the daemon runs one session per tower with the same threads)\n", manifest.name);
-    println!("| batch | in-process ONNX Runtime, images/s | likeness Embed over gRPC (PNG in), images/s | likeness / in-process |");
+    println!(
+        "## Embedding ({} on {provider}, {threads} intra-op threads in-process; the daemon runs one session per tower with the same threads)\n",
+        manifest.name
+    );
+    println!(
+        "| batch | in-process ONNX Runtime, images/s | likeness Embed over gRPC (PNG in), images/s | likeness / in-process |"
+    );
     println!("|---|---|---|---|");
     for batch in [1usize, 8, 32, 64, 128] {
         let mut ort_rates = Vec::new();
@@ -300,12 +315,19 @@ async fn embed_bench(d: &Daemon, threads: usize, runs: usize) -> Result<(), Stri
                 for i in 0..n {
                     data.extend_from_slice(&tensors[(done + i) % tensors.len()]);
                 }
-                let shape = vec![n as i64, i64::from(spec.channels), i64::from(spec.height), i64::from(spec.width)];
+                let shape = vec![
+                    n as i64,
+                    i64::from(spec.channels),
+                    i64::from(spec.height),
+                    i64::from(spec.width),
+                ];
                 let t = ort::value::Tensor::from_array((shape, data)).map_err(|e| e.to_string())?;
                 let out = session
                     .run(ort::inputs![tower.input.as_str() => t])
                     .map_err(|e| e.to_string())?;
-                let _ = out[tower.output.as_str()].try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+                let _ = out[tower.output.as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| e.to_string())?;
                 done += n;
             }
             ort_rates.push(EMBED_IMAGES as f64 / start.elapsed().as_secs_f64());
@@ -338,23 +360,6 @@ async fn embed_bench(d: &Daemon, threads: usize, runs: usize) -> Result<(), Stri
         inproc_best.0
     );
     Ok(())
-}
-
-/// The committed Fashion-MNIST fixture images, PNG-encoded as a client would send them.
-fn fixture_pngs() -> Result<Vec<Vec<u8>>, String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fmnist/enrol_images.npy");
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let pixels = &bytes[10 + header_len..];
-    Ok(pixels
-        .chunks(28 * 28)
-        .map(|px| {
-            let img = ::image::GrayImage::from_raw(28, 28, px.to_vec()).expect("28x28");
-            let mut out = std::io::Cursor::new(Vec::new());
-            img.write_to(&mut out, ::image::ImageFormat::Png).expect("png");
-            out.into_inner()
-        })
-        .collect())
 }
 
 /// A Db in this process holding `items` (the engine without gRPC), and its temp dir.
@@ -810,7 +815,9 @@ impl Daemon {
                 while r < requests {
                     let inputs = (0..batch)
                         .map(|i| pb::Input {
-                            kind: Some(pb::input::Kind::Image(pngs[(r * batch + i) % pngs.len()].clone())),
+                            kind: Some(pb::input::Kind::Image(
+                                pngs[(r * batch + i) % pngs.len()].clone(),
+                            )),
                             tower: String::new(),
                         })
                         .collect();

@@ -247,6 +247,52 @@ pub fn write_npy(rows: usize, dim: usize, values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Reads an N x H x W uint8 .npy (a stack of grey images) and PNG-encodes each image,
+/// as a client would send them (the committed Fashion-MNIST fixtures are such files).
+pub fn npy_images_as_png(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(format!("{}: not a .npy file", path.display()));
+    }
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(bytes.get(10..10 + header_len).ok_or("truncated header")?)
+        .map_err(|e| e.to_string())?;
+    if !header.contains("'|u1'") {
+        return Err(format!("{}: expected uint8 images", path.display()));
+    }
+    let shape = dict_value(header, "shape").ok_or("no shape")?;
+    let dims: Vec<u32> = shape
+        .trim_start_matches('(')
+        .split(')')
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let [n, h, w] = dims[..] else {
+        return Err(format!(
+            "{}: shape {dims:?}, need N x H x W",
+            path.display()
+        ));
+    };
+    let pixels = &bytes[10 + header_len..];
+    let size = (h * w) as usize;
+    if pixels.len() < n as usize * size {
+        return Err(format!("{}: truncated data", path.display()));
+    }
+    pixels
+        .chunks(size)
+        .take(n as usize)
+        .map(|px| {
+            let img = image::GrayImage::from_raw(w, h, px.to_vec()).ok_or("bad image size")?;
+            let mut out = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut out, image::ImageFormat::Png)
+                .map_err(|e| e.to_string())?;
+            Ok(out.into_inner())
+        })
+        .collect()
+}
+
 pub fn parse_floats(s: &str) -> Result<Vec<f32>, String> {
     s.split(',')
         .map(|x| {

@@ -294,18 +294,22 @@ pub fn fixture_pngs(name: &str) -> Vec<Vec<u8>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/fmnist")
         .join(name);
-    let (shape, values) = read_npy(&path);
-    let (h, w) = (shape[1], shape[2]);
-    values
-        .chunks(h * w)
-        .map(|px| {
-            let pixels: Vec<u8> = px.iter().map(|v| *v as u8).collect();
-            let img = image::GrayImage::from_raw(w as u32, h as u32, pixels).unwrap();
-            let mut out = std::io::Cursor::new(Vec::new());
-            img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-            out.into_inner()
-        })
-        .collect()
+    likeness::cli::load::npy_images_as_png(&path).unwrap()
+}
+
+/// An image input.
+pub fn image_input(png: &[u8]) -> likeness::pb::Input {
+    likeness::pb::Input {
+        kind: Some(likeness::pb::input::Kind::Image(png.to_vec())),
+        tower: String::new(),
+    }
+}
+
+/// A query by image.
+pub fn input_query(png: &[u8]) -> Option<likeness::pb::Query> {
+    Some(likeness::pb::Query {
+        kind: Some(likeness::pb::query::Kind::Input(image_input(png))),
+    })
 }
 
 pub fn fixture(name: &str) -> (Vec<usize>, Vec<f64>) {
