@@ -418,3 +418,68 @@ async fn bad_inputs_name_their_index_and_the_daemon_keeps_serving() {
     assert_eq!(v[0].len(), 64);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_queue_refuses_what_cannot_fit_and_streams_wait_for_room() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for two waiting inputs per tower.
+    let server = TestServer::start_in(dir.path(), |c| c.batch.queue = 2).await;
+    let (mut c, _) = clients(&server).await;
+    let pngs = fixture_pngs("enrol_images.npy");
+    let err = c
+        .embed(pb::EmbedRequest {
+            model: MODEL.into(),
+            inputs: pngs[..3].iter().map(|p| image_input(p)).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    // Nothing of the refused request stays queued: a full-size request goes through.
+    assert_eq!(
+        embed(&mut c, pngs[..2].iter().map(|p| image_input(p)).collect())
+            .await
+            .len(),
+        2
+    );
+
+    // Eight streams at once, each request filling the whole queue: unary calls would be
+    // refused under this contention, streams wait their turn and all finish.
+    let mut tasks = Vec::new();
+    for s in 0..8 {
+        let url = server.url();
+        let pngs = pngs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = EmbedderClient::new(channel(&url).await);
+            let reqs: Vec<pb::EmbedRequest> = (0..5)
+                .map(|r| pb::EmbedRequest {
+                    model: MODEL.into(),
+                    inputs: pngs[s * 10 + r * 2..s * 10 + r * 2 + 2]
+                        .iter()
+                        .map(|p| image_input(p))
+                        .collect(),
+                })
+                .collect();
+            let mut stream = c
+                .embed_stream(tokio_stream::iter(reqs))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut n = 0;
+            while let Some(resp) = stream.message().await.unwrap() {
+                assert_eq!(resp.embeddings.len(), 2);
+                n += 1;
+            }
+            n
+        }));
+    }
+    for t in tasks {
+        assert_eq!(
+            tokio::time::timeout(std::time::Duration::from_secs(60), t)
+                .await
+                .unwrap()
+                .unwrap(),
+            5
+        );
+    }
+    server.stop().await;
+}

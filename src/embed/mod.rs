@@ -122,6 +122,8 @@ struct Tower {
     item_shape: Vec<usize>,
     queue: Sender<Job>,
     admission: Arc<Semaphore>,
+    /// The admission semaphore's size.
+    capacity: usize,
     provider: &'static str,
 }
 
@@ -129,7 +131,8 @@ struct Job {
     values: Vec<f32>,
     queued: Instant,
     reply: oneshot::Sender<std::result::Result<Vec<f32>, String>>,
-    _permit: OwnedSemaphorePermit,
+    /// The request's admission; its queue slots free when its last job is done.
+    _permit: Arc<OwnedSemaphorePermit>,
 }
 
 impl Model {
@@ -169,6 +172,7 @@ impl Model {
                 item_shape,
                 queue: tx,
                 admission: Arc::new(Semaphore::new(config.queue)),
+                capacity: config.queue,
                 provider,
             });
         }
@@ -250,32 +254,52 @@ impl Model {
                 .collect::<Result<Vec<_>>>()
         })
         .await??;
-        let mut pending = Vec::with_capacity(tensors.len());
-        for (t, values) in tensors {
-            let tower = &self.towers[t];
+        // Admission for the whole request at once, per tower, so that a refused request
+        // leaves nothing queued behind it.
+        let mut permits: Vec<Option<Arc<OwnedSemaphorePermit>>> = vec![None; self.towers.len()];
+        for (t, tower) in self.towers.iter().enumerate() {
+            let n = tensors.iter().filter(|(tt, _)| *tt == t).count() as u32;
+            if n == 0 {
+                continue;
+            }
+            if n as usize > tower.capacity {
+                return Err(Error::ResourceExhausted(format!(
+                    "model {:?}: {n} inputs for tower {:?} exceed its queue of {}; send fewer per request",
+                    self.name, tower.spec.name, tower.capacity
+                )));
+            }
+            let refused = || {
+                Error::ResourceExhausted(format!(
+                    "model {:?}: the embedding queue is full; retry later",
+                    self.name
+                ))
+            };
             let permit = if wait {
                 tower
                     .admission
                     .clone()
-                    .acquire_owned()
+                    .acquire_many_owned(n)
                     .await
-                    .map_err(|_| Error::Unavailable("embedder stopped".into()))?
+                    .map_err(|_| refused())?
             } else {
-                tower.admission.clone().try_acquire_owned().map_err(|_| {
-                    Error::ResourceExhausted(format!(
-                        "model {:?}: the embedding queue is full; retry later",
-                        self.name
-                    ))
-                })?
+                tower
+                    .admission
+                    .clone()
+                    .try_acquire_many_owned(n)
+                    .map_err(|_| refused())?
             };
+            permits[t] = Some(Arc::new(permit));
+        }
+        let mut pending = Vec::with_capacity(tensors.len());
+        for (t, values) in tensors {
             let (reply, rx) = oneshot::channel();
-            tower
+            self.towers[t]
                 .queue
                 .send(Job {
                     values,
                     queued: Instant::now(),
                     reply,
-                    _permit: permit,
+                    _permit: permits[t].clone().expect("permit per used tower"),
                 })
                 .map_err(|_| Error::Unavailable("embedder stopped".into()))?;
             pending.push(rx);
