@@ -146,7 +146,12 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             search_threads: 0,
             search_queue: 4096,
-            models: vec![crate::embed::default_model()],
+            // The shipped model, where this binary was built; elsewhere none (a binary
+            // copied to another machine names its models with --model).
+            models: Some(crate::embed::default_model())
+                .filter(|(_, path)| path.exists())
+                .into_iter()
+                .collect(),
             batch: BatchConfig::default(),
             limits: Limits::default(),
         }
