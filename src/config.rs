@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// Log format [default: human].
     #[arg(long, env = "LIKENESS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// Log filter, tracing-subscriber syntax [default: info].
+    /// Log filter, tracing-subscriber syntax [default: info,ort=warn].
     #[arg(long, env = "LIKENESS_LOG")]
     pub log: Option<String>,
     /// Largest k a search may ask for [default: 10000].
@@ -139,7 +139,7 @@ impl Default for Config {
             listen: "127.0.0.1:50051".parse().expect("valid address"),
             data_dir: PathBuf::from("./likeness-data"),
             log_format: LogFormat::Human,
-            log: "info".into(),
+            log: "info,ort=warn".into(),
             max_message_bytes: 64 << 20,
             cache_mb: 512,
             index_threads: 0,
