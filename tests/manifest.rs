@@ -1,0 +1,121 @@
+//! Model manifests: several towers into one space, and manifests that disagree with
+//! their graph are refused at load with the reason.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use likeness::embed::{BatchConfig, Device, Models};
+use likeness::pb;
+
+fn shipped_onnx() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-triplet/model.onnx")
+}
+
+/// A manifest with the shipped graph under each of `towers`, with `input`, `output`
+/// and `dimension` as given.
+fn manifest(dir: &Path, towers: &[&str], input: &str, output: &str, dimension: u32) -> PathBuf {
+    let mut text = String::from("name = \"test\"\nversion = \"7\"\n");
+    for t in towers {
+        text.push_str(&format!(
+            "[[towers]]\nname = \"{t}\"\nfile = {:?}\ninput = \"{input}\"\noutput = \"{output}\"\ndimension = {dimension}\nnormalize = true\nmetric = \"cosine\"\n[towers.image]\nchannels = 1\nheight = 28\nwidth = 28\nmean = [0.2844]\nstd = [0.3542]\n",
+            shipped_onnx()
+        ));
+    }
+    let path = dir.join("model.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn load(path: &Path) -> Result<Models, String> {
+    let config = BatchConfig {
+        device: Device::Cpu,
+        threads: 1,
+        ..Default::default()
+    };
+    Models::load(&[("m".to_string(), path.to_path_buf())], config).map_err(|e| e.to_string())
+}
+
+#[test]
+fn manifests_that_disagree_with_the_graph_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = load(&manifest(dir.path(), &["a"], "pixels", "embedding", 64))
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("no input \"pixels\"") && err.contains("input"),
+        "{err}"
+    );
+    let err = load(&manifest(dir.path(), &["a"], "input", "features", 64))
+        .err()
+        .unwrap();
+    assert!(err.contains("no output \"features\""), "{err}");
+    let err = load(&manifest(dir.path(), &["a"], "input", "embedding", 32))
+        .err()
+        .unwrap();
+    assert!(err.contains("expected [batch, 32]"), "{err}");
+    std::fs::write(dir.path().join("bad.toml"), "name = \"x\"\ntowers = []\n").unwrap();
+    let err = load(&dir.path().join("bad.toml")).err().unwrap();
+    assert!(err.contains("no towers"), "{err}");
+    assert!(load(&manifest(dir.path(), &["a"], "input", "embedding", 64)).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_choose_their_tower() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = manifest(dir.path(), &["ground", "aerial"], "input", "embedding", 64);
+    let data = dir.path().join("data");
+    let server =
+        TestServer::start_in(&data, |c| c.models = vec![("two".into(), path.clone())]).await;
+    let ch = channel(&server.url()).await;
+    let info = pb::models_client::ModelsClient::new(ch.clone())
+        .get_model(pb::GetModelRequest { name: "two".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = info.towers.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["ground", "aerial"]);
+    assert_eq!(info.version, "7");
+
+    let png = fixture_pngs("enrol_images.npy").remove(0);
+    let mut c = pb::embedder_client::EmbedderClient::new(ch);
+    let with_tower = |tower: &str| pb::Input {
+        tower: tower.into(),
+        ..image_input(&png)
+    };
+    let r = c
+        .embed(pb::EmbedRequest {
+            model: "two".into(),
+            inputs: vec![with_tower(""), with_tower("ground"), with_tower("aerial")],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .embeddings;
+    // Both towers run the same weights here, so they must agree; the default is the first.
+    assert_eq!(r.len(), 3);
+    for e in &r[1..] {
+        let diff = e
+            .values
+            .iter()
+            .zip(&r[0].values)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= 1e-5, "{diff}");
+    }
+    let err = c
+        .embed(pb::EmbedRequest {
+            model: "two".into(),
+            inputs: vec![with_tower("ground"), with_tower("street")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("inputs[1].tower") && err.message().contains("street"),
+        "{}",
+        err.message()
+    );
+    server.stop().await;
+}
