@@ -1,6 +1,7 @@
-//! likeness: a similarity-learning daemon. It keeps labelled embedding vectors durably,
-//! answers nearest-neighbour queries over gRPC, and (as it grows) embeds inputs with
-//! ONNX Siamese/triplet towers and streams hard negatives to training jobs.
+//! likeness: a similarity-learning daemon. It embeds inputs with ONNX Siamese/triplet
+//! towers (ONNX Runtime, dynamic batching), keeps labelled embedding vectors durably,
+//! answers nearest-neighbour, identification and verification queries over gRPC, and (as
+//! it grows) streams hard negatives to training jobs.
 //!
 //! # Layout
 //! - [`config`]: flags + env + TOML -> one validated [`Config`].

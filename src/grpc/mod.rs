@@ -32,8 +32,9 @@ pub const DESCRIPTOR_SET: &[u8] =
 /// Runs the daemon on `listener` until `shutdown` resolves, then drains in-flight RPCs
 /// (up to the grace period), saves index snapshots and flushes the store.
 ///
-/// The port answers at once: health reports NOT_SERVING for the likeness services, and
-/// they answer UNAVAILABLE, until recovery has loaded every collection.
+/// The embedders load first (connections wait in the listen backlog meanwhile); then the
+/// port answers, and health reports NOT_SERVING for the likeness services, which answer
+/// UNAVAILABLE, until recovery has loaded every collection.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
