@@ -184,14 +184,7 @@ async fn futures_join(server: &TestServer, pngs: &[Vec<u8>]) -> Vec<Vec<f32>> {
 async fn identification_and_verification_match_the_model_card() {
     let (server, _dir) = TestServer::start().await;
     let (mut c, _) = clients(&server).await;
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/fmnist/expected.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let expected = expected();
     let (_, enrol_labels) = fixture("enrol_labels.npy");
     let (_, query_labels) = fixture("query_labels.npy");
     let mut enrol = Vec::new();
@@ -404,14 +397,7 @@ async fn bad_inputs_name_their_index_and_the_daemon_keeps_serving() {
             })
             .await
             .expect_err(case);
-        assert_eq!(err.code(), code, "{case}: {}", err.message());
-        for n in needles {
-            assert!(
-                err.message().contains(n),
-                "{case}: {:?} lacks {n:?}",
-                err.message()
-            );
-        }
+        assert_status(case, &err, code, &needles);
     }
     // Still serving.
     let v = embed(&mut c, vec![image_input(&good)]).await;

@@ -11,14 +11,7 @@ use tonic::Code;
 async fn enrol_identify_verify_calibrate_with_images() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_in(dir.path(), |_| {}).await;
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/fmnist/expected.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let expected = expected();
     let mut colls = server.collections().await;
     let info = colls
         .create_collection(pb::CreateCollectionRequest {

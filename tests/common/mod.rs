@@ -319,3 +319,21 @@ pub fn fixture(name: &str) -> (Vec<usize>, Vec<f64>) {
             .join(name),
     )
 }
+
+/// The model card's figures for the fixture (tests/fixtures/fmnist/expected.json).
+pub fn expected() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fmnist/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Asserts a bad-input case: the status code, and that the message names each needle.
+pub fn assert_status(case: &str, err: &tonic::Status, code: tonic::Code, needles: &[&str]) {
+    assert_eq!(err.code(), code, "{case}: {}", err.message());
+    for n in needles {
+        assert!(
+            err.message().contains(n),
+            "{case}: {:?} lacks {n:?}",
+            err.message()
+        );
+    }
+}
