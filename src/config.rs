@@ -61,8 +61,9 @@ pub struct ServeArgs {
     /// Searches that may wait for a thread before RESOURCE_EXHAUSTED [default: 4096].
     #[arg(long, env = "LIKENESS_SEARCH_QUEUE")]
     pub search_queue: Option<usize>,
-    /// An embedder, NAME=PATH to its manifest (.toml); repeatable. None given: the
-    /// shipped fmnist-triplet model.
+    /// A model (an embedder or a pair model), NAME=PATH to its TOML manifest or to an
+    /// .onnx carrying one (see `likeness pack`); repeatable. None given: the shipped
+    /// fmnist-triplet embedder and fmnist-pair pair model.
     #[arg(long = "model", env = "LIKENESS_MODELS", value_delimiter = ',', value_parser = parse_model)]
     pub models: Vec<(String, PathBuf)>,
     /// Where inference runs: auto, cpu, cuda or cuda:N [default: auto].
@@ -80,6 +81,10 @@ pub struct ServeArgs {
     /// ONNX Runtime intra-op threads per tower; 0 = all cores [default: 0].
     #[arg(long, env = "LIKENESS_EMBED_THREADS")]
     pub embed_threads: Option<usize>,
+    /// Let ONNX Runtime's idle intra-op threads spin waiting for work (faster hand-offs,
+    /// but they take cores from gRPC and decoding) [default: false].
+    #[arg(long, env = "LIKENESS_EMBED_SPIN")]
+    pub embed_spin: Option<bool>,
 }
 
 fn parse_model(s: &str) -> Result<(String, PathBuf), String> {
@@ -112,6 +117,7 @@ pub struct FileConfig {
     pub embed_max_delay_ms: Option<u64>,
     pub embed_queue: Option<usize>,
     pub embed_threads: Option<usize>,
+    pub embed_spin: Option<bool>,
 }
 
 /// The resolved configuration.
@@ -146,12 +152,15 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             search_threads: 0,
             search_queue: 4096,
-            // The shipped model, where this binary was built; elsewhere none (a binary
+            // The shipped models, where this binary was built; elsewhere none (a binary
             // copied to another machine names its models with --model).
-            models: Some(crate::embed::default_model())
-                .filter(|(_, path)| path.exists())
-                .into_iter()
-                .collect(),
+            models: [
+                crate::embed::default_model(),
+                crate::embed::default_pair_model(),
+            ]
+            .into_iter()
+            .filter(|(_, path)| path.exists())
+            .collect(),
             batch: BatchConfig::default(),
             limits: Limits::default(),
         }
@@ -229,6 +238,7 @@ impl Config {
                     None => d.batch.device,
                 },
                 threads: or_cores(args.embed_threads.or(file.embed_threads).unwrap_or(0)),
+                spin: args.embed_spin.or(file.embed_spin).unwrap_or(d.batch.spin),
             },
             limits: Limits {
                 max_k: args.max_k.or(file.max_k).unwrap_or(d.limits.max_k),

@@ -104,9 +104,15 @@ pub struct CollectionSpec {
     /// Distance-based logistic margin m for Verify (model manifest or Calibrate).
     #[serde(default)]
     pub dbl_margin: Option<f32>,
+    /// The scale s of the distance in that logistic (1 when unset).
+    #[serde(default)]
+    pub dbl_scale: Option<f32>,
     /// Verification threshold on the distance (model manifest or Calibrate).
     #[serde(default)]
     pub threshold: Option<f32>,
+    /// A pair model that decides Verify and re-ranks searches; empty for none.
+    #[serde(default)]
+    pub pair_model: String,
     /// Distinguishes this collection from an earlier one of the same name, so that a
     /// stray snapshot of a deleted collection is never loaded into a new one.
     pub uid: u64,
@@ -165,6 +171,9 @@ pub struct SearchParams {
     pub expansion: usize,
     pub with_vectors: bool,
     pub with_metadata: bool,
+    /// Hits to re-rank with the collection's pair model (0 = off). The gRPC layer,
+    /// which holds the models, does the re-ranking; the Db searches max(k, rerank).
+    pub rerank: usize,
 }
 
 /// One search result.
@@ -175,6 +184,8 @@ pub struct Hit {
     pub distance: f32,
     pub metadata: BTreeMap<String, String>,
     pub vector: Vec<f32>,
+    /// The pair model's score against the query, when re-ranked.
+    pub pair_score: Option<f32>,
 }
 
 /// Limits on what a request may carry.

@@ -23,6 +23,7 @@ async fn collections_lifecycle() {
             precision: pb::Precision::Unspecified as i32,
             model: String::new(),
             keep_inputs: None,
+            pair_model: String::new(),
         })
         .await
         .unwrap()

@@ -30,6 +30,15 @@ async fn enrol_identify_verify_calibrate_with_images() {
         (info.threshold - threshold).abs() < 1e-6,
         "threshold from the manifest"
     );
+    let (m, scale) = (
+        expected["dbl_margin"].as_f64().unwrap(),
+        expected["dbl_scale"].as_f64().unwrap(),
+    );
+    assert!(
+        (f64::from(info.dbl_margin) - m).abs() < 1e-6
+            && (f64::from(info.dbl_scale) - scale).abs() < 1e-6,
+        "the logistic from the manifest: {info:?}"
+    );
 
     // Enrol 400 images by input, over UpsertStream (4 messages of 100).
     let enrol = fixture_pngs("enrol_images.npy");
@@ -146,7 +155,8 @@ async fn enrol_identify_verify_calibrate_with_images() {
             .unwrap()
             .into_inner();
         assert!((v.similarity - (1.0 - v.distance)).abs() < 1e-6);
-        assert!(v.probability > 0.0 && v.probability <= 1.0);
+        let p = (1.0 + (-m).exp()) / (1.0 + (scale * f64::from(v.distance) - m).exp());
+        assert!((f64::from(v.probability) - p).abs() < 1e-5, "{v:?} vs {p}");
         assert_eq!(v.same, v.distance < threshold);
         correct += usize::from(v.same == same);
     }
@@ -188,6 +198,38 @@ async fn enrol_identify_verify_calibrate_with_images() {
         cal.accuracy > 0.6 && cal.threshold > 0.0 && cal.threshold < 2.0,
         "{cal:?}"
     );
+    // The logistic has an interior optimum (not the edge of the search box), and it
+    // crosses 1/2 near the best-accuracy threshold: both read the same pairs.
+    assert!(
+        cal.dbl_margin > -9.9
+            && cal.dbl_margin < 9.9
+            && cal.dbl_scale > 0.11
+            && cal.dbl_scale < 999.0,
+        "{cal:?}"
+    );
+    let p_at = |d: f32| {
+        let (m, s) = (f64::from(cal.dbl_margin), f64::from(cal.dbl_scale));
+        (1.0 + (-m).exp()) / (1.0 + (s * f64::from(d) - m).exp())
+    };
+    assert!(
+        (0.3..0.7).contains(&p_at(cal.threshold)),
+        "p(threshold) = {}",
+        p_at(cal.threshold)
+    );
+    let v = items
+        .verify(pb::VerifyRequest {
+            collection: "wardrobe".into(),
+            a: input_query(&queries[0]),
+            b: id_query("e0"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        (f64::from(v.probability) - p_at(v.distance)).abs() < 1e-4,
+        "{v:?}"
+    );
+    assert_eq!(v.same, v.distance < cal.threshold);
     let info = colls
         .get_collection(pb::GetCollectionRequest {
             name: "wardrobe".into(),
@@ -196,8 +238,8 @@ async fn enrol_identify_verify_calibrate_with_images() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (info.threshold, info.dbl_margin),
-        (cal.threshold, cal.dbl_margin)
+        (info.threshold, info.dbl_margin, info.dbl_scale),
+        (cal.threshold, cal.dbl_margin, cal.dbl_scale)
     );
     server.stop().await;
 
@@ -213,8 +255,8 @@ async fn enrol_identify_verify_calibrate_with_images() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (info.threshold, info.dbl_margin),
-        (cal.threshold, cal.dbl_margin)
+        (info.threshold, info.dbl_margin, info.dbl_scale),
+        (cal.threshold, cal.dbl_margin, cal.dbl_scale)
     );
     assert_eq!(info.count, 400);
     server.stop().await;

@@ -119,3 +119,104 @@ async fn inputs_choose_their_tower() {
     );
     server.stop().await;
 }
+
+#[test]
+fn keep_size_needs_dynamic_spatial_dims() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = manifest(dir.path(), &["a"], "input", "embedding", 64);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("width = 28\n", "width = 28\nresize = \"keep\"\n");
+    std::fs::write(&path, text).unwrap();
+    let err = load(&path).err().unwrap();
+    assert!(
+        err.contains("dynamic height and width") && err.contains("[batch, 1, dynamic, dynamic]"),
+        "{err}"
+    );
+}
+
+/// `likeness pack` writes an .onnx that carries its manifest; `--model NAME=FILE.onnx`
+/// then loads it with no TOML, and it embeds exactly as the TOML-described model does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_in_onnx_metadata_loads_without_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let packed = dir.path().join("packed.onnx");
+    let shipped_toml =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-triplet/model.toml");
+    let pack = |manifest: &Path, out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_likeness"))
+            .args(["pack", "--manifest"])
+            .arg(manifest)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = pack(&shipped_toml, &packed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Packing a packed file again is refused; so is a manifest spanning two files.
+    let again = dir.path().join("packed.toml");
+    std::fs::write(
+        &again,
+        std::fs::read_to_string(&shipped_toml)
+            .unwrap()
+            .replace("file = \"model.onnx\"", &format!("file = {packed:?}")),
+    )
+    .unwrap();
+    let out = pack(&again, &dir.path().join("twice.onnx"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already carries a manifest"));
+    let spp = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spp/model.toml");
+    let out = pack(&spp, &dir.path().join("spp.onnx"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 files"));
+    // A bare .onnx has no manifest to load.
+    let err = load(&shipped_onnx()).err().unwrap();
+    assert!(
+        err.contains("no manifest") && err.contains("likeness.manifest"),
+        "{err}"
+    );
+
+    let data = dir.path().join("data");
+    let server = TestServer::start_in(&data, |c| {
+        c.models.push(("packed".into(), packed.clone()));
+    })
+    .await;
+    let ch = channel(&server.url()).await;
+    let mut models = pb::models_client::ModelsClient::new(ch.clone());
+    let list = models
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let names: Vec<_> = list.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["fmnist-triplet", "packed"]);
+    assert_eq!(
+        list[0].towers, list[1].towers,
+        "the same manifest, read from metadata"
+    );
+    let png = fixture_pngs("enrol_images.npy").remove(0);
+    let mut e = pb::embedder_client::EmbedderClient::new(ch);
+    let mut got = Vec::new();
+    for model in ["fmnist-triplet", "packed"] {
+        got.push(
+            e.embed(pb::EmbedRequest {
+                model: model.into(),
+                inputs: vec![image_input(&png)],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .embeddings
+            .remove(0)
+            .values,
+        );
+    }
+    assert_eq!(got[0], got[1]);
+    server.stop().await;
+}

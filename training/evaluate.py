@@ -30,6 +30,34 @@ import fmnist_common as fc  # noqa: E402
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 
 
+def dbl_log_likelihood_scaled(dist, same, m, s):
+    """Mean log-likelihood of p(match) = (1+exp(-m)) / (1+exp(s*D-m))."""
+    d = np.asarray(dist, dtype=np.float64)
+    log_p = np.minimum(np.logaddexp(0.0, -m) - np.logaddexp(0.0, s * d - m), -1e-12)
+    log_q = np.log(np.clip(-np.expm1(log_p), 1e-300, None))
+    return float(np.mean(np.where(same.astype(bool), log_p, log_q)))
+
+
+def fit_dbl(dist, same):
+    """Joint fit of the margin m and the distance scale s, the same search the daemon's
+    Calibrate runs (src/db/mod.rs, fit_logistic): m in [-10, 10], s in [0.1, 1000];
+    a 41x41 grid over m and ln s, then two 21x21 grids ten times finer around the best.
+    With s free the optimum is interior (the m-only fit runs off to m -> -inf)."""
+    m, ln_s, best = 0.0, 0.0, -np.inf
+    m_step, s_step, span = 0.5, 0.25, 20
+    for rnd in range(3):
+        m0, s0 = (0.0, 2.0) if rnd == 0 else (m, ln_s)
+        for i in range(-span, span + 1):
+            mi = float(np.clip(m0 + i * m_step, -10.0, 10.0))
+            for j in range(-span, span + 1):
+                sj = float(np.clip(s0 + j * s_step, np.log(0.1), np.log(1000.0)))
+                v = dbl_log_likelihood_scaled(dist, same, mi, np.exp(sj))
+                if v > best:
+                    best, m, ln_s = v, mi, sj
+        m_step, s_step, span = m_step / 10, s_step / 10, 10
+    return m, float(np.exp(ln_s)), best
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +177,8 @@ def main():
         dists["model_clean"], same, t_clean)
     m_clean, ll_clean, edge_clean = fc.fit_dbl_margin(dists["model_clean"], same)
     m_reid, ll_reid, edge_reid = fc.fit_dbl_margin(dists["model_reid"], same)
+    ms_clean = fit_dbl(dists["model_clean"], same)
+    ms_reid = fit_dbl(dists["model_reid"], same)
 
     profile = {f"{m:g}": {"clean": fc.dbl_log_likelihood(dists["model_clean"], same, m),
                           "reid": fc.dbl_log_likelihood(dists["model_reid"], same, m)}
@@ -169,7 +199,11 @@ def main():
                                  "at_search_edge": edge_clean},
                        "reid": {"m": m_reid, "mean_log_lik": ll_reid,
                                 "at_search_edge": edge_reid},
-                       "log_lik_profile": profile},
+                       "log_lik_profile": profile,
+                       "with_scale": {"clean": {"m": ms_clean[0], "s": ms_clean[1],
+                                                "mean_log_lik": ms_clean[2]},
+                                      "reid": {"m": ms_reid[0], "s": ms_reid[1],
+                                               "mean_log_lik": ms_reid[2]}}},
         "mean": mean, "std": std,
         "n_enrol": int(len(enrol_idx)), "n_query": int(len(query_idx)),
         "n_pairs": int(len(pairs)), "n_same_pairs": int(same.sum()),
@@ -231,8 +265,11 @@ def main():
                         "best_threshold": r(mr["threshold"]),
                         "accuracy_at_clean_threshold": r(mr["accuracy_at_clean_threshold"])},
         "threshold": r(t_clean),
-        "dbl_margin": round(m_clean, 4),
-        "dbl_margin_reid": r(m_reid),
+        "dbl_margin": round(ms_clean[0], 4),
+        "dbl_scale": round(ms_clean[1], 4),
+        "dbl_margin_reid": round(ms_reid[0], 4),
+        "dbl_scale_reid": round(ms_reid[1], 4),
+        "dbl_margin_unscaled": round(m_clean, 4),
         "reference_embeddings": "ORT output for enrol_images[0:16] after preprocessing",
         "pairs": "pairs.npy int32 [N,3]: query index, enrol index, 1 if same class",
         "notes": "recall_at_1: nearest enrolled image by cosine distance has the query's class. "
@@ -254,7 +291,8 @@ output = "embedding"
 dimension = {fc.EMBED_DIM}
 normalize = true          # output is already L2-normalised
 metric = "cosine"
-dbl_margin = {round(m_clean, 4)}
+dbl_margin = {round(ms_clean[0], 4)}
+dbl_scale = {round(ms_clean[1], 4)}
 threshold = {t_clean}
 [towers.image]
 channels = 1

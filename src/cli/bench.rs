@@ -284,13 +284,20 @@ async fn embed_bench(d: &Daemon, threads: usize, runs: usize) -> Result<(), Stri
     )?;
     let tensors: Vec<Vec<f32>> = pngs
         .iter()
-        .map(|p| image::preprocess(p, &spec))
+        .map(|p| image::preprocess(p, &spec).map(|(v, _, _)| v))
         .collect::<Result<_, _>>()?;
+    let check = runtime::GraphCheck {
+        inputs: vec![(tower.input.as_str(), tower.input_spec().dims())],
+        output: &tower.output,
+        width: i64::from(tower.dimension),
+        score: false,
+    };
     let (mut session, provider) = runtime::open_session(
         &manifest.dir.join(&tower.file),
-        &tower,
+        &check,
         Device::Cpu,
         threads,
+        true, // ONNX Runtime's default
     )
     .map_err(|e| e.to_string())?;
     let per = tensors[0].len();

@@ -50,6 +50,19 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Measure the daemon against its references (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
+    /// Write a copy of a model's .onnx that carries its TOML manifest in the ONNX
+    /// metadata_props, so that `--model NAME=FILE.onnx` needs no TOML beside it.
+    Pack(PackArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PackArgs {
+    /// The model's TOML manifest (its towers or pair model must use one .onnx file).
+    #[arg(long)]
+    pub manifest: std::path::PathBuf,
+    /// Where to write the .onnx.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -71,10 +84,12 @@ pub enum CollectionsCmd {
     /// Create a collection.
     Create {
         name: String,
-        #[arg(long)]
+        /// Vector length (0 = the model's).
+        #[arg(long, default_value_t = 0)]
         dimension: u32,
-        #[arg(long, value_enum, default_value = "cosine")]
-        metric: MetricArg,
+        /// Unset: the model's metric, or cosine.
+        #[arg(long, value_enum)]
+        metric: Option<MetricArg>,
         #[arg(long, value_enum, default_value = "f32")]
         precision: PrecisionArg,
         /// HNSW degree M (0 = server default).
@@ -86,6 +101,12 @@ pub enum CollectionsCmd {
         /// HNSW ef at search (0 = server default).
         #[arg(long, default_value_t = 0)]
         expansion_search: u32,
+        /// An embedder that embeds items' and queries' inputs.
+        #[arg(long, default_value = "")]
+        model: String,
+        /// A pair model for Verify and for re-ranking searches.
+        #[arg(long, default_value = "")]
+        pair_model: String,
     },
     /// List collections.
     List,
@@ -177,6 +198,11 @@ pub async fn run(addr: String, command: Command) -> Result<(), String> {
     match command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Bench(args) => bench::run(args).await,
+        Command::Pack(args) => {
+            crate::embed::manifest::pack(&args.manifest, &args.out)?;
+            println!("wrote {}", args.out.display());
+            Ok(())
+        }
         Command::Collections(cmd) => collections(&addr, cmd).await,
         Command::Upsert(args) => upsert(&addr, args).await,
         Command::Search(args) => search(&addr, args).await,
@@ -246,15 +272,18 @@ async fn collections(addr: &str, cmd: CollectionsCmd) -> Result<(), String> {
             connectivity,
             expansion_add,
             expansion_search,
+            model,
+            pair_model,
         } => {
             let info = client
                 .create_collection(pb::CreateCollectionRequest {
                     name,
                     dimension,
                     metric: match metric {
-                        MetricArg::Cosine => pb::Metric::Cosine,
-                        MetricArg::L2 => pb::Metric::L2,
-                        MetricArg::Ip => pb::Metric::InnerProduct,
+                        None => pb::Metric::Unspecified,
+                        Some(MetricArg::Cosine) => pb::Metric::Cosine,
+                        Some(MetricArg::L2) => pb::Metric::L2,
+                        Some(MetricArg::Ip) => pb::Metric::InnerProduct,
                     } as i32,
                     index: Some(pb::IndexParams {
                         connectivity,
@@ -266,8 +295,9 @@ async fn collections(addr: &str, cmd: CollectionsCmd) -> Result<(), String> {
                         PrecisionArg::F16 => pb::Precision::F16,
                         PrecisionArg::I8 => pb::Precision::I8,
                     } as i32,
-                    model: String::new(),
+                    model,
                     keep_inputs: None,
+                    pair_model,
                 })
                 .await
                 .map_err(status)?
@@ -371,6 +401,7 @@ async fn search(addr: &str, args: SearchArgs) -> Result<(), String> {
             expansion: args.expansion,
             with_vectors: false,
             with_metadata: true,
+            rerank: 0,
         })
         .await
         .map_err(status)?

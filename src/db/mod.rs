@@ -37,6 +37,8 @@ pub struct CreateCollection {
     pub precision: Option<Precision>,
     pub model: String,
     pub keep_inputs: Option<bool>,
+    /// A pair model's name (checked by the caller, who knows the models); empty for none.
+    pub pair_model: String,
     /// What the named model implies (resolved by the caller, who knows the models).
     pub model_defaults: Option<ModelDefaults>,
 }
@@ -47,6 +49,7 @@ pub struct ModelDefaults {
     pub dimension: u32,
     pub metric: Metric,
     pub dbl_margin: Option<f32>,
+    pub dbl_scale: Option<f32>,
     pub threshold: Option<f32>,
 }
 
@@ -72,6 +75,7 @@ pub struct Verification {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Calibration {
     pub dbl_margin: f32,
+    pub dbl_scale: f32,
     pub threshold: f32,
     pub accuracy: f32,
     pub roc_auc: f32,
@@ -116,8 +120,27 @@ pub struct Collection {
     live: RwLock<Live>,
     writer: Mutex<Writer>,
     turns: Turns,
-    /// (dbl_margin, threshold): the spec's, until Calibrate replaces them.
-    calibration: RwLock<(Option<f32>, Option<f32>)>,
+    /// The spec's logistic and threshold, until Calibrate replaces them.
+    calibration: RwLock<Dbl>,
+}
+
+/// What Verify decides with: the distance-based logistic's margin and scale, and the
+/// threshold on the distance.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Dbl {
+    margin: Option<f32>,
+    scale: Option<f32>,
+    threshold: Option<f32>,
+}
+
+impl Dbl {
+    fn of(spec: &CollectionSpec) -> Dbl {
+        Dbl {
+            margin: spec.dbl_margin,
+            scale: spec.dbl_scale,
+            threshold: spec.threshold,
+        }
+    }
 }
 
 /// The in-memory catalogue: which ANN key each id has now, and what search filters and
@@ -374,6 +397,15 @@ impl Db {
             (false, Some(d)) => Some(d),
             (false, None) => return Err(Error::NotFound(format!("model {:?}", req.model))),
         };
+        if !req.pair_model.is_empty() && req.keep_inputs == Some(false) {
+            return Err(Error::invalid(
+                "keep_inputs",
+                format!(
+                    "pair model {:?} scores the items' stored inputs: the collection must keep them",
+                    req.pair_model
+                ),
+            ));
+        }
         let mut registry = self.collections.write().expect("registry lock");
         if registry.contains_key(&req.name) {
             return Err(Error::AlreadyExists(format!("collection {:?}", req.name)));
@@ -387,9 +419,13 @@ impl Db {
                 .unwrap_or(Metric::Cosine),
             index,
             precision: req.precision.unwrap_or(Precision::F32),
-            keep_inputs: req.keep_inputs.unwrap_or(defaults.is_some()),
+            keep_inputs: req
+                .keep_inputs
+                .unwrap_or(defaults.is_some() || !req.pair_model.is_empty()),
             dbl_margin: defaults.and_then(|d| d.dbl_margin),
+            dbl_scale: defaults.and_then(|d| d.dbl_scale),
             threshold: defaults.and_then(|d| d.threshold),
+            pair_model: req.pair_model,
             model: req.model,
             uid: new_uid(),
         };
@@ -573,9 +609,12 @@ impl Db {
         let vb = coll.resolve("b", b)?.0;
         let distance = coll.spec.metric.distance(&va, &vb);
         let cal = *coll.calibration.read().expect("calibration lock");
-        let m = cal.0.unwrap_or(0.0);
-        let probability = dbl_probability(distance, m);
-        let same = match cal.1 {
+        let probability = dbl_probability(
+            distance,
+            cal.margin.unwrap_or(0.0),
+            cal.scale.unwrap_or(1.0),
+        );
+        let same = match cal.threshold {
             Some(t) => distance < t,
             None => probability > 0.5,
         };
@@ -633,18 +672,19 @@ impl Db {
         }
         let (threshold, accuracy) = best_threshold(&mut scored);
         let roc_auc = roc_auc(&scored);
-        let dbl_margin = fit_margin(&scored);
+        let (dbl_margin, dbl_scale) = fit_logistic(&scored);
         {
             let mut spec = coll.spec.clone();
             spec.dbl_margin = Some(dbl_margin);
+            spec.dbl_scale = Some(dbl_scale);
             spec.threshold = Some(threshold);
             let _registry = self.collections.write().expect("registry lock");
             self.store.put_spec(&spec)?;
-            *coll.calibration.write().expect("calibration lock") =
-                (Some(dbl_margin), Some(threshold));
+            *coll.calibration.write().expect("calibration lock") = Dbl::of(&spec);
         }
         Ok(Calibration {
             dbl_margin,
+            dbl_scale,
             threshold,
             accuracy,
             roc_auc,
@@ -658,9 +698,20 @@ impl Db {
         query: &QueryTarget,
         params: &SearchParams,
     ) -> Result<Vec<Hit>> {
+        self.search_as(collection, "query", query, params)
+    }
+
+    /// [`Db::search`], naming the query `field` in errors.
+    pub fn search_as(
+        &self,
+        collection: &str,
+        field: &str,
+        query: &QueryTarget,
+        params: &SearchParams,
+    ) -> Result<Vec<Hit>> {
         let coll = self.collection(collection)?;
         validate::search_params(params, &self.limits)?;
-        coll.search("query", query, params)
+        coll.search(field, query, params)
     }
 
     pub fn search_batch(
@@ -713,7 +764,7 @@ impl Collection {
     fn create(spec: CollectionSpec, items: ItemsTree) -> Result<Self> {
         let index = AnnIndex::new(&spec, 0)?;
         Ok(Collection {
-            calibration: RwLock::new((spec.dbl_margin, spec.threshold)),
+            calibration: RwLock::new(Dbl::of(&spec)),
             spec,
             items,
             index,
@@ -774,7 +825,7 @@ impl Collection {
         };
         Ok((
             Collection {
-                calibration: RwLock::new((spec.dbl_margin, spec.threshold)),
+                calibration: RwLock::new(Dbl::of(&spec)),
                 spec,
                 items,
                 index,
@@ -800,7 +851,8 @@ impl Collection {
 
     pub fn info(&self) -> CollectionInfo {
         let mut spec = self.spec.clone();
-        (spec.dbl_margin, spec.threshold) = *self.calibration.read().expect("calibration lock");
+        let d = *self.calibration.read().expect("calibration lock");
+        (spec.dbl_margin, spec.dbl_scale, spec.threshold) = (d.margin, d.scale, d.threshold);
         CollectionInfo {
             spec,
             count: self.len() as u64,
@@ -1019,6 +1071,7 @@ impl Collection {
                     BTreeMap::new()
                 },
                 vector,
+                pair_score: None,
             });
         }
         Ok(hits)
@@ -1062,6 +1115,7 @@ impl Collection {
                 } else {
                     Vec::new()
                 },
+                pair_score: None,
             })
             .collect())
     }
@@ -1171,10 +1225,11 @@ fn new_uid() -> u64 {
     h.finish()
 }
 
-/// Distance-based logistic (Vo & Hays 2016): p(match) = (1 + e^-m) / (1 + e^(D - m)).
-pub fn dbl_probability(distance: f32, m: f32) -> f32 {
-    let (d, m) = (f64::from(distance), f64::from(m));
-    ((1.0 + (-m).exp()) / (1.0 + (d - m).exp())).clamp(0.0, 1.0) as f32
+/// Distance-based logistic (Vo & Hays 2016): p(match) = (1 + e^-m) / (1 + e^(sD - m)),
+/// with the distance D scaled by s (s = 1 is the paper's form).
+pub fn dbl_probability(distance: f32, m: f32, s: f32) -> f32 {
+    let (d, m, s) = (f64::from(distance), f64::from(m), f64::from(s));
+    ((1.0 + (-m).exp()) / (1.0 + (s * d - m).exp())).clamp(0.0, 1.0) as f32
 }
 
 /// The threshold with the best accuracy of `distance < threshold` (midway between two
@@ -1234,23 +1289,57 @@ fn roc_auc(scored: &[(f32, bool)]) -> f32 {
     (sum / (positives * negatives)) as f32
 }
 
-/// The m in [-10, 10] (0.01 steps) that maximises the pairs' log-likelihood under
-/// [`dbl_probability`].
-fn fit_margin(scored: &[(f32, bool)]) -> f32 {
-    let ll = |m: f32| -> f64 {
+/// The margin m and scale s that maximise the pairs' log-likelihood under
+/// [`dbl_probability`], m in [-10, 10] and s in [0.1, 1000]: a coarse grid, then two
+/// finer grids around the best point.
+///
+/// The scale is what gives the fit an interior optimum: with s fixed at 1, distances of
+/// unit vectors (at most 2) cannot push p near 0, and the likelihood keeps rising as m
+/// falls, towards p = e^-D.
+fn fit_logistic(scored: &[(f32, bool)]) -> (f32, f32) {
+    let ll = |m: f64, s: f64| -> f64 {
+        let lift = (1.0 + (-m).exp()).ln();
         scored
             .iter()
             .map(|(d, same)| {
-                let p = f64::from(dbl_probability(*d, m)).clamp(1e-9, 1.0 - 1e-9);
-                if *same { p.ln() } else { (1.0 - p).ln() }
+                // ln p = ln(1 + e^-m) - ln(1 + e^(sD - m)), computed without overflow.
+                let z = s * f64::from(*d) - m;
+                let ln_p = (lift - softplus(z)).min(-1e-12);
+                if *same {
+                    ln_p
+                } else {
+                    // ln(1 - p), with p close to 1 handled by expm1.
+                    (-ln_p.exp_m1()).max(1e-300).ln()
+                }
             })
             .sum()
     };
-    (-1000..=1000)
-        .map(|i| i as f32 / 100.0)
-        .map(|m| (m, ll(m)))
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map_or(0.0, |(m, _)| m)
+    let (mut m, mut ln_s) = (0.0f64, 0.0f64);
+    let (mut m_step, mut s_step) = (0.5f64, 0.25f64);
+    let (mut m_span, mut s_span) = (20i32, 20i32);
+    let (m_lo, m_hi, s_lo, s_hi) = (-10.0, 10.0, 0.1f64.ln(), 1000f64.ln());
+    let mut best = f64::NEG_INFINITY;
+    for round in 0..3 {
+        let (m0, s0) = if round == 0 { (0.0, 2.0) } else { (m, ln_s) };
+        for i in -m_span..=m_span {
+            let mi = (m0 + f64::from(i) * m_step).clamp(m_lo, m_hi);
+            for j in -s_span..=s_span {
+                let sj = (s0 + f64::from(j) * s_step).clamp(s_lo, s_hi);
+                let v = ll(mi, sj.exp());
+                if v > best {
+                    (best, m, ln_s) = (v, mi, sj);
+                }
+            }
+        }
+        (m_step, s_step) = (m_step / 10.0, s_step / 10.0);
+        (m_span, s_span) = (10, 10);
+    }
+    (m as f32, ln_s.exp() as f32)
+}
+
+/// ln(1 + e^z), stable for large |z|.
+fn softplus(z: f64) -> f64 {
+    if z > 30.0 { z } else { z.exp().ln_1p() }
 }
 
 #[cfg(test)]
@@ -1259,9 +1348,27 @@ mod tests {
 
     #[test]
     fn dbl_probability_is_one_at_zero_distance_and_falls() {
-        assert!((dbl_probability(0.0, 0.5) - 1.0).abs() < 1e-6);
-        assert!(dbl_probability(0.5, 0.5) > dbl_probability(1.0, 0.5));
-        assert!((dbl_probability(0.5, 0.5) - (1.0 + (-0.5f32).exp()) / 2.0).abs() < 1e-6);
+        assert!((dbl_probability(0.0, 0.5, 1.0) - 1.0).abs() < 1e-6);
+        assert!(dbl_probability(0.5, 0.5, 1.0) > dbl_probability(1.0, 0.5, 1.0));
+        assert!((dbl_probability(0.5, 0.5, 1.0) - (1.0 + (-0.5f32).exp()) / 2.0).abs() < 1e-6);
+        assert!((dbl_probability(0.25, 0.5, 2.0) - dbl_probability(0.5, 0.5, 1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logistic_fit_recovers_the_generating_parameters() {
+        // Pairs drawn from the model itself, m = 3, s = 8: the fit must land near them,
+        // not on the edge of its search box.
+        let mut rng = crate::synth::Rng::new(7);
+        let scored: Vec<(f32, bool)> = (0..20_000)
+            .map(|_| {
+                let d = rng.below(1_000_000) as f32 / 1_000_000.0;
+                let p = dbl_probability(d, 3.0, 8.0);
+                (d, (rng.below(1_000_000) as f32) < p * 1_000_000.0)
+            })
+            .collect();
+        let (m, s) = fit_logistic(&scored);
+        assert!((m - 3.0).abs() < 0.4, "m = {m}");
+        assert!((s - 8.0).abs() < 1.0, "s = {s}");
     }
 
     #[test]

@@ -182,8 +182,17 @@ pub fn search_params(p: &SearchParams, limits: &Limits) -> Result<()> {
             ),
         ));
     }
+    if p.rerank > MAX_RERANK {
+        return Err(Error::invalid(
+            "rerank",
+            format!("{} exceeds the limit of {MAX_RERANK}", p.rerank),
+        ));
+    }
     filter(&p.filter)
 }
+
+/// The most hits one query may re-rank with a pair model (one inference per hit).
+pub const MAX_RERANK: usize = 1000;
 
 fn filter(f: &Filter) -> Result<()> {
     if f.metadata.keys().any(|k| k.is_empty()) {

@@ -11,8 +11,9 @@ use super::manifest::{ImageSpec, Resize};
 /// before any of it is allocated.
 pub const MAX_PIXELS: u64 = 16 << 20;
 
-/// Decodes and preprocesses one image into `channels * height * width` values.
-pub fn preprocess(bytes: &[u8], spec: &ImageSpec) -> Result<Vec<f32>, String> {
+/// Decodes and preprocesses one image into `channels * height * width` values; returns
+/// them with the height and width (the spec's, or the image's own with `resize = "keep"`).
+pub fn preprocess(bytes: &[u8], spec: &ImageSpec) -> Result<(Vec<f32>, u32, u32), String> {
     if bytes.is_empty() {
         return Err("empty image".into());
     }
@@ -46,13 +47,27 @@ pub fn preprocess(bytes: &[u8], spec: &ImageSpec) -> Result<Vec<f32>, String> {
     Ok(tensor(&img, spec))
 }
 
-/// Resizes and normalises a decoded image.
-pub fn tensor(img: &DynamicImage, spec: &ImageSpec) -> Vec<f32> {
+/// The size a `w` x `h` image is brought to: the spec's, or with `resize = "keep"` its
+/// own, scaled down (aspect kept) when it exceeds the spec's height or width.
+pub fn target_size(w: u32, h: u32, spec: &ImageSpec) -> (u32, u32) {
+    if spec.resize != Resize::Keep {
+        return (spec.width, spec.height);
+    }
+    if w <= spec.width && h <= spec.height {
+        return (w, h);
+    }
+    let scale = (f64::from(spec.width) / f64::from(w)).min(f64::from(spec.height) / f64::from(h));
+    let fit = |v: u32, max: u32| ((f64::from(v) * scale).round() as u32).clamp(1, max);
+    (fit(w, spec.width), fit(h, spec.height))
+}
+
+/// Resizes and normalises a decoded image; returns the values, height and width.
+pub fn tensor(img: &DynamicImage, spec: &ImageSpec) -> (Vec<f32>, u32, u32) {
     let filter = match spec.resize {
-        Resize::Bilinear => FilterType::Triangle,
+        Resize::Bilinear | Resize::Keep => FilterType::Triangle,
         Resize::Nearest => FilterType::Nearest,
     };
-    let (w, h) = (spec.width, spec.height);
+    let (w, h) = target_size(img.width(), img.height(), spec);
     let plane = (w * h) as usize;
     let mut out = vec![0f32; plane * spec.channels as usize];
     if spec.channels == 1 {
@@ -74,5 +89,5 @@ pub fn tensor(img: &DynamicImage, spec: &ImageSpec) -> Vec<f32> {
             }
         }
     }
-    out
+    (out, h, w)
 }

@@ -5,6 +5,9 @@
 //! from all clients queue, and a worker takes up to `max_batch` of them, or whatever
 //! arrived within `max_delay`, and runs them as one batch. The queue is bounded: a unary
 //! caller finding it full gets RESOURCE_EXHAUSTED, a stream waits.
+//!
+//! A pair model is one graph that takes two inputs and scores how alike they are
+//! (Zagoruyko & Komodakis 2015); it is batched the same way.
 
 pub mod image;
 pub mod manifest;
@@ -12,15 +15,15 @@ pub mod runtime;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::error::{Error, Result};
-use manifest::{Manifest, TowerSpec};
+use manifest::{InputSpec, Manifest, PairSpec, TowerSpec};
 pub use runtime::Device;
 
 /// One input to embed.
@@ -47,8 +50,10 @@ pub struct BatchConfig {
     /// Inputs that may wait per tower before unary calls are refused.
     pub queue: usize,
     pub device: Device,
-    /// Total intra-op threads per tower, split across its sessions.
+    /// Intra-op threads per graph.
     pub threads: usize,
+    /// Let idle intra-op threads spin (ONNX Runtime's default) instead of sleeping.
+    pub spin: bool,
 }
 
 impl Default for BatchConfig {
@@ -59,6 +64,7 @@ impl Default for BatchConfig {
             queue: 4096,
             device: Device::Auto,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            spin: false,
         }
     }
 }
@@ -68,8 +74,11 @@ impl Default for BatchConfig {
 pub struct ModelInfo {
     pub name: String,
     pub version: String,
+    /// The embedding dimension; 0 for a pair model.
     pub dimension: u32,
     pub towers: Vec<TowerInfo>,
+    /// A pair model's inputs, score and threshold.
+    pub pair: Option<PairSpec>,
     pub execution_provider: String,
 }
 
@@ -79,37 +88,86 @@ pub struct TowerInfo {
     pub execution_provider: String,
 }
 
-/// Every loaded model by name.
+/// Every loaded model by name: embedders and pair models share one namespace.
 #[derive(Default)]
 pub struct Models {
-    models: BTreeMap<String, Arc<Model>>,
+    embedders: BTreeMap<String, Arc<Model>>,
+    pairs: BTreeMap<String, Arc<PairModel>>,
 }
 
 impl Models {
-    /// Loads `name -> manifest path` pairs.
+    /// Loads `name -> manifest path` pairs (a TOML manifest, or an .onnx file carrying
+    /// its manifest in metadata_props).
     pub fn load(specs: &[(String, PathBuf)], config: BatchConfig) -> Result<Models> {
-        let mut models = BTreeMap::new();
+        let mut models = Models::default();
         for (name, path) in specs {
             let start = Instant::now();
-            let model = Model::load(name, path, config)?;
-            tracing::info!(model = %name, towers = model.towers.len(), provider = %model.info().execution_provider, took_ms = start.elapsed().as_millis() as u64, "loaded model");
-            models.insert(name.clone(), Arc::new(model));
+            let manifest = Manifest::load(path)?;
+            let info = if manifest.pair.is_some() {
+                let m = PairModel::load(name, manifest, config)?;
+                let info = m.info();
+                models.pairs.insert(name.clone(), Arc::new(m));
+                info
+            } else {
+                let m = Model::load(name, manifest, config)?;
+                let info = m.info();
+                models.embedders.insert(name.clone(), Arc::new(m));
+                info
+            };
+            tracing::info!(model = %name, kind = if info.pair.is_some() { "pair" } else { "embedder" }, towers = info.towers.len(), provider = %info.execution_provider, took_ms = start.elapsed().as_millis() as u64, "loaded model");
         }
-        Ok(Models { models })
+        Ok(models)
     }
 
+    /// An embedder.
     pub fn get(&self, name: &str) -> Result<Arc<Model>> {
-        self.models
+        if self.pairs.contains_key(name) {
+            return Err(Error::invalid(
+                "model",
+                format!("{name:?} is a pair model: it scores pairs and does not embed"),
+            ));
+        }
+        self.embedders
             .get(name)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("model {name:?}")))
     }
 
+    /// A pair model.
+    pub fn pair(&self, name: &str) -> Result<Arc<PairModel>> {
+        if self.embedders.contains_key(name) {
+            return Err(Error::invalid(
+                "pair_model",
+                format!("{name:?} is an embedder, not a pair model"),
+            ));
+        }
+        self.pairs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("pair model {name:?}")))
+    }
+
+    pub fn info(&self, name: &str) -> Result<ModelInfo> {
+        match self.pairs.get(name) {
+            Some(p) => Ok(p.info()),
+            None => self.get(name).map(|m| m.info()),
+        }
+    }
+
+    /// Every model, by name.
     pub fn list(&self) -> Vec<ModelInfo> {
-        self.models.values().map(|m| m.info()).collect()
+        let mut all: Vec<ModelInfo> = self
+            .embedders
+            .values()
+            .map(|m| m.info())
+            .chain(self.pairs.values().map(|p| p.info()))
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 }
 
+/// An embedder: towers mapping into one space.
 pub struct Model {
     name: String,
     manifest: Manifest,
@@ -118,8 +176,11 @@ pub struct Model {
 
 struct Tower {
     spec: TowerSpec,
-    /// Values per input (the product of the input shape without the batch axis).
-    item_shape: Vec<usize>,
+    batcher: Batcher,
+}
+
+/// One graph behind a bounded queue, run in batches on a dedicated thread.
+struct Batcher {
     queue: Sender<Job>,
     admission: Arc<Semaphore>,
     /// The admission semaphore's size.
@@ -127,53 +188,146 @@ struct Tower {
     provider: &'static str,
 }
 
+/// What a batch worker feeds its graph and reads back.
+struct Graph {
+    /// For logs: the tower's name, or "pair".
+    label: String,
+    inputs: Vec<String>,
+    output: String,
+    /// Output values per row (the dimension, or 1 for a pair score).
+    width: usize,
+    normalize: bool,
+}
+
 struct Job {
-    values: Vec<f32>,
+    /// One tensor per graph input, each shaped `dims`.
+    values: Vec<Vec<f32>>,
+    /// The item's shape without the batch axis; only equal shapes batch together.
+    dims: Vec<i64>,
     queued: Instant,
     reply: oneshot::Sender<std::result::Result<Vec<f32>, String>>,
     /// The request's admission; its queue slots free when its last job is done.
     _permit: Arc<OwnedSemaphorePermit>,
 }
 
+type Reply = oneshot::Receiver<std::result::Result<Vec<f32>, String>>;
+
+impl Batcher {
+    fn start(
+        file: &Path,
+        check: &runtime::GraphCheck<'_>,
+        graph: Graph,
+        config: BatchConfig,
+    ) -> Result<Batcher> {
+        // One session whose intra-op threads cover the cores: two sessions of half the
+        // threads each split a bounded number of waiting requests between them and ran
+        // at half speed (measured: 0.5x with 64 single-image clients).
+        let (session, provider) = runtime::open_session(
+            file,
+            check,
+            config.device,
+            config.threads.max(1),
+            config.spin,
+        )?;
+        let (tx, rx) = channel::<Job>();
+        std::thread::Builder::new()
+            .name(format!("embed-{}", graph.label))
+            .spawn(move || worker(session, &graph, &rx, config))
+            .map_err(Error::Io)?;
+        Ok(Batcher {
+            queue: tx,
+            admission: Arc::new(Semaphore::new(config.queue)),
+            capacity: config.queue,
+            provider,
+        })
+    }
+
+    /// Room for `n` inputs of one request, all or nothing. `wait`: block on a full
+    /// queue (streams) instead of RESOURCE_EXHAUSTED (unary calls).
+    async fn admit(
+        &self,
+        model: &str,
+        what: &str,
+        n: usize,
+        wait: bool,
+    ) -> Result<Arc<OwnedSemaphorePermit>> {
+        if n > self.capacity {
+            return Err(Error::ResourceExhausted(format!(
+                "model {model:?}: {n} inputs for {what} exceed its queue of {}; send fewer per request",
+                self.capacity
+            )));
+        }
+        let refused =
+            || Error::ResourceExhausted(format!("model {model:?}: the queue is full; retry later"));
+        let permit = if wait {
+            self.admission
+                .clone()
+                .acquire_many_owned(n as u32)
+                .await
+                .map_err(|_| refused())?
+        } else {
+            self.admission
+                .clone()
+                .try_acquire_many_owned(n as u32)
+                .map_err(|_| refused())?
+        };
+        Ok(Arc::new(permit))
+    }
+
+    fn send(
+        &self,
+        values: Vec<Vec<f32>>,
+        dims: Vec<i64>,
+        permit: &Arc<OwnedSemaphorePermit>,
+    ) -> Result<Reply> {
+        let (reply, rx) = oneshot::channel();
+        self.queue
+            .send(Job {
+                values,
+                dims,
+                queued: Instant::now(),
+                reply,
+                _permit: permit.clone(),
+            })
+            .map_err(|_| Error::Unavailable("model worker stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+/// Waits for every reply, naming the failed input.
+async fn collect(pending: Vec<Reply>, field: impl Fn(usize) -> String) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(pending.len());
+    for (i, rx) in pending.into_iter().enumerate() {
+        let v = rx
+            .await
+            .map_err(|_| Error::Model("model worker stopped".into()))?
+            .map_err(|e| Error::Model(format!("{}: {e}", field(i))))?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
 impl Model {
-    fn load(name: &str, path: &Path, config: BatchConfig) -> Result<Model> {
-        let manifest = Manifest::load(path)?;
+    fn load(name: &str, manifest: Manifest, config: BatchConfig) -> Result<Model> {
         let mut towers = Vec::with_capacity(manifest.towers.len());
         for spec in &manifest.towers {
             let file = manifest.dir.join(&spec.file);
-            // One session whose intra-op threads cover the cores: two sessions of half
-            // the threads each split a bounded number of waiting requests between them
-            // and ran at half speed (measured: 0.5x with 64 single-image clients).
-            let sessions = 1;
-            let threads = config.threads.max(1);
-            let (tx, rx) = channel::<Job>();
-            let rx = Arc::new(Mutex::new(rx));
-            let mut provider = "CPUExecutionProvider";
-            for i in 0..sessions {
-                let (session, p) = runtime::open_session(&file, spec, config.device, threads)?;
-                provider = p;
-                let (rx, spec, cfg) = (rx.clone(), spec.clone(), config);
-                std::thread::Builder::new()
-                    .name(format!("embed-{}-{i}", spec.name))
-                    .spawn(move || worker(session, &spec, &rx, cfg))
-                    .map_err(Error::Io)?;
-            }
-            let item_shape = match (&spec.image, &spec.tensor) {
-                (Some(img), _) => vec![
-                    img.channels as usize,
-                    img.height as usize,
-                    img.width as usize,
-                ],
-                (None, Some(t)) => t.shape.iter().map(|d| *d as usize).collect(),
-                (None, None) => unreachable!("validated manifest"),
+            let check = runtime::GraphCheck {
+                inputs: vec![(spec.input.as_str(), spec.input_spec().dims())],
+                output: &spec.output,
+                width: i64::from(spec.dimension),
+                score: false,
+            };
+            let graph = Graph {
+                label: spec.name.clone(),
+                inputs: vec![spec.input.clone()],
+                output: spec.output.clone(),
+                width: spec.dimension as usize,
+                normalize: spec.normalize,
             };
             towers.push(Tower {
                 spec: spec.clone(),
-                item_shape,
-                queue: tx,
-                admission: Arc::new(Semaphore::new(config.queue)),
-                capacity: config.queue,
-                provider,
+                batcher: Batcher::start(&file, &check, graph, config)?,
             });
         }
         Ok(Model {
@@ -206,10 +360,11 @@ impl Model {
                 .iter()
                 .map(|t| TowerInfo {
                     spec: t.spec.clone(),
-                    execution_provider: t.provider.to_string(),
+                    execution_provider: t.batcher.provider.to_string(),
                 })
                 .collect(),
-            execution_provider: self.towers[0].provider.to_string(),
+            pair: None,
+            execution_provider: self.towers[0].batcher.provider.to_string(),
         }
     }
 
@@ -236,110 +391,195 @@ impl Model {
         for (i, input) in inputs.into_iter().enumerate() {
             let field = format!("inputs[{i}]");
             let t = self.tower_index(&field, &input.tower)?;
-            let tower = &self.towers[t];
-            jobs.push((
-                t,
-                field,
-                input.data,
-                tower.spec.clone(),
-                tower.item_shape.clone(),
-            ));
+            jobs.push((t, field, input.data, self.towers[t].spec.clone()));
         }
         // Decoding is CPU work: off the async workers.
         let tensors = tokio::task::spawn_blocking(move || {
             jobs.into_iter()
-                .map(|(t, field, data, spec, shape)| {
-                    prepare(&field, data, &spec, &shape).map(|v| (t, v))
+                .map(|(t, field, data, spec)| {
+                    prepare(&field, data, &spec.name, spec.input_spec()).map(|v| (t, v))
                 })
                 .collect::<Result<Vec<_>>>()
         })
         .await??;
         // Admission for the whole request at once, per tower, so that a refused request
         // leaves nothing queued behind it.
-        let mut permits: Vec<Option<Arc<OwnedSemaphorePermit>>> = vec![None; self.towers.len()];
+        let mut permits = Vec::with_capacity(self.towers.len());
         for (t, tower) in self.towers.iter().enumerate() {
-            let n = tensors.iter().filter(|(tt, _)| *tt == t).count() as u32;
-            if n == 0 {
-                continue;
-            }
-            if n as usize > tower.capacity {
-                return Err(Error::ResourceExhausted(format!(
-                    "model {:?}: {n} inputs for tower {:?} exceed its queue of {}; send fewer per request",
-                    self.name, tower.spec.name, tower.capacity
-                )));
-            }
-            let refused = || {
-                Error::ResourceExhausted(format!(
-                    "model {:?}: the embedding queue is full; retry later",
-                    self.name
-                ))
-            };
-            let permit = if wait {
-                tower
-                    .admission
-                    .clone()
-                    .acquire_many_owned(n)
-                    .await
-                    .map_err(|_| refused())?
+            let n = tensors.iter().filter(|(tt, _)| *tt == t).count();
+            permits.push(if n == 0 {
+                None
             } else {
-                tower
-                    .admission
-                    .clone()
-                    .try_acquire_many_owned(n)
-                    .map_err(|_| refused())?
-            };
-            permits[t] = Some(Arc::new(permit));
+                let what = format!("tower {:?}", tower.spec.name);
+                Some(tower.batcher.admit(&self.name, &what, n, wait).await?)
+            });
         }
         let mut pending = Vec::with_capacity(tensors.len());
-        for (t, values) in tensors {
-            let (reply, rx) = oneshot::channel();
-            self.towers[t]
-                .queue
-                .send(Job {
-                    values,
-                    queued: Instant::now(),
-                    reply,
-                    _permit: permits[t].clone().expect("permit per used tower"),
-                })
-                .map_err(|_| Error::Unavailable("embedder stopped".into()))?;
-            pending.push(rx);
+        for (t, (values, dims)) in tensors {
+            let permit = permits[t].as_ref().expect("permit per used tower");
+            pending.push(self.towers[t].batcher.send(vec![values], dims, permit)?);
         }
-        let mut out = Vec::with_capacity(pending.len());
-        for (i, rx) in pending.into_iter().enumerate() {
-            let v = rx
-                .await
-                .map_err(|_| Error::Model("embedder worker stopped".into()))?
-                .map_err(|e| Error::Model(format!("inputs[{i}]: {e}")))?;
-            out.push(v);
-        }
-        Ok(out)
+        collect(pending, |i| format!("inputs[{i}]")).await
     }
 }
 
-/// Decodes (images) or checks (tensors) one input into the tower's flat layout.
-fn prepare(field: &str, data: InputData, spec: &TowerSpec, shape: &[usize]) -> Result<Vec<f32>> {
-    match data {
-        InputData::Image(bytes) => {
-            let Some(img) = &spec.image else {
-                return Err(Error::invalid(
-                    format!("{field}.image"),
-                    format!("tower {:?} takes tensors, not images", spec.name),
-                ));
-            };
-            image::preprocess(&bytes, img).map_err(|e| Error::invalid(format!("{field}.image"), e))
+/// A pair model: one graph taking two inputs and returning a match score.
+pub struct PairModel {
+    name: String,
+    version: String,
+    spec: PairSpec,
+    batcher: Batcher,
+}
+
+impl PairModel {
+    fn load(name: &str, manifest: Manifest, config: BatchConfig) -> Result<PairModel> {
+        let spec = manifest.pair.clone().expect("a pair manifest");
+        let file = manifest.dir.join(&spec.file);
+        let dims = spec.input_spec().dims();
+        let check = runtime::GraphCheck {
+            inputs: vec![
+                (spec.inputs[0].as_str(), dims.clone()),
+                (spec.inputs[1].as_str(), dims),
+            ],
+            output: &spec.output,
+            width: 1,
+            score: true,
+        };
+        let graph = Graph {
+            label: format!("{name}-pair"),
+            inputs: spec.inputs.to_vec(),
+            output: spec.output.clone(),
+            width: 1,
+            normalize: false,
+        };
+        Ok(PairModel {
+            name: name.to_string(),
+            version: manifest.version,
+            batcher: Batcher::start(&file, &check, graph, config)?,
+            spec,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A pair is "the same" when its score reaches this.
+    pub fn threshold(&self) -> f32 {
+        self.spec.threshold
+    }
+
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            dimension: 0,
+            towers: Vec::new(),
+            pair: Some(self.spec.clone()),
+            execution_provider: self.batcher.provider.to_string(),
         }
-        InputData::Tensor {
-            shape: given,
-            values,
-        } => {
-            let want: Vec<u32> = shape.iter().map(|d| *d as u32).collect();
+    }
+
+    /// Scores each pair; a bad input fails the call, naming `pairs[i].a` or `.b`,
+    /// before anything is queued.
+    pub async fn score(&self, pairs: Vec<(InputData, InputData)>, wait: bool) -> Result<Vec<f32>> {
+        if pairs.is_empty() {
+            return Err(Error::invalid("pairs", "must not be empty"));
+        }
+        let spec = self.spec.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            pairs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (a, b))| {
+                    let (va, dims) =
+                        prepare(&format!("pairs[{i}].a"), a, "pair", spec.input_spec())?;
+                    let (vb, _) = prepare(&format!("pairs[{i}].b"), b, "pair", spec.input_spec())?;
+                    Ok((vec![va, vb], dims))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await??;
+        let permit = self
+            .batcher
+            .admit(&self.name, "pairs", prepared.len(), wait)
+            .await?;
+        let pending = prepared
+            .into_iter()
+            .map(|(values, dims)| self.batcher.send(values, dims, &permit))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(collect(pending, |i| format!("pairs[{i}]"))
+            .await?
+            .into_iter()
+            .map(|row| row[0])
+            .collect())
+    }
+}
+
+/// Decodes (images) or checks (tensors) one input into a graph input's flat layout;
+/// returns the values and their shape without the batch axis.
+fn prepare(
+    field: &str,
+    data: InputData,
+    owner: &str,
+    spec: InputSpec<'_>,
+) -> Result<(Vec<f32>, Vec<i64>)> {
+    match (data, spec) {
+        (InputData::Image(bytes), InputSpec::Image(img)) => {
+            let (values, h, w) = image::preprocess(&bytes, img)
+                .map_err(|e| Error::invalid(format!("{field}.image"), e))?;
+            Ok((
+                values,
+                vec![i64::from(img.channels), i64::from(h), i64::from(w)],
+            ))
+        }
+        (InputData::Image(_), InputSpec::Tensor(_)) => Err(Error::invalid(
+            format!("{field}.image"),
+            format!("{owner:?} takes tensors, not images"),
+        )),
+        (
+            InputData::Tensor {
+                shape: given,
+                values,
+            },
+            spec,
+        ) => {
+            let want = match spec {
+                InputSpec::Tensor(t) => t.shape.clone(),
+                InputSpec::Image(img) if img.resize != manifest::Resize::Keep => {
+                    vec![img.channels, img.height, img.width]
+                }
+                InputSpec::Image(img) => {
+                    // Keeps its size: any positive spatial dims up to the limit.
+                    match given[..] {
+                        [c, h, w]
+                            if c == img.channels
+                                && h > 0
+                                && w > 0
+                                && h <= img.height
+                                && w <= img.width =>
+                        {
+                            given.clone()
+                        }
+                        _ => {
+                            return Err(Error::invalid(
+                                format!("{field}.tensor.shape"),
+                                format!(
+                                    "{given:?}, {owner:?} takes [{}, 1..={}, 1..={}]",
+                                    img.channels, img.height, img.width
+                                ),
+                            ));
+                        }
+                    }
+                }
+            };
             if given != want {
                 return Err(Error::invalid(
                     format!("{field}.tensor.shape"),
-                    format!("{given:?}, tower {:?} takes {want:?}", spec.name),
+                    format!("{given:?}, {owner:?} takes {want:?}"),
                 ));
             }
-            let n: usize = shape.iter().product();
+            let n: usize = want.iter().map(|d| *d as usize).product();
             if values.len() != n {
                 return Err(Error::invalid(
                     format!("{field}.tensor.values"),
@@ -352,102 +592,102 @@ fn prepare(field: &str, data: InputData, spec: &TowerSpec, shape: &[usize]) -> R
                     "not a finite number",
                 ));
             }
-            Ok(values)
+            Ok((values, want.iter().map(|d| i64::from(*d)).collect()))
         }
     }
 }
 
-/// A session's thread: gather a batch (up to max_batch, or what arrives within
-/// max_delay of the first job), run it, answer each job.
-fn worker(mut session: Session, spec: &TowerSpec, rx: &Mutex<Receiver<Job>>, cfg: BatchConfig) {
-    let per_item: usize = match (&spec.image, &spec.tensor) {
-        (Some(img), _) => (img.channels * img.height * img.width) as usize,
-        (None, Some(t)) => t.shape.iter().map(|d| *d as usize).product(),
-        (None, None) => return,
-    };
-    let item_dims: Vec<i64> = match (&spec.image, &spec.tensor) {
-        (Some(img), _) => vec![
-            i64::from(img.channels),
-            i64::from(img.height),
-            i64::from(img.width),
-        ],
-        (None, Some(t)) => t.shape.iter().map(|d| i64::from(*d)).collect(),
-        (None, None) => return,
-    };
+/// A batch worker's thread: gather a batch (up to max_batch, or what arrives within
+/// max_delay of the oldest job), run each group of same-shaped jobs, answer each job.
+fn worker(mut session: Session, graph: &Graph, rx: &Receiver<Job>, cfg: BatchConfig) {
     loop {
         let mut batch = Vec::with_capacity(cfg.max_batch);
-        {
-            let rx = rx.lock().expect("embed queue lock");
-            match rx.recv() {
+        match rx.recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => return, // model dropped
+        }
+        // The delay runs from when the oldest job was queued: jobs that waited while the
+        // previous batch ran go at once with whatever else is there.
+        let deadline = batch[0].queued + cfg.max_delay;
+        while batch.len() < cfg.max_batch {
+            match rx.try_recv() {
                 Ok(job) => batch.push(job),
-                Err(_) => return, // model dropped
-            }
-            // The delay runs from when the oldest job was queued: jobs that waited while
-            // the previous batch ran go at once with whatever else is there.
-            let deadline = batch[0].queued + cfg.max_delay;
-            while batch.len() < cfg.max_batch {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => {
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            break;
-                        }
-                        match rx.recv_timeout(left) {
-                            Ok(job) => batch.push(job),
-                            Err(RecvTimeoutError::Timeout) => break,
-                            Err(RecvTimeoutError::Disconnected) => break,
-                        }
+                Err(_) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(job) => batch.push(job),
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                     }
                 }
             }
         }
-        let n = batch.len();
-        let mut data = Vec::with_capacity(n * per_item);
-        for job in &batch {
-            data.extend_from_slice(&job.values);
-        }
-        let mut shape = vec![n as i64];
-        shape.extend_from_slice(&item_dims);
-        match run(&mut session, spec, shape, data) {
-            Ok(rows) => {
-                for (job, row) in batch.into_iter().zip(rows) {
-                    let _ = job.reply.send(Ok(row));
-                }
+        // Graphs with dynamic spatial dims get inputs of many sizes: one run per size.
+        let mut groups: Vec<Vec<Job>> = Vec::new();
+        for job in batch {
+            match groups.iter_mut().find(|g| g[0].dims == job.dims) {
+                Some(g) => g.push(job),
+                None => groups.push(vec![job]),
             }
-            Err(e) => {
-                tracing::error!(tower = %spec.name, error = %e, batch = n, "inference failed");
-                for job in batch {
-                    let _ = job.reply.send(Err(e.clone()));
+        }
+        for jobs in groups {
+            let n = jobs.len();
+            match run(&mut session, graph, &jobs) {
+                Ok(rows) => {
+                    for (job, row) in jobs.into_iter().zip(rows) {
+                        let _ = job.reply.send(Ok(row));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(graph = %graph.label, error = %e, batch = n, "inference failed");
+                    for job in jobs {
+                        let _ = job.reply.send(Err(e.clone()));
+                    }
                 }
             }
         }
     }
 }
 
+/// Runs one batch of same-shaped jobs.
 fn run(
     session: &mut Session,
-    spec: &TowerSpec,
-    shape: Vec<i64>,
-    data: Vec<f32>,
+    graph: &Graph,
+    jobs: &[Job],
 ) -> std::result::Result<Vec<Vec<f32>>, String> {
-    let n = shape[0] as usize;
-    let tensor = ort::value::Tensor::from_array((shape, data)).map_err(|e| e.to_string())?;
-    let outputs = session
-        .run(ort::inputs![spec.input.as_str() => tensor])
-        .map_err(|e| e.to_string())?;
-    let (out_shape, values) = outputs[spec.output.as_str()]
+    let n = jobs.len();
+    let mut shape = vec![n as i64];
+    shape.extend_from_slice(&jobs[0].dims);
+    let mut inputs = Vec::with_capacity(graph.inputs.len());
+    for (i, name) in graph.inputs.iter().enumerate() {
+        let mut data = Vec::with_capacity(n * jobs[0].values[i].len());
+        for job in jobs {
+            data.extend_from_slice(&job.values[i]);
+        }
+        let tensor =
+            ort::value::Tensor::from_array((shape.clone(), data)).map_err(|e| e.to_string())?;
+        inputs.push((name.as_str(), tensor));
+    }
+    let outputs = session.run(inputs).map_err(|e| e.to_string())?;
+    let (out_shape, values) = outputs[graph.output.as_str()]
         .try_extract_tensor::<f32>()
         .map_err(|e| e.to_string())?;
-    let dim = spec.dimension as usize;
-    if out_shape.len() != 2 || out_shape[0] as usize != n || out_shape[1] as usize != dim {
+    let dim = graph.width;
+    let ok = match out_shape.len() {
+        1 => dim == 1 && out_shape[0] as usize == n,
+        2 => out_shape[0] as usize == n && out_shape[1] as usize == dim,
+        _ => false,
+    };
+    if !ok {
         return Err(format!("output shape {out_shape:?}, expected [{n}, {dim}]"));
     }
     Ok(values
         .chunks_exact(dim)
         .map(|row| {
             let mut v = row.to_vec();
-            if spec.normalize {
+            if graph.normalize {
                 let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
                 if norm > 0.0 {
                     v.iter_mut().for_each(|x| *x /= norm);
@@ -458,12 +698,20 @@ fn run(
         .collect())
 }
 
-/// The model shipped with the project (compiled-in path, for `likeness serve` with no
-/// model flags on the machine that built it).
+/// The embedder shipped with the project (compiled-in path, for `likeness serve` with
+/// no model flags on the machine that built it).
 pub fn default_model() -> (String, PathBuf) {
     (
         "fmnist-triplet".into(),
         Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-triplet/model.toml"),
+    )
+}
+
+/// The pair model shipped with the project.
+pub fn default_pair_model() -> (String, PathBuf) {
+    (
+        "fmnist-pair".into(),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-pair/model.toml"),
     )
 }
 

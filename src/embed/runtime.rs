@@ -7,7 +7,6 @@ use std::sync::OnceLock;
 use ort::ep::ExecutionProvider;
 use ort::session::Session;
 
-use super::manifest::TowerSpec;
 use crate::error::{Error, Result};
 
 /// Where inference runs.
@@ -66,19 +65,33 @@ pub fn environment() -> Result<&'static ort::environment::Environment> {
     .map_err(|e| Error::Model(e.clone()))
 }
 
-/// Opens one tower's session on `device` with `threads` intra-op threads; returns it with
-/// the execution provider it really runs on.
+/// What a graph must look like: its inputs (name, shape without the batch axis; -1 where
+/// the dimension must be dynamic), and its output.
+pub struct GraphCheck<'a> {
+    pub inputs: Vec<(&'a str, Vec<i64>)>,
+    pub output: &'a str,
+    /// Values per row of the output.
+    pub width: i64,
+    /// A score per pair: the output may also be 1-D, [batch].
+    pub score: bool,
+}
+
+/// Opens a session on `device` with `threads` intra-op threads and checks it against
+/// `check`; returns it with the execution provider it really runs on.
 pub fn open_session(
     file: &Path,
-    tower: &TowerSpec,
+    check: &GraphCheck<'_>,
     device: Device,
     threads: usize,
+    spin: bool,
 ) -> Result<(Session, &'static str)> {
     let env = environment()?;
     let ort_err = |e: ort::Error| Error::Model(format!("{}: {e}", file.display()));
     let mut builder = Session::builder(env)
         .map_err(ort_err)?
         .with_intra_threads(threads.max(1))
+        .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?
+        .with_intra_op_spinning(spin)
         .map_err(|e| Error::Model(format!("{}: {e}", file.display())))?;
     let mut provider = "CPUExecutionProvider";
     let cuda_id = match device {
@@ -115,30 +128,69 @@ pub fn open_session(
         }
     }
     let session = builder.commit_from_file(file).map_err(ort_err)?;
-    check_graph(&session, file, tower)?;
+    check_graph(&session, file, check)?;
     Ok((session, provider))
 }
 
 /// The manifest must agree with the graph: names, element types, fixed dimensions.
-fn check_graph(session: &Session, file: &Path, tower: &TowerSpec) -> Result<()> {
+fn check_graph(session: &Session, file: &Path, check: &GraphCheck<'_>) -> Result<()> {
     let bad = |why: String| {
         Err(Error::Model(format!(
             "{} vs its manifest: {why}",
             file.display()
         )))
     };
-    let Some(input) = session.inputs().iter().find(|i| i.name() == tower.input) else {
-        let names: Vec<_> = session
-            .inputs()
-            .iter()
-            .map(|i| i.name().to_string())
-            .collect();
-        return bad(format!(
-            "no input {:?} (the graph has {names:?})",
-            tower.input
-        ));
-    };
-    let Some(output) = session.outputs().iter().find(|o| o.name() == tower.output) else {
+    for (name, want) in &check.inputs {
+        let Some(input) = session.inputs().iter().find(|i| i.name() == *name) else {
+            let names: Vec<_> = session
+                .inputs()
+                .iter()
+                .map(|i| i.name().to_string())
+                .collect();
+            return bad(format!("no input {name:?} (the graph has {names:?})"));
+        };
+        let Some(shape) = input.dtype().tensor_shape() else {
+            return bad(format!("input {name:?} is not a tensor"));
+        };
+        let dims: Vec<i64> = shape.iter().copied().collect();
+        let implied = || {
+            let w: Vec<String> = want
+                .iter()
+                .map(|d| {
+                    if *d < 0 {
+                        "dynamic".into()
+                    } else {
+                        d.to_string()
+                    }
+                })
+                .collect();
+            format!("[batch, {}]", w.join(", "))
+        };
+        if dims.len() != want.len() + 1 {
+            return bad(format!(
+                "input {name:?} has shape {dims:?}, the manifest implies {}",
+                implied()
+            ));
+        }
+        for (g, w) in dims[1..].iter().zip(want) {
+            let fits = if *w < 0 { *g < 0 } else { *g < 0 || g == w };
+            if !fits {
+                return bad(format!(
+                    "input {name:?} has shape {dims:?}, the manifest implies {}{}",
+                    implied(),
+                    if *w < 0 {
+                        " (resize = \"keep\" needs dynamic height and width)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+        if input.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
+            return bad(format!("input {name:?} must be float32"));
+        }
+    }
+    let Some(output) = session.outputs().iter().find(|o| o.name() == check.output) else {
         let names: Vec<_> = session
             .outputs()
             .iter()
@@ -146,48 +198,28 @@ fn check_graph(session: &Session, file: &Path, tower: &TowerSpec) -> Result<()> 
             .collect();
         return bad(format!(
             "no output {:?} (the graph has {names:?})",
-            tower.output
+            check.output
         ));
     };
-    let want: Vec<i64> = match (&tower.image, &tower.tensor) {
-        (Some(img), _) => vec![
-            i64::from(img.channels),
-            i64::from(img.height),
-            i64::from(img.width),
-        ],
-        (None, Some(t)) => t.shape.iter().map(|d| i64::from(*d)).collect(),
-        (None, None) => unreachable!("validated manifest"),
-    };
-    let Some(shape) = input.dtype().tensor_shape() else {
-        return bad(format!("input {:?} is not a tensor", tower.input));
-    };
-    let dims: Vec<i64> = shape.iter().copied().collect();
-    if dims.len() != want.len() + 1 {
-        return bad(format!(
-            "input {:?} has shape {dims:?}, the manifest implies [batch, {want:?}]",
-            tower.input
-        ));
-    }
-    for (g, w) in dims[1..].iter().zip(&want) {
-        if *g >= 0 && g != w {
-            return bad(format!(
-                "input {:?} has shape {dims:?}, the manifest implies [batch, {want:?}]",
-                tower.input
-            ));
-        }
-    }
-    if input.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
-        return bad(format!("input {:?} must be float32", tower.input));
-    }
     let Some(out_shape) = output.dtype().tensor_shape() else {
-        return bad(format!("output {:?} is not a tensor", tower.output));
+        return bad(format!("output {:?} is not a tensor", check.output));
     };
     let out: Vec<i64> = out_shape.iter().copied().collect();
-    if out.len() != 2 || (out[1] >= 0 && out[1] != i64::from(tower.dimension)) {
+    let fits = match out.len() {
+        1 => check.score,
+        2 => out[1] < 0 || out[1] == check.width,
+        _ => false,
+    };
+    if !fits {
         return bad(format!(
-            "output {:?} has shape {out:?}, expected [batch, {}]",
-            tower.output, tower.dimension
+            "output {:?} has shape {out:?}, expected [batch, {}]{}",
+            check.output,
+            check.width,
+            if check.score { " or [batch]" } else { "" }
         ));
+    }
+    if output.dtype().tensor_type() != Some(ort::value::TensorElementType::Float32) {
+        return bad(format!("output {:?} must be float32", check.output));
     }
     Ok(())
 }

@@ -55,7 +55,14 @@ pub fn create_collection(
         precision,
         model,
         keep_inputs,
+        pair_model,
     } = req;
+    if !pair_model.is_empty() {
+        models.pair(&pair_model).map_err(|e| match e {
+            Error::NotFound(what) => Error::NotFound(format!("pair_model: {what}")),
+            other => other,
+        })?;
+    }
     let model_defaults = if model.is_empty() {
         None
     } else {
@@ -65,6 +72,7 @@ pub fn create_collection(
             dimension: m.dimension(),
             metric: t.metric,
             dbl_margin: t.dbl_margin,
+            dbl_scale: t.dbl_scale,
             threshold: t.threshold,
         })
     };
@@ -85,6 +93,7 @@ pub fn create_collection(
         precision: precision_from("precision", precision)?,
         model,
         keep_inputs,
+        pair_model,
         model_defaults,
     })
 }
@@ -100,7 +109,9 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         model,
         keep_inputs,
         dbl_margin,
+        dbl_scale,
         threshold,
+        pair_model,
         uid: _,
     } = spec;
     pb::CollectionInfo {
@@ -118,6 +129,8 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         keep_inputs,
         dbl_margin: dbl_margin.unwrap_or(0.0),
         threshold: threshold.unwrap_or(0.0),
+        dbl_scale: dbl_scale.unwrap_or(1.0),
+        pair_model,
     }
 }
 
@@ -232,6 +245,7 @@ pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryIn, Search
         expansion,
         with_vectors,
         with_metadata,
+        rerank,
     } = req;
     let query = query_from("query", query)?;
     Ok((
@@ -244,6 +258,7 @@ pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryIn, Search
             expansion: expansion as usize,
             with_vectors,
             with_metadata,
+            rerank: rerank as usize,
         },
     ))
 }
@@ -260,6 +275,7 @@ pub fn search_batch_request(
         expansion,
         with_vectors,
         with_metadata,
+        rerank,
     } = req;
     let queries = queries
         .into_iter()
@@ -276,6 +292,7 @@ pub fn search_batch_request(
             expansion: expansion as usize,
             with_vectors,
             with_metadata,
+            rerank: rerank as usize,
         },
     ))
 }
@@ -291,6 +308,7 @@ pub fn hits_to(hits: Vec<Hit>) -> pb::SearchResponse {
                     distance,
                     metadata,
                     vector,
+                    pair_score,
                 } = h;
                 pb::Hit {
                     id,
@@ -298,6 +316,7 @@ pub fn hits_to(hits: Vec<Hit>) -> pb::SearchResponse {
                     distance,
                     metadata: metadata.into_iter().collect(),
                     vector,
+                    pair_score,
                 }
             })
             .collect(),

@@ -7,6 +7,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::oversize_to_exhausted;
+use crate::embed::manifest::{ImageSpec, PairSpec, TowerSpec};
 use crate::embed::{Input, ModelInfo, Models};
 use crate::error::Result;
 use crate::pb;
@@ -91,39 +92,89 @@ impl pb::embedder_server::Embedder for EmbedderService {
     }
 }
 
+fn image_spec_to(img: ImageSpec) -> pb::ImageInputSpec {
+    let ImageSpec {
+        channels,
+        height,
+        width,
+        resize,
+        mean,
+        std,
+    } = img;
+    pb::ImageInputSpec {
+        channels,
+        height,
+        width,
+        resize: resize.as_str().to_string(),
+        mean,
+        std,
+    }
+}
+
 fn info_to(info: ModelInfo) -> pb::ModelInfo {
     let ModelInfo {
         name,
         version,
         dimension,
         towers,
+        pair,
         execution_provider,
     } = info;
+    let pair = pair.map(|p| {
+        let PairSpec {
+            file: _,
+            inputs,
+            output,
+            threshold,
+            image,
+            tensor,
+        } = p;
+        pb::PairInfo {
+            input_names: inputs.to_vec(),
+            output_name: output,
+            input: match (image, tensor) {
+                (Some(img), _) => Some(pb::pair_info::Input::Image(image_spec_to(img))),
+                (None, Some(t)) => Some(pb::pair_info::Input::Tensor(pb::TensorInputSpec {
+                    shape: t.shape,
+                })),
+                (None, None) => None,
+            },
+            threshold,
+        }
+    });
     pb::ModelInfo {
         name,
         version,
         dimension,
+        kind: if pair.is_some() { "pair" } else { "embedder" }.into(),
+        pair,
         execution_provider,
         towers: towers
             .into_iter()
             .map(|t| {
-                let s = t.spec;
+                let TowerSpec {
+                    name,
+                    file: _,
+                    input,
+                    output,
+                    dimension,
+                    normalize,
+                    metric,
+                    dbl_margin,
+                    dbl_scale,
+                    threshold,
+                    image,
+                    tensor,
+                } = t.spec;
                 pb::TowerInfo {
-                    name: s.name,
-                    input_name: s.input,
-                    output_name: s.output,
-                    dimension: s.dimension,
-                    normalize: s.normalize,
-                    metric: super::convert::metric_to(s.metric) as i32,
-                    input: match (s.image, s.tensor) {
-                        (Some(img), _) => Some(pb::tower_info::Input::Image(pb::ImageInputSpec {
-                            channels: img.channels,
-                            height: img.height,
-                            width: img.width,
-                            resize: format!("{:?}", img.resize).to_lowercase(),
-                            mean: img.mean,
-                            std: img.std,
-                        })),
+                    name,
+                    input_name: input,
+                    output_name: output,
+                    dimension,
+                    normalize,
+                    metric: super::convert::metric_to(metric) as i32,
+                    input: match (image, tensor) {
+                        (Some(img), _) => Some(pb::tower_info::Input::Image(image_spec_to(img))),
                         (None, Some(t)) => {
                             Some(pb::tower_info::Input::Tensor(pb::TensorInputSpec {
                                 shape: t.shape,
@@ -131,8 +182,9 @@ fn info_to(info: ModelInfo) -> pb::ModelInfo {
                         }
                         (None, None) => None,
                     },
-                    dbl_margin: s.dbl_margin.unwrap_or(0.0),
-                    threshold: s.threshold.unwrap_or(0.0),
+                    dbl_margin: dbl_margin.unwrap_or(0.0),
+                    dbl_scale: dbl_scale.unwrap_or(0.0),
+                    threshold: threshold.unwrap_or(0.0),
                     execution_provider: t.execution_provider,
                 }
             })
@@ -157,6 +209,6 @@ impl pb::models_server::Models for ModelsService {
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         let pb::GetModelRequest { name } = request.into_inner();
-        Ok(Response::new(info_to(self.models.get(&name)?.info())))
+        Ok(Response::new(info_to(self.models.info(&name)?)))
     }
 }

@@ -8,11 +8,13 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{self, QueryIn};
 use super::{blocking, oversize_to_exhausted};
 use crate::db::{Db, Undo};
-use crate::embed::{Input, Models, encode_input};
+use std::collections::HashMap;
+
+use crate::embed::{Input, InputData, Models, PairModel, decode_input, encode_input};
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::pool::WorkPool;
-use crate::types::{ItemData, QueryTarget};
+use crate::types::{Hit, ItemData, QueryTarget, SearchParams};
 
 pub struct ItemsService {
     pub db: Arc<Db>,
@@ -98,6 +100,173 @@ impl ItemsService {
                 Ok(QueryTarget::Vector(v.remove(0)))
             }
         }
+    }
+}
+
+/// Where a pair model's input comes from, to name it in errors.
+struct RawInput {
+    data: InputData,
+    /// `query.input`, or `query.id` for an item's stored input.
+    field: String,
+}
+
+impl ItemsService {
+    /// The raw input a pair model scores for a query: the input sent, or the stored
+    /// input of the item an id query names.
+    async fn raw_input(&self, collection: &str, field: &str, q: &QueryIn) -> Result<RawInput> {
+        match q {
+            QueryIn::Input(input) => Ok(RawInput {
+                data: input.data.clone(),
+                field: format!("{field}.input"),
+            }),
+            QueryIn::Target(QueryTarget::Id(id)) => {
+                let stored = self.stored_inputs(collection, vec![id.clone()]).await?;
+                let field = format!("{field}.id");
+                match stored.into_iter().next() {
+                    None => Err(Error::NotFound(format!(
+                        "{field}: item {id:?} in collection {collection:?}"
+                    ))),
+                    Some((_, None)) => Err(Error::invalid(
+                        field,
+                        format!("item {id:?} has no stored input for the pair model to score"),
+                    )),
+                    Some((_, Some(data))) => Ok(RawInput { data, field }),
+                }
+            }
+            QueryIn::Target(QueryTarget::Vector(_)) => Err(Error::invalid(
+                format!("{field}.vector"),
+                "the collection's pair model scores inputs: send an input or an item id",
+            )),
+        }
+    }
+
+    /// The stored inputs of these items (those that exist), by id.
+    async fn stored_inputs(
+        &self,
+        collection: &str,
+        ids: Vec<String>,
+    ) -> Result<Vec<(String, Option<InputData>)>> {
+        let db = self.db.clone();
+        let collection = collection.to_string();
+        let items =
+            tokio::task::spawn_blocking(move || db.get_items(&collection, &ids, false, true))
+                .await??;
+        Ok(items
+            .into_iter()
+            .map(|it| (it.id, it.input.as_deref().and_then(decode_input)))
+            .collect())
+    }
+
+    /// The collection's pair model, for a request that needs one.
+    fn pair_model(&self, collection: &str, field: &str) -> Result<Arc<PairModel>> {
+        let spec = self.db.collection(collection)?.spec().clone();
+        if spec.pair_model.is_empty() {
+            return Err(Error::invalid(
+                field,
+                format!("collection {collection:?} has no pair model"),
+            ));
+        }
+        self.models.pair(&spec.pair_model)
+    }
+
+    /// Scores each hit's stored input against the query's with the pair model; returns
+    /// the k best scores (ties: the nearer first), then the hits that have no stored
+    /// input, by distance.
+    async fn rerank(
+        &self,
+        collection: &str,
+        pair: &PairModel,
+        query: &RawInput,
+        hits: Vec<Hit>,
+        k: usize,
+    ) -> Result<Vec<Hit>> {
+        if hits.is_empty() {
+            return Ok(hits);
+        }
+        let ids: Vec<String> = hits.iter().map(|h| h.id.clone()).collect();
+        let stored: HashMap<String, InputData> = self
+            .stored_inputs(collection, ids)
+            .await?
+            .into_iter()
+            .filter_map(|(id, input)| input.map(|i| (id, i)))
+            .collect();
+        let (mut scored, mut rest): (Vec<Hit>, Vec<Hit>) =
+            hits.into_iter().partition(|h| stored.contains_key(&h.id));
+        if !scored.is_empty() {
+            let pairs = scored
+                .iter()
+                .map(|h| (query.data.clone(), stored[&h.id].clone()))
+                .collect();
+            let scores = pair.score(pairs, false).await.map_err(|e| {
+                rename_pair_fields(e, |j, side| match side {
+                    "a" => query.field.clone(),
+                    _ => format!("stored input of item {:?}", scored[j].id),
+                })
+            })?;
+            for (h, s) in scored.iter_mut().zip(scores) {
+                h.pair_score = Some(s);
+            }
+            scored.sort_by(|a, b| {
+                b.pair_score
+                    .unwrap_or(f32::NEG_INFINITY)
+                    .total_cmp(&a.pair_score.unwrap_or(f32::NEG_INFINITY))
+                    .then(a.distance.total_cmp(&b.distance))
+            });
+        }
+        scored.append(&mut rest);
+        scored.truncate(k);
+        Ok(scored)
+    }
+
+    /// One search: ANN (or exact) by distance, then the pair model's re-ranking when
+    /// `params.rerank` asks for it.
+    async fn search_one(
+        &self,
+        collection: &str,
+        field: &str,
+        query: QueryIn,
+        params: &SearchParams,
+    ) -> Result<Vec<Hit>> {
+        let rerank = if params.rerank > 0 {
+            let pair = self.pair_model(collection, "rerank")?;
+            let raw = self.raw_input(collection, field, &query).await?;
+            Some((pair, raw))
+        } else {
+            None
+        };
+        let target = self.query(collection, field, query).await?;
+        let mut p = params.clone();
+        p.k = p.k.max(p.rerank);
+        let db = self.db.clone();
+        let (name, f) = (collection.to_string(), field.to_string());
+        let hits = self
+            .searches
+            .run(move || db.search_as(&name, &f, &target, &p))
+            .await?;
+        match rerank {
+            Some((pair, raw)) => self.rerank(collection, &pair, &raw, hits, params.k).await,
+            None => Ok(hits),
+        }
+    }
+}
+
+/// Rewrites `pairs[j].a...` / `pairs[j].b...` in a pair model's error to the caller's
+/// field for that side of pair j.
+fn rename_pair_fields(e: Error, field: impl Fn(usize, &str) -> String) -> Error {
+    let fix = |s: &str| -> Option<String> {
+        let rest = s.strip_prefix("pairs[")?;
+        let (j, tail) = rest.split_once(']')?;
+        let tail = tail.strip_prefix('.')?;
+        let (side, tail) = tail.split_at(1);
+        Some(format!("{}{tail}", field(j.parse().ok()?, side)))
+    };
+    match e {
+        Error::InvalidArgument { field: f, reason } => Error::InvalidArgument {
+            field: fix(&f).unwrap_or(f),
+            reason,
+        },
+        Error::Model(m) => Error::Model(fix(&m).unwrap_or(m)),
+        other => other,
     }
 }
 
@@ -207,11 +376,8 @@ impl pb::items_server::Items for ItemsService {
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let (collection, query, params) = convert::search_request(request.into_inner())?;
-        let query = self.query(&collection, "query", query).await?;
-        let db = self.db.clone();
         let hits = self
-            .searches
-            .run(move || db.search(&collection, &query, &params))
+            .search_one(&collection, "query", query, &params)
             .await?;
         Ok(Response::new(convert::hits_to(hits)))
     }
@@ -221,6 +387,17 @@ impl pb::items_server::Items for ItemsService {
         request: Request<pb::SearchBatchRequest>,
     ) -> Result<Response<pb::SearchBatchResponse>, Status> {
         let (collection, queries, params) = convert::search_batch_request(request.into_inner())?;
+        if params.rerank > 0 && !queries.is_empty() && queries.len() <= self.db.limits().max_batch {
+            // Re-ranking scores every query's hits with the pair model: one at a time.
+            let mut results = Vec::with_capacity(queries.len());
+            for (i, q) in queries.into_iter().enumerate() {
+                let hits = self
+                    .search_one(&collection, &format!("queries[{i}]"), q, &params)
+                    .await?;
+                results.push(convert::hits_to(hits));
+            }
+            return Ok(Response::new(pb::SearchBatchResponse { results }));
+        }
         let mut targets = Vec::with_capacity(queries.len());
         for (i, q) in queries.into_iter().enumerate() {
             targets.push(self.query(&collection, &format!("queries[{i}]"), q).await?);
@@ -274,16 +451,49 @@ impl pb::items_server::Items for ItemsService {
         let pb::VerifyRequest { collection, a, b } = request.into_inner();
         let a = convert::query_from("a", a)?;
         let b = convert::query_from("b", b)?;
+        // With a pair model, its decision is the answer; both sides need raw inputs.
+        let has_pair = !self
+            .db
+            .collection(&collection)?
+            .spec()
+            .pair_model
+            .is_empty();
+        let pair = if has_pair {
+            let model = self.pair_model(&collection, "collection")?;
+            let ra = self.raw_input(&collection, "a", &a).await?;
+            let rb = self.raw_input(&collection, "b", &b).await?;
+            Some((model, ra, rb))
+        } else {
+            None
+        };
         let a = self.query(&collection, "a", a).await?;
         let b = self.query(&collection, "b", b).await?;
         let db = self.db.clone();
         let v = blocking(move || db.verify(&collection, &a, &b)).await?;
-        Ok(Response::new(pb::VerifyResponse {
+        let mut out = pb::VerifyResponse {
             distance: v.distance,
             similarity: v.similarity,
             probability: v.probability,
             same: v.same,
-        }))
+            pair_score: None,
+        };
+        if let Some((model, ra, rb)) = pair {
+            let score = model
+                .score(vec![(ra.data.clone(), rb.data.clone())], false)
+                .await
+                .map_err(|e| {
+                    rename_pair_fields(e, |_, side| {
+                        if side == "a" {
+                            ra.field.clone()
+                        } else {
+                            rb.field.clone()
+                        }
+                    })
+                })?[0];
+            out.pair_score = Some(score);
+            out.same = score >= model.threshold();
+        }
+        Ok(Response::new(out))
     }
 
     async fn calibrate(
@@ -310,6 +520,7 @@ impl pb::items_server::Items for ItemsService {
             accuracy: c.accuracy,
             roc_auc: c.roc_auc,
             pairs: c.pairs,
+            dbl_scale: c.dbl_scale,
         }))
     }
 }

@@ -270,6 +270,8 @@ mod tests {
             model: String::new(),
             keep_inputs: false,
             dbl_margin: None,
+            dbl_scale: None,
+            pair_model: String::new(),
             threshold: None,
             uid: 1,
         }
