@@ -181,9 +181,16 @@ async fn a_manifest_in_onnx_metadata_loads_without_toml() {
         "{err}"
     );
 
+    // A pair model packs the same way.
+    let packed_pair = dir.path().join("pair.onnx");
+    let pair_toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-pair/model.toml");
+    let out = pack(&pair_toml, &packed_pair);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     let data = dir.path().join("data");
     let server = TestServer::start_in(&data, |c| {
         c.models.push(("packed".into(), packed.clone()));
+        c.models.push(("packed-pair".into(), packed_pair.clone()));
     })
     .await;
     let ch = channel(&server.url()).await;
@@ -194,10 +201,14 @@ async fn a_manifest_in_onnx_metadata_loads_without_toml() {
         .unwrap()
         .into_inner()
         .models;
-    let names: Vec<_> = list.iter().map(|m| m.name.as_str()).collect();
+    let pairs: Vec<_> = list.iter().filter(|m| m.kind == "pair").collect();
+    assert_eq!(pairs.len(), 2);
+    assert_eq!(pairs[0].pair, pairs[1].pair, "the same pair manifest, read from metadata");
+    let embedders: Vec<_> = list.iter().filter(|m| m.kind == "embedder").collect();
+    let names: Vec<_> = embedders.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["fmnist-triplet", "packed"]);
     assert_eq!(
-        list[0].towers, list[1].towers,
+        embedders[0].towers, embedders[1].towers,
         "the same manifest, read from metadata"
     );
     let png = fixture_pngs("enrol_images.npy").remove(0);

@@ -267,3 +267,134 @@ def fit_dbl_margin(dist, same, lo=-10.0, hi=10.0):
     m = 0.5 * (a + b)
     at_edge = k == 0 or k == len(grid) - 1
     return float(m), dbl_log_likelihood(dist, same, m), bool(at_edge)
+
+
+# --------------------------------------------------------------------------
+# Pair model (fmnist-pair) helpers, used by train_pair.py and
+# evaluate_pair.py.  Nothing above depends on them.
+# --------------------------------------------------------------------------
+NORM_MEAN = 0.2844   # the embedder's preprocessing constants (train_meta.json)
+NORM_STD = 0.3542
+
+# Validation set for the pair model: TEST split, classes 0-5 (seen classes,
+# unseen images).  Seeds differ from the held-out protocol in evaluate.py.
+PAIR_VAL_SEEDS = {"split": 20250711, "reid": 20250712, "pairs": 20250713}
+
+
+def split_enrol_query(labels, classes, per_class, seed):
+    """Per class in `classes`: `per_class` enrol and `per_class` other query
+    indices into `labels`, drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    enrol, query = [], []
+    for c in classes:
+        perm = rng.permutation(np.flatnonzero(labels == c))
+        enrol.append(np.sort(perm[:per_class]))
+        query.append(np.sort(perm[per_class:2 * per_class]))
+    return np.concatenate(enrol), np.concatenate(query)
+
+
+def balanced_pairs(q_labels, e_labels, n_pairs, seed):
+    """int64 [n_pairs,3] (query index, enrol index, same): half same-class,
+    half different-class, no pair twice, rows shuffled."""
+    rng = np.random.default_rng(seed)
+    taken = set()
+    rows = []
+    for same in (1, 0):
+        while len(rows) < (n_pairs // 2) * (2 - same):
+            q = int(rng.integers(len(q_labels)))
+            ok = (e_labels == q_labels[q]) if same else (e_labels != q_labels[q])
+            cands = np.flatnonzero(ok)
+            e = int(cands[rng.integers(len(cands))])
+            if (q, e) not in taken:
+                taken.add((q, e))
+                rows.append((q, e, same))
+    rows = np.array(rows, dtype=np.int64)
+    return rows[rng.permutation(len(rows))]
+
+
+def pair_validation_set(per_class=100, n_pairs=3000, seeds=PAIR_VAL_SEEDS):
+    """Enrol / clean query / re-id query images and balanced pairs from the
+    TEST split of the training classes 0-5, built like the held-out fixtures
+    (same re-id perturbation, different seeds)."""
+    images, labels = load_split("test")
+    e_idx, q_idx = split_enrol_query(labels, TRAIN_CLASSES, per_class, seeds["split"])
+    query = images[q_idx]
+    reid, _ = reid_perturb(query, seeds["reid"])
+    return {
+        "enrol_images": images[e_idx], "enrol_labels": labels[e_idx],
+        "query_clean_images": query, "query_reid_images": reid,
+        "query_labels": labels[q_idx],
+        "pairs": balanced_pairs(labels[q_idx], labels[e_idx], n_pairs, seeds["pairs"]),
+    }
+
+
+def score_best_threshold(score, same):
+    """Threshold t on a similarity score (predict 'same' when score >= t)
+    maximising accuracy; midpoint between neighbouring scores."""
+    t, acc = best_threshold(-np.asarray(score, dtype=np.float64), same)
+    return -t, acc
+
+
+def score_accuracy_at(score, same, t):
+    return float(np.mean((np.asarray(score) >= t) == np.asarray(same).astype(bool)))
+
+
+def score_roc_auc(score, same):
+    return roc_auc(-np.asarray(score, dtype=np.float64), same)
+
+
+def rerank_candidates(dist, r_max):
+    """Per query row of `dist`: the r_max enrolled indices with the smallest
+    distance, nearest first (stable on ties)."""
+    order = np.argsort(dist, axis=1, kind="stable")[:, :r_max]
+    return order, np.take_along_axis(dist, order, axis=1)
+
+
+def rerank_recall_at_1(cand, cand_dist, cand_score, q_labels, e_labels, r):
+    """Keep the first r candidates per query (nearest first), re-order them
+    by pair score descending (ties: smaller distance first) and return the
+    fraction of queries whose new top item has the query's label."""
+    hits = 0
+    for i in range(len(cand)):
+        c, d, s = cand[i, :r], cand_dist[i, :r], cand_score[i, :r]
+        top = c[np.lexsort((d, -s))[0]]
+        hits += int(e_labels[top] == q_labels[i])
+    return hits / len(cand)
+
+
+def pair_model_figures(score_fn, embed_fn, data, threshold=None, r_values=(5, 10, 20)):
+    """Verification and re-ranking figures of a pair model on one data set
+    (dict as returned by pair_validation_set, or the held-out fixtures).
+
+    score_fn(a_u8, b_u8) -> float [N] pair scores (a = query, b = enrolled);
+    embed_fn(u8) -> [N,D] embedder output, used to pick the candidates.
+    `threshold` (score >= t means same): if given, accuracy at it is
+    reported as well.  Returns (figures, raw) where raw holds the scores."""
+    pairs = np.asarray(data["pairs"])
+    same = pairs[:, 2].astype(bool)
+    enrol, e_lab, q_lab = data["enrol_images"], data["enrol_labels"], data["query_labels"]
+    emb_e = embed_fn(enrol)
+    figures, raw = {}, {}
+    for kind in ("clean", "reid"):
+        query = data[f"query_{kind}_images"]
+        score = np.asarray(score_fn(query[pairs[:, 0]], enrol[pairs[:, 1]]), dtype=np.float64)
+        t_best, acc_best = score_best_threshold(score, same)
+        f = {"best_accuracy": acc_best, "best_threshold": t_best,
+             "roc_auc": score_roc_auc(score, same)}
+        if threshold is not None:
+            f["accuracy_at_threshold"] = score_accuracy_at(score, same, threshold)
+        emb_q = embed_fn(query)
+        dist = cosine_distance_matrix(emb_q, emb_e)
+        r_max = max(r_values)
+        cand, cand_dist = rerank_candidates(dist, r_max)
+        q_rep = np.repeat(np.arange(len(query)), r_max)
+        cand_score = np.asarray(score_fn(query[q_rep], enrol[cand.reshape(-1)]),
+                                dtype=np.float64).reshape(cand.shape)
+        f["embedder_recall_at_1"] = float(np.mean(e_lab[cand[:, 0]] == q_lab))
+        f["rerank_recall_at_1"] = {
+            str(r): rerank_recall_at_1(cand, cand_dist, cand_score, q_lab, e_lab, r)
+            for r in r_values}
+        figures[kind] = f
+        raw[kind] = {"pair_scores": score, "cand": cand, "cand_dist": cand_dist,
+                     "cand_score": cand_score}
+    return figures, raw
