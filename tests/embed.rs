@@ -51,13 +51,19 @@ async fn shipped_model_is_listed_with_its_input_spec() {
         .unwrap()
         .into_inner()
         .models;
-    assert_eq!(list.len(), 1);
+    // Both shipped models, by name: the pair model, then the embedder.
+    let names: Vec<_> = list
+        .iter()
+        .map(|m| (m.name.as_str(), m.kind.as_str()))
+        .collect();
+    assert_eq!(names, [("fmnist-pair", "pair"), (MODEL, "embedder")]);
     let m = models
         .get_model(pb::GetModelRequest { name: MODEL.into() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(m, list[0]);
+    assert_eq!(m, list[1]);
+    assert!(m.pair.is_none());
     assert_eq!(m.dimension, 64);
     assert_eq!(m.execution_provider, "CPUExecutionProvider");
     let t = &m.towers[0];
@@ -466,6 +472,45 @@ async fn a_bounded_queue_refuses_what_cannot_fit_and_streams_wait_for_room() {
                 .unwrap(),
             5
         );
+    }
+    server.stop().await;
+}
+
+/// The batcher waits for company only as many jobs as the previous batch had: a lone
+/// client never waits out max_delay, while concurrent callers still share batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_client_does_not_wait_for_company() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), |c| {
+        c.batch.max_delay = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let (mut c, _) = clients(&server).await;
+    let png = fixture_pngs("enrol_images.npy").remove(0);
+    let start = std::time::Instant::now();
+    let mut first = Vec::new();
+    for _ in 0..5 {
+        first = embed(&mut c, vec![image_input(&png)]).await.remove(0);
+    }
+    // Waiting out the delay even once would take 2 s; five calls take milliseconds.
+    let took = start.elapsed();
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    // Eight callers at once, then again: each answer is still the image's embedding.
+    for _ in 0..2 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (mut c, png) = (c.clone(), png.clone());
+            tasks.spawn(async move { embed(&mut c, vec![image_input(&png)]).await.remove(0) });
+        }
+        while let Some(v) = tasks.join_next().await {
+            let v = v.unwrap();
+            let d = v
+                .iter()
+                .zip(&first)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(d <= 1e-5, "{d}");
+        }
     }
     server.stop().await;
 }

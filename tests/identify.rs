@@ -245,15 +245,7 @@ async fn enrol_identify_verify_calibrate_with_images() {
 
     // Calibration survives a restart.
     let server = TestServer::start_in(dir.path(), |_| {}).await;
-    let info = server
-        .collections()
-        .await
-        .get_collection(pb::GetCollectionRequest {
-            name: "wardrobe".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = collection_info(&server, "wardrobe").await;
     assert_eq!(
         (info.threshold, info.dbl_margin, info.dbl_scale),
         (cal.threshold, cal.dbl_margin, cal.dbl_scale)

@@ -185,7 +185,11 @@ async fn a_manifest_in_onnx_metadata_loads_without_toml() {
     let packed_pair = dir.path().join("pair.onnx");
     let pair_toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-pair/model.toml");
     let out = pack(&pair_toml, &packed_pair);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let data = dir.path().join("data");
     let server = TestServer::start_in(&data, |c| {
@@ -203,7 +207,10 @@ async fn a_manifest_in_onnx_metadata_loads_without_toml() {
         .models;
     let pairs: Vec<_> = list.iter().filter(|m| m.kind == "pair").collect();
     assert_eq!(pairs.len(), 2);
-    assert_eq!(pairs[0].pair, pairs[1].pair, "the same pair manifest, read from metadata");
+    assert_eq!(
+        pairs[0].pair, pairs[1].pair,
+        "the same pair manifest, read from metadata"
+    );
     let embedders: Vec<_> = list.iter().filter(|m| m.kind == "embedder").collect();
     let names: Vec<_> = embedders.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["fmnist-triplet", "packed"]);

@@ -321,15 +321,7 @@ async fn pair_model_verifies_and_reranks() {
 
     // The collection's pair model survives a restart.
     let server = TestServer::start_in(dir.path(), |_| {}).await;
-    let info = server
-        .collections()
-        .await
-        .get_collection(pb::GetCollectionRequest {
-            name: "wardrobe".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = collection_info(&server, "wardrobe").await;
     assert_eq!(info.pair_model, "fmnist-pair");
     let v = server
         .items()

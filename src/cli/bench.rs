@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// Threads for in-process references and the daemon's index inserts (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Let the daemon's ONNX Runtime threads spin (its --embed-spin).
+    #[arg(long)]
+    pub embed_spin: bool,
     /// Only run these parts (ingest, search, embed); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -130,7 +133,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             if let Some(d) = daemon.take() {
                 d.stop().await?;
             }
-            let d = Daemon::start(threads).await?;
+            let d = Daemon::start(threads, args.embed_spin).await?;
             daemon_rates.push(d.ingest(&items, args.dim, args.batch, args.writers).await?);
             daemon = Some(d);
             eprintln!(
@@ -164,7 +167,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         let d = match daemon.take() {
             Some(d) => d,
             None => {
-                let d = Daemon::start(threads).await?;
+                let d = Daemon::start(threads, args.embed_spin).await?;
                 d.ingest(&items, args.dim, args.batch, args.writers).await?;
                 d
             }
@@ -252,7 +255,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if want("embed") {
         let d = match daemon.take() {
             Some(d) => d,
-            None => Daemon::start(threads).await?,
+            None => Daemon::start(threads, args.embed_spin).await?,
         };
         embed_bench(&d, threads, runs).await?;
         daemon = Some(d);
@@ -601,10 +604,11 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(threads: usize) -> Result<Daemon, String> {
+    async fn start(threads: usize, embed_spin: bool) -> Result<Daemon, String> {
         let dir = tempfile_dir("daemon")?;
         let mut config = Config::with_data_dir(&dir);
         config.index_threads = threads;
+        config.batch.spin = embed_spin;
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         std_listener
             .set_nonblocking(true)

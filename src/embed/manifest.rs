@@ -157,9 +157,10 @@ impl InputSpec<'_> {
     }
 }
 
-impl TowerSpec {
-    pub fn input_spec(&self) -> InputSpec<'_> {
-        match (&self.image, &self.tensor) {
+impl<'a> InputSpec<'a> {
+    /// The one of `image` and `tensor` a validated manifest gives.
+    fn of(image: &'a Option<ImageSpec>, tensor: &'a Option<TensorSpec>) -> Self {
+        match (image, tensor) {
             (Some(img), _) => InputSpec::Image(img),
             (None, Some(t)) => InputSpec::Tensor(t),
             (None, None) => unreachable!("validated manifest"),
@@ -167,13 +168,15 @@ impl TowerSpec {
     }
 }
 
+impl TowerSpec {
+    pub fn input_spec(&self) -> InputSpec<'_> {
+        InputSpec::of(&self.image, &self.tensor)
+    }
+}
+
 impl PairSpec {
     pub fn input_spec(&self) -> InputSpec<'_> {
-        match (&self.image, &self.tensor) {
-            (Some(img), _) => InputSpec::Image(img),
-            (None, Some(t)) => InputSpec::Tensor(t),
-            (None, None) => unreachable!("validated manifest"),
-        }
+        InputSpec::of(&self.image, &self.tensor)
     }
 }
 

@@ -175,7 +175,7 @@ pub struct Model {
 }
 
 struct Tower {
-    spec: TowerSpec,
+    spec: Arc<TowerSpec>,
     batcher: Batcher,
 }
 
@@ -326,7 +326,7 @@ impl Model {
                 normalize: spec.normalize,
             };
             towers.push(Tower {
-                spec: spec.clone(),
+                spec: Arc::new(spec.clone()),
                 batcher: Batcher::start(&file, &check, graph, config)?,
             });
         }
@@ -359,7 +359,7 @@ impl Model {
                 .towers
                 .iter()
                 .map(|t| TowerInfo {
-                    spec: t.spec.clone(),
+                    spec: (*t.spec).clone(),
                     execution_provider: t.batcher.provider.to_string(),
                 })
                 .collect(),
@@ -389,19 +389,24 @@ impl Model {
         }
         let mut jobs = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.into_iter().enumerate() {
-            let field = format!("inputs[{i}]");
-            let t = self.tower_index(&field, &input.tower)?;
-            jobs.push((t, field, input.data, self.towers[t].spec.clone()));
+            let t = if input.tower.is_empty() {
+                0
+            } else {
+                self.tower_index(&format!("inputs[{i}]"), &input.tower)?
+            };
+            jobs.push((t, input.data, self.towers[t].spec.clone()));
         }
-        // Decoding is CPU work: off the async workers.
-        let tensors = tokio::task::spawn_blocking(move || {
+        let bytes: usize = jobs.iter().map(|j| input_bytes(&j.1)).sum();
+        let decode = move || {
             jobs.into_iter()
-                .map(|(t, field, data, spec)| {
-                    prepare(&field, data, &spec.name, spec.input_spec()).map(|v| (t, v))
+                .enumerate()
+                .map(|(i, (t, data, spec))| {
+                    prepare(&format!("inputs[{i}]"), data, &spec.name, spec.input_spec())
+                        .map(|v| (t, v))
                 })
                 .collect::<Result<Vec<_>>>()
-        })
-        .await??;
+        };
+        let tensors = off_async_if_large(bytes, decode).await?;
         // Admission for the whole request at once, per tower, so that a refused request
         // leaves nothing queued behind it.
         let mut permits = Vec::with_capacity(self.towers.len());
@@ -487,7 +492,11 @@ impl PairModel {
             return Err(Error::invalid("pairs", "must not be empty"));
         }
         let spec = self.spec.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
+        let bytes: usize = pairs
+            .iter()
+            .map(|(a, b)| input_bytes(a) + input_bytes(b))
+            .sum();
+        let prepared = off_async_if_large(bytes, move || {
             pairs
                 .into_iter()
                 .enumerate()
@@ -499,7 +508,7 @@ impl PairModel {
                 })
                 .collect::<Result<Vec<_>>>()
         })
-        .await??;
+        .await?;
         let permit = self
             .batcher
             .admit(&self.name, "pairs", prepared.len(), wait)
@@ -513,6 +522,30 @@ impl PairModel {
             .into_iter()
             .map(|row| row[0])
             .collect())
+    }
+}
+
+/// Inputs up to this many bytes in all are decoded on the calling async worker: a small
+/// image decodes in microseconds, less than a hand-off to the blocking pool costs.
+const INLINE_DECODE_BYTES: usize = 64 << 10;
+
+fn input_bytes(data: &InputData) -> usize {
+    match data {
+        InputData::Image(b) => b.len(),
+        InputData::Tensor { values, .. } => values.len() * 4,
+    }
+}
+
+/// Runs `f` (decoding: CPU work) inline when the inputs are small, else on the blocking
+/// pool, off the async workers.
+async fn off_async_if_large<T: Send + 'static>(
+    bytes: usize,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    if bytes <= INLINE_DECODE_BYTES {
+        f()
+    } else {
+        tokio::task::spawn_blocking(f).await?
     }
 }
 
@@ -597,9 +630,12 @@ fn prepare(
     }
 }
 
-/// A batch worker's thread: gather a batch (up to max_batch, or what arrives within
-/// max_delay of the oldest job), run each group of same-shaped jobs, answer each job.
+/// A batch worker's thread: gather a batch (what is queued, up to max_batch; then, while
+/// fewer jobs than the previous batch had, what arrives within max_delay of the oldest),
+/// run each group of same-shaped jobs, answer each job.
 fn worker(mut session: Session, graph: &Graph, rx: &Receiver<Job>, cfg: BatchConfig) {
+    // Jobs in the previous batch: how many concurrent callers to wait for.
+    let mut previous = 0usize;
     loop {
         let mut batch = Vec::with_capacity(cfg.max_batch);
         match rx.recv() {
@@ -613,6 +649,14 @@ fn worker(mut session: Session, graph: &Graph, rx: &Receiver<Job>, cfg: BatchCon
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => {
+                    // Wait for company only up to the previous batch's size: N steady
+                    // clients are all here once N jobs are, and waiting out max_delay
+                    // for more would add it to every request (a lone client, or two,
+                    // would pay 2 ms a call for nothing). Growth still batches: jobs
+                    // already queued are always taken, up to max_batch.
+                    if batch.len() >= previous {
+                        break;
+                    }
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
@@ -624,6 +668,7 @@ fn worker(mut session: Session, graph: &Graph, rx: &Receiver<Job>, cfg: BatchCon
                 }
             }
         }
+        previous = batch.len();
         // Graphs with dynamic spatial dims get inputs of many sizes: one run per size.
         let mut groups: Vec<Vec<Job>> = Vec::new();
         for job in batch {

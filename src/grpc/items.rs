@@ -225,7 +225,7 @@ impl ItemsService {
         collection: &str,
         field: &str,
         query: QueryIn,
-        params: &SearchParams,
+        params: SearchParams,
     ) -> Result<Vec<Hit>> {
         let rerank = if params.rerank > 0 {
             let pair = self.pair_model(collection, "rerank")?;
@@ -235,7 +235,8 @@ impl ItemsService {
             None
         };
         let target = self.query(collection, field, query).await?;
-        let mut p = params.clone();
+        let k = params.k;
+        let mut p = params;
         p.k = p.k.max(p.rerank);
         let db = self.db.clone();
         let (name, f) = (collection.to_string(), field.to_string());
@@ -244,7 +245,7 @@ impl ItemsService {
             .run(move || db.search_as(&name, &f, &target, &p))
             .await?;
         match rerank {
-            Some((pair, raw)) => self.rerank(collection, &pair, &raw, hits, params.k).await,
+            Some((pair, raw)) => self.rerank(collection, &pair, &raw, hits, k).await,
             None => Ok(hits),
         }
     }
@@ -376,9 +377,7 @@ impl pb::items_server::Items for ItemsService {
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let (collection, query, params) = convert::search_request(request.into_inner())?;
-        let hits = self
-            .search_one(&collection, "query", query, &params)
-            .await?;
+        let hits = self.search_one(&collection, "query", query, params).await?;
         Ok(Response::new(convert::hits_to(hits)))
     }
 
@@ -392,7 +391,7 @@ impl pb::items_server::Items for ItemsService {
             let mut results = Vec::with_capacity(queries.len());
             for (i, q) in queries.into_iter().enumerate() {
                 let hits = self
-                    .search_one(&collection, &format!("queries[{i}]"), q, &params)
+                    .search_one(&collection, &format!("queries[{i}]"), q, params.clone())
                     .await?;
                 results.push(convert::hits_to(hits));
             }

@@ -199,6 +199,17 @@ pub async fn create(
     .into_inner()
 }
 
+/// GetCollection on `server`.
+pub async fn collection_info(server: &TestServer, name: &str) -> pb::CollectionInfo {
+    server
+        .collections()
+        .await
+        .get_collection(pb::GetCollectionRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 pub async fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string())
         .unwrap()
