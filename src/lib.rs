@@ -1,7 +1,8 @@
 //! likeness: a similarity-learning daemon. It embeds inputs with ONNX Siamese/triplet
 //! towers (ONNX Runtime, dynamic batching), keeps labelled embedding vectors durably,
-//! answers nearest-neighbour, identification and verification queries over gRPC, and (as
-//! it grows) streams hard negatives to training jobs.
+//! answers nearest-neighbour, identification and verification queries over gRPC (with
+//! pair models that score two inputs together for verification and re-ranking), and
+//! (as it grows) streams hard negatives to training jobs.
 //!
 //! # Layout
 //! - [`config`]: flags + env + TOML -> one validated [`Config`].
@@ -10,7 +11,8 @@
 //! - [`store`]: sled: collection specs, item records, group commit.
 //! - [`index`]: usearch HNSW per collection, snapshots.
 //! - [`pool`]: the fixed thread pool that runs searches, with admission control.
-//! - [`embed`]: ONNX Runtime embedders: manifests, image preprocessing, dynamic batching.
+//! - [`embed`]: ONNX Runtime models (embedders and pair models): manifests (TOML or ONNX
+//!   metadata), image preprocessing, dynamic batching by input shape.
 //! - [`db`]: the collections registry joining store and index; recovery; validation.
 //! - [`grpc`]: tonic services (thin handlers), health, reflection, [`serve`].
 //! - [`cli`]: the client subcommands and `likeness bench`.
