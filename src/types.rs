@@ -113,6 +113,10 @@ pub struct CollectionSpec {
     /// A pair model that decides Verify and re-ranks searches; empty for none.
     #[serde(default)]
     pub pair_model: String,
+    /// The pair model's "same" threshold for this collection (Calibrate); None: the
+    /// model's own.
+    #[serde(default)]
+    pub pair_threshold: Option<f32>,
     /// Distinguishes this collection from an earlier one of the same name, so that a
     /// stray snapshot of a deleted collection is never loaded into a new one.
     pub uid: u64,

@@ -82,6 +82,9 @@ pub struct Calibration {
     pub pairs: u32,
 }
 
+/// A labelled pair Calibrate sampled: two item ids, and whether their labels agree.
+pub type SampledPair = (String, String, bool);
+
 /// A collection's spec and live item count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CollectionInfo {
@@ -131,6 +134,8 @@ struct Dbl {
     margin: Option<f32>,
     scale: Option<f32>,
     threshold: Option<f32>,
+    /// The pair model's threshold for this collection (Calibrate), over the manifest's.
+    pair_threshold: Option<f32>,
 }
 
 impl Dbl {
@@ -139,7 +144,15 @@ impl Dbl {
             margin: spec.dbl_margin,
             scale: spec.dbl_scale,
             threshold: spec.threshold,
+            pair_threshold: spec.pair_threshold,
         }
+    }
+
+    fn apply(self, spec: &mut CollectionSpec) {
+        spec.dbl_margin = self.margin;
+        spec.dbl_scale = self.scale;
+        spec.threshold = self.threshold;
+        spec.pair_threshold = self.pair_threshold;
     }
 }
 
@@ -426,6 +439,7 @@ impl Db {
             dbl_scale: defaults.and_then(|d| d.dbl_scale),
             threshold: defaults.and_then(|d| d.threshold),
             pair_model: req.pair_model,
+            pair_threshold: None,
             model: req.model,
             uid: new_uid(),
         };
@@ -626,16 +640,26 @@ impl Db {
         })
     }
 
-    /// Fits m and the threshold on `pairs` labelled pairs sampled from the collection
-    /// (half same label, half not), stores them, and reports accuracy and ROC AUC.
-    pub fn calibrate(&self, collection: &str, pairs: usize, seed: u64) -> Result<Calibration> {
+    /// Fits m, s and the threshold on `pairs` labelled pairs sampled from the collection
+    /// (half same label, half not), and reports accuracy and ROC AUC; also returns the
+    /// sampled pairs, for a pair model to score. Nothing is stored: see
+    /// [`Db::store_calibration`].
+    pub fn calibrate(
+        &self,
+        collection: &str,
+        pairs: usize,
+        seed: u64,
+    ) -> Result<(Calibration, Vec<SampledPair>)> {
         let coll = self.collection(collection)?;
-        let mut by_label: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
+        let mut by_label: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
         for rec in coll.items.scan(true) {
             let (_, item) = rec?;
-            by_label.entry(item.label).or_default().push(item.vector);
+            by_label
+                .entry(item.label)
+                .or_default()
+                .push((item.id, item.vector));
         }
-        let groups: Vec<&Vec<Vec<f32>>> = by_label.values().collect();
+        let groups: Vec<&Vec<(String, Vec<f32>)>> = by_label.values().collect();
         let same_ok: Vec<usize> = (0..groups.len())
             .filter(|g| groups[*g].len() >= 2)
             .collect();
@@ -648,15 +672,16 @@ impl Db {
         let mut rng = crate::synth::Rng::new(if seed == 0 { 0x5EED } else { seed });
         let metric = coll.spec.metric;
         let mut scored: Vec<(f32, bool)> = Vec::with_capacity(pairs);
+        let mut sampled = Vec::with_capacity(pairs);
         for i in 0..pairs {
-            if i % 2 == 0 {
+            let (a, b, same) = if i % 2 == 0 {
                 let g = groups[same_ok[rng.below(same_ok.len())]];
                 let a = rng.below(g.len());
                 let mut b = rng.below(g.len() - 1);
                 if b >= a {
                     b += 1;
                 }
-                scored.push((metric.distance(&g[a], &g[b]), true));
+                (&g[a], &g[b], true)
             } else {
                 let ga = rng.below(groups.len());
                 let mut gb = rng.below(groups.len() - 1);
@@ -664,32 +689,55 @@ impl Db {
                     gb += 1;
                 }
                 let (a, b) = (groups[ga], groups[gb]);
-                scored.push((
-                    metric.distance(&a[rng.below(a.len())], &b[rng.below(b.len())]),
-                    false,
-                ));
-            }
+                (&a[rng.below(a.len())], &b[rng.below(b.len())], false)
+            };
+            scored.push((metric.distance(&a.1, &b.1), same));
+            sampled.push((a.0.clone(), b.0.clone(), same));
         }
         let (threshold, accuracy) = best_threshold(&mut scored);
         let roc_auc = roc_auc(&scored);
         let (dbl_margin, dbl_scale) = fit_logistic(&scored);
-        {
-            let mut spec = coll.spec.clone();
-            spec.dbl_margin = Some(dbl_margin);
-            spec.dbl_scale = Some(dbl_scale);
-            spec.threshold = Some(threshold);
-            let _registry = self.collections.write().expect("registry lock");
-            self.store.put_spec(&spec)?;
-            *coll.calibration.write().expect("calibration lock") = Dbl::of(&spec);
-        }
-        Ok(Calibration {
+        let cal = Calibration {
             dbl_margin,
             dbl_scale,
             threshold,
             accuracy,
             roc_auc,
             pairs: scored.len() as u32,
+        };
+        Ok((cal, sampled))
+    }
+
+    /// Stores what Calibrate fitted, with the pair model's threshold where it fitted
+    /// one; Verify decides with them from now on.
+    pub fn store_calibration(
+        &self,
+        collection: &str,
+        cal: &Calibration,
+        pair_threshold: Option<f32>,
+    ) -> Result<()> {
+        let coll = self.collection(collection)?;
+        self.update_calibration(&coll, |d| {
+            d.margin = Some(cal.dbl_margin);
+            d.scale = Some(cal.dbl_scale);
+            d.threshold = Some(cal.threshold);
+            if pair_threshold.is_some() {
+                d.pair_threshold = pair_threshold;
+            }
         })
+    }
+
+    /// Changes what Verify decides with, and persists it with the collection's spec.
+    fn update_calibration(&self, coll: &Collection, change: impl FnOnce(&mut Dbl)) -> Result<()> {
+        let _registry = self.collections.write().expect("registry lock");
+        let mut cal = coll.calibration.write().expect("calibration lock");
+        let mut next = *cal;
+        change(&mut next);
+        let mut spec = coll.spec.clone();
+        next.apply(&mut spec);
+        self.store.put_spec(&spec)?;
+        *cal = next;
+        Ok(())
     }
 
     pub fn search(
@@ -851,8 +899,10 @@ impl Collection {
 
     pub fn info(&self) -> CollectionInfo {
         let mut spec = self.spec.clone();
-        let d = *self.calibration.read().expect("calibration lock");
-        (spec.dbl_margin, spec.dbl_scale, spec.threshold) = (d.margin, d.scale, d.threshold);
+        self.calibration
+            .read()
+            .expect("calibration lock")
+            .apply(&mut spec);
         CollectionInfo {
             spec,
             count: self.len() as u64,
@@ -1258,6 +1308,15 @@ fn best_threshold(scored: &mut [(f32, bool)]) -> (f32, f32) {
         }
     }
     (best_at, best as f32 / n.max(1) as f32)
+}
+
+/// The threshold on a score (same when score >= threshold) with the best accuracy on
+/// labelled pairs; returns it, that accuracy, and the score's ROC AUC.
+pub fn fit_score_threshold(scores: &[(f32, bool)]) -> (f32, f32, f32) {
+    // Higher scores mean "same": rank by the negated score as if it were a distance.
+    let mut negated: Vec<(f32, bool)> = scores.iter().map(|(s, y)| (-s, *y)).collect();
+    let (t, accuracy) = best_threshold(&mut negated);
+    (-t, accuracy, roc_auc(&negated))
 }
 
 /// ROC AUC of "smaller distance = same": the probability that a random same pair is

@@ -112,6 +112,7 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         dbl_scale,
         threshold,
         pair_model,
+        pair_threshold,
         uid: _,
     } = spec;
     pb::CollectionInfo {
@@ -131,6 +132,7 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         threshold: threshold.unwrap_or(0.0),
         dbl_scale: dbl_scale.unwrap_or(1.0),
         pair_model,
+        pair_threshold,
     }
 }
 

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, QueryIn};
 use super::{blocking, oversize_to_exhausted};
-use crate::db::{Db, Undo};
+use crate::db::{Db, SampledPair, Undo};
 use std::collections::HashMap;
 
 use crate::embed::{Input, InputData, Models, PairModel, decode_input, encode_input};
@@ -216,6 +216,51 @@ impl ItemsService {
         scored.append(&mut rest);
         scored.truncate(k);
         Ok(scored)
+    }
+
+    /// Scores Calibrate's sampled pairs with the collection's pair model; returns the
+    /// threshold with the best accuracy, that accuracy and the ROC AUC.
+    async fn calibrate_pair(
+        &self,
+        collection: &str,
+        sampled: Vec<SampledPair>,
+    ) -> Result<(f32, f32, f32)> {
+        let pair = self.pair_model(collection, "collection")?;
+        let mut ids: Vec<String> = sampled
+            .iter()
+            .flat_map(|(a, b, _)| [a.clone(), b.clone()])
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let stored: HashMap<String, Option<InputData>> = self
+            .stored_inputs(collection, ids)
+            .await?
+            .into_iter()
+            .collect();
+        // Pairs with an item that keeps no input cannot be scored: left out.
+        let (pairs, labels): (Vec<_>, Vec<bool>) = sampled
+            .iter()
+            .filter_map(|(a, b, same)| {
+                let a = stored.get(a).cloned().flatten()?;
+                let b = stored.get(b).cloned().flatten()?;
+                Some(((a, b), *same))
+            })
+            .unzip();
+        if !labels.contains(&true) || !labels.contains(&false) {
+            return Err(Error::invalid(
+                "collection",
+                format!(
+                    "{collection:?}: too few sampled items keep their inputs to calibrate the pair model"
+                ),
+            ));
+        }
+        // Calibration may score more pairs than the queue holds: wait for room.
+        let mut scores = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(1024) {
+            scores.extend(pair.score(chunk.to_vec(), true).await?);
+        }
+        let scored: Vec<(f32, bool)> = scores.into_iter().zip(labels).collect();
+        Ok(crate::db::fit_score_threshold(&scored))
     }
 
     /// One search: ANN (or exact) by distance, then the pair model's re-ranking when
@@ -451,17 +496,14 @@ impl pb::items_server::Items for ItemsService {
         let a = convert::query_from("a", a)?;
         let b = convert::query_from("b", b)?;
         // With a pair model, its decision is the answer; both sides need raw inputs.
-        let has_pair = !self
-            .db
-            .collection(&collection)?
-            .spec()
-            .pair_model
-            .is_empty();
-        let pair = if has_pair {
+        let info = self.db.collection(&collection)?.info();
+        let pair = if !info.spec.pair_model.is_empty() {
             let model = self.pair_model(&collection, "collection")?;
             let ra = self.raw_input(&collection, "a", &a).await?;
             let rb = self.raw_input(&collection, "b", &b).await?;
-            Some((model, ra, rb))
+            // The collection's calibrated threshold, else the model's own.
+            let threshold = info.spec.pair_threshold.unwrap_or(model.threshold());
+            Some((model, ra, rb, threshold))
         } else {
             None
         };
@@ -476,7 +518,7 @@ impl pb::items_server::Items for ItemsService {
             same: v.same,
             pair_score: None,
         };
-        if let Some((model, ra, rb)) = pair {
+        if let Some((model, ra, rb, threshold)) = pair {
             let score = model
                 .score(vec![(ra.data.clone(), rb.data.clone())], false)
                 .await
@@ -490,7 +532,7 @@ impl pb::items_server::Items for ItemsService {
                     })
                 })?[0];
             out.pair_score = Some(score);
-            out.same = score >= model.threshold();
+            out.same = score >= threshold;
         }
         Ok(Response::new(out))
     }
@@ -512,14 +554,34 @@ impl pb::items_server::Items for ItemsService {
             n => n as usize,
         };
         let db = self.db.clone();
-        let c = blocking(move || db.calibrate(&collection, pairs, seed)).await?;
-        Ok(Response::new(pb::CalibrateResponse {
+        let name = collection.clone();
+        let (c, sampled) = blocking(move || db.calibrate(&name, pairs, seed)).await?;
+        let mut out = pb::CalibrateResponse {
             dbl_margin: c.dbl_margin,
             threshold: c.threshold,
             accuracy: c.accuracy,
             roc_auc: c.roc_auc,
             pairs: c.pairs,
             dbl_scale: c.dbl_scale,
-        }))
+            pair_threshold: None,
+            pair_accuracy: 0.0,
+            pair_roc_auc: 0.0,
+        };
+        if !self
+            .db
+            .collection(&collection)?
+            .spec()
+            .pair_model
+            .is_empty()
+        {
+            let (t, acc, auc) = self.calibrate_pair(&collection, sampled).await?;
+            out.pair_threshold = Some(t);
+            out.pair_accuracy = acc;
+            out.pair_roc_auc = auc;
+        }
+        // Stored only once everything is fitted: a failed Calibrate changes nothing.
+        let (db, pair_threshold) = (self.db.clone(), out.pair_threshold);
+        blocking(move || db.store_calibration(&collection, &c, pair_threshold)).await?;
+        Ok(Response::new(out))
     }
 }

@@ -272,6 +272,7 @@ mod tests {
             dbl_margin: None,
             dbl_scale: None,
             pair_model: String::new(),
+            pair_threshold: None,
             threshold: None,
             uid: 1,
         }
