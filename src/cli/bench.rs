@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// Let the daemon's ONNX Runtime threads spin (its --embed-spin).
     #[arg(long)]
     pub embed_spin: bool,
+    /// The daemon's ONNX Runtime intra-op threads (its --embed-threads; 0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub embed_threads: usize,
     /// Only run these parts (ingest, search, embed); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -133,7 +136,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             if let Some(d) = daemon.take() {
                 d.stop().await?;
             }
-            let d = Daemon::start(threads, args.embed_spin).await?;
+            let d = Daemon::start(threads, &args).await?;
             daemon_rates.push(d.ingest(&items, args.dim, args.batch, args.writers).await?);
             daemon = Some(d);
             eprintln!(
@@ -167,7 +170,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         let d = match daemon.take() {
             Some(d) => d,
             None => {
-                let d = Daemon::start(threads, args.embed_spin).await?;
+                let d = Daemon::start(threads, &args).await?;
                 d.ingest(&items, args.dim, args.batch, args.writers).await?;
                 d
             }
@@ -255,7 +258,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if want("embed") {
         let d = match daemon.take() {
             Some(d) => d,
-            None => Daemon::start(threads, args.embed_spin).await?,
+            None => Daemon::start(threads, &args).await?,
         };
         embed_bench(&d, threads, runs).await?;
         daemon = Some(d);
@@ -637,11 +640,14 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(threads: usize, embed_spin: bool) -> Result<Daemon, String> {
+    async fn start(threads: usize, args: &BenchArgs) -> Result<Daemon, String> {
         let dir = tempfile_dir("daemon")?;
         let mut config = Config::with_data_dir(&dir);
         config.index_threads = threads;
-        config.batch.spin = embed_spin;
+        config.batch.spin = args.embed_spin;
+        if args.embed_threads > 0 {
+            config.batch.threads = args.embed_threads;
+        }
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         std_listener
             .set_nonblocking(true)
