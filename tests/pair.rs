@@ -316,6 +316,11 @@ async fn pair_model_verifies_and_reranks() {
         .unwrap_err();
     assert_status("rerank too deep", &err, Code::InvalidArgument, &["rerank"]);
     let err = items
+        .search(search(id_query("e1"), 0, 10))
+        .await
+        .unwrap_err();
+    assert_status("rerank with k = 0", &err, Code::InvalidArgument, &["k"]);
+    let err = items
         .verify(pb::VerifyRequest {
             collection: "wardrobe".into(),
             a: id_query("e1"),

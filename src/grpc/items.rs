@@ -273,6 +273,9 @@ impl ItemsService {
         params: SearchParams,
     ) -> Result<Vec<Hit>> {
         let rerank = if params.rerank > 0 {
+            if params.k == 0 {
+                return Err(Error::invalid("k", "must be at least 1"));
+            }
             let pair = self.pair_model(collection, "rerank")?;
             let raw = self.raw_input(collection, field, &query).await?;
             Some((pair, raw))
@@ -303,7 +306,8 @@ fn rename_pair_fields(e: Error, field: impl Fn(usize, &str) -> String) -> Error 
         let rest = s.strip_prefix("pairs[")?;
         let (j, tail) = rest.split_once(']')?;
         let tail = tail.strip_prefix('.')?;
-        let (side, tail) = tail.split_at(1);
+        let side = tail.get(..1)?;
+        let tail = &tail[1..];
         Some(format!("{}{tail}", field(j.parse().ok()?, side)))
     };
     match e {
