@@ -26,13 +26,6 @@ async fn embed(c: &mut EmbedderClient<Channel>, inputs: Vec<pb::Input>) -> Vec<V
     .collect()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 async fn clients(server: &TestServer) -> (EmbedderClient<Channel>, ModelsClient<Channel>) {
     let ch = channel(&server.url()).await;
     (
@@ -504,11 +497,7 @@ async fn a_lone_client_does_not_wait_for_company() {
         }
         while let Some(v) = tasks.join_next().await {
             let v = v.unwrap();
-            let d = v
-                .iter()
-                .zip(&first)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let d = max_diff(&v, &first);
             assert!(d <= 1e-5, "{d}");
         }
     }

@@ -96,12 +96,7 @@ async fn inputs_choose_their_tower() {
     // Both towers run the same weights here, so they must agree; the default is the first.
     assert_eq!(r.len(), 3);
     for e in &r[1..] {
-        let diff = e
-            .values
-            .iter()
-            .zip(&r[0].values)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = max_diff(&e.values, &r[0].values);
         assert!(diff <= 1e-5, "{diff}");
     }
     let err = c

@@ -28,14 +28,6 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn tensor_input(shape: Vec<u32>, values: Vec<f32>, tower: &str) -> pb::Input {
     pb::Input {
         kind: Some(pb::input::Kind::Tensor(pb::Tensor { shape, values })),

@@ -199,6 +199,15 @@ pub async fn create(
     .into_inner()
 }
 
+/// The largest absolute difference between two equally long vectors.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// GetCollection on `server`.
 pub async fn collection_info(server: &TestServer, name: &str) -> pb::CollectionInfo {
     server
