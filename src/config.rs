@@ -281,6 +281,16 @@ impl Config {
     pub fn search_threads(&self) -> usize {
         or_cores(self.search_threads)
     }
+
+    /// The core's own settings: what the collections registry needs of this config.
+    pub fn core(&self) -> crate::collections::Settings {
+        crate::collections::Settings {
+            data_dir: self.data_dir.clone(),
+            cache_bytes: self.cache_mb << 20,
+            limits: self.limits.clone(),
+            index_threads: self.index_threads(),
+        }
+    }
 }
 
 fn or_cores(n: usize) -> usize {

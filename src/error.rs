@@ -1,19 +1,114 @@
-//! The crate's error type, and the one place where errors become gRPC statuses.
+//! The crate's error type, free of any transport: `grpc::status` is the one place where
+//! errors become gRPC statuses.
+//!
+//! Bad input names where it is with a typed [`Field`] path (`items[3].vector[7]`), built
+//! and re-rooted structurally, so a layer that calls another (an embedder working on
+//! "its" `inputs[2]`) can say which of *its caller's* fields that was without parsing
+//! strings.
 
-use tonic::{Code, Status};
+use std::borrow::Cow;
+use std::fmt;
+
+/// One step of a field path: a name or an index into a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Name(Cow<'static, str>),
+    Index(usize),
+}
+
+/// Where in a request something is: `items[3].input.image`. Empty means "the request".
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Field(Vec<Step>);
+
+impl Field {
+    /// A path starting at a named field.
+    pub fn name(name: impl Into<Cow<'static, str>>) -> Field {
+        Field(vec![Step::Name(name.into())])
+    }
+
+    /// A path starting at an index into the caller's list (`[3]`): what a callee that
+    /// works on a list reports, for its caller to re-root with [`Error::rebase`].
+    pub fn index(i: usize) -> Field {
+        Field(vec![Step::Index(i)])
+    }
+
+    /// `self[i]`.
+    pub fn at(mut self, i: usize) -> Field {
+        self.0.push(Step::Index(i));
+        self
+    }
+
+    /// `self.name`.
+    pub fn field(mut self, name: impl Into<Cow<'static, str>>) -> Field {
+        self.0.push(Step::Name(name.into()));
+        self
+    }
+
+    /// `prefix` followed by this path.
+    pub fn under(self, prefix: &Field) -> Field {
+        let mut steps = prefix.0.clone();
+        steps.extend(self.0);
+        Field(steps)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.0
+    }
+
+    /// When the path starts with an index, that index and the rest of the path.
+    fn split_index(&self) -> Option<(usize, &[Step])> {
+        match self.0.first() {
+            Some(Step::Index(i)) => Some((*i, &self.0[1..])),
+            _ => None,
+        }
+    }
+}
+
+impl From<&'static str> for Field {
+    fn from(name: &'static str) -> Field {
+        Field::name(name)
+    }
+}
+
+impl From<String> for Field {
+    fn from(name: String) -> Field {
+        Field::name(name)
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, step) in self.0.iter().enumerate() {
+            match step {
+                Step::Name(n) if i == 0 => write!(f, "{n}")?,
+                Step::Name(n) => write!(f, ".{n}")?,
+                Step::Index(j) => write!(f, "[{j}]")?,
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Everything that can go wrong inside likeness.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The caller sent something unusable; `field` names where (`items[3].vector`).
     #[error("{field}: {reason}")]
-    InvalidArgument { field: String, reason: String },
-    /// A collection or model that does not exist.
-    #[error("{0} not found")]
-    NotFound(String),
+    InvalidArgument { field: Field, reason: String },
+    /// A collection, item, model or tower that does not exist; `field` names the request
+    /// field that asked for it, when there is one.
+    #[error("{}{what} not found", prefix(.field))]
+    NotFound { field: Field, what: String },
     /// A collection name that is taken.
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// The request is valid but the collection's state does not allow it.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A limit was hit; retrying later (or smaller) may work.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -40,25 +135,134 @@ pub enum Error {
     Corrupt(String),
 }
 
+fn prefix(field: &Field) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Bad input in `field`.
-    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<Field>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             field: field.into(),
             reason: reason.into(),
         }
     }
 
-    /// Prefixes the field of an InvalidArgument (a stream message's index, say).
-    pub fn within(self, prefix: &str) -> Self {
+    /// `what` does not exist (no request field to blame).
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Error::NotFound {
+            field: Field::default(),
+            what: what.into(),
+        }
+    }
+
+    /// `what`, which the request's `field` names, does not exist.
+    pub fn not_found_at(field: impl Into<Field>, what: impl Into<String>) -> Self {
+        Error::NotFound {
+            field: field.into(),
+            what: what.into(),
+        }
+    }
+
+    /// Puts the field of an error under `prefix` (a stream message, say:
+    /// `messages[4]` + `items[2].id`).
+    pub fn under(self, prefix: &Field) -> Self {
         match self {
             Error::InvalidArgument { field, reason } => Error::InvalidArgument {
-                field: format!("{prefix}{field}"),
+                field: field.under(prefix),
                 reason,
             },
+            Error::NotFound { field, what } if !field.is_empty() => Error::NotFound {
+                field: field.under(prefix),
+                what,
+            },
             other => other,
+        }
+    }
+
+    /// Re-roots a callee's field that starts with an index into the list the caller
+    /// handed it (`[2].image`) at the caller's own field for that element
+    /// (`queries[7].input` + `.image`). Other errors pass through.
+    pub fn rebase(self, root: impl Fn(usize) -> Field) -> Self {
+        let fix = |field: Field| -> Field {
+            match field.split_index() {
+                Some((i, rest)) => {
+                    let mut f = root(i);
+                    f.0.extend(rest.iter().cloned());
+                    f
+                }
+                None => field,
+            }
+        };
+        match self {
+            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+                field: fix(field),
+                reason,
+            },
+            Error::NotFound { field, what } => Error::NotFound {
+                field: fix(field),
+                what,
+            },
+            other => other,
+        }
+    }
+
+    /// Like [`Error::rebase`] for a callee that works on a list of pairs: a field that
+    /// starts `[j].a` or `[j].b` is re-rooted at `root(j, "a" | "b")`.
+    pub fn rebase_pair(self, root: impl Fn(usize, &str) -> Field) -> Self {
+        let fix = |field: Field| -> Field {
+            match field.0.as_slice() {
+                [Step::Index(j), Step::Name(side), rest @ ..] => {
+                    let mut f = root(*j, side);
+                    f.0.extend(rest.iter().cloned());
+                    f
+                }
+                _ => field,
+            }
+        };
+        match self {
+            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+                field: fix(field),
+                reason,
+            },
+            Error::NotFound { field, what } => Error::NotFound {
+                field: fix(field),
+                what,
+            },
+            other => other,
+        }
+    }
+
+    /// The field an error names, if any.
+    pub fn field(&self) -> Option<&Field> {
+        match self {
+            Error::InvalidArgument { field, .. } | Error::NotFound { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// Storage, index, file, model and worker failures: the daemon's problem, not the
+    /// caller's. Their detail goes to the log, not to clients.
+    pub fn is_internal(&self) -> bool {
+        match self {
+            Error::InvalidArgument { .. }
+            | Error::NotFound { .. }
+            | Error::AlreadyExists(_)
+            | Error::FailedPrecondition(_)
+            | Error::ResourceExhausted(_)
+            | Error::Unavailable(_) => false,
+            Error::Storage(_)
+            | Error::Index(_)
+            | Error::Io(_)
+            | Error::Model(_)
+            | Error::Worker(_)
+            | Error::Corrupt(_) => true,
         }
     }
 }
@@ -75,25 +279,25 @@ impl From<tokio::task::JoinError> for Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        // Exhaustive on purpose: a new variant must decide its status here.
-        let code = match &e {
-            Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::Unavailable(_) => Code::Unavailable,
-            Error::Storage(_)
-            | Error::Index(_)
-            | Error::Io(_)
-            | Error::Worker(_)
-            | Error::Model(_)
-            | Error::Corrupt(_) => {
-                tracing::error!(error = %e, "internal error");
-                Code::Internal
-            }
-        };
-        Status::new(code, e.to_string())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_render_and_rebase() {
+        let f = Field::name("items").at(3).field("vector").at(7);
+        assert_eq!(f.to_string(), "items[3].vector[7]");
+        let e = Error::invalid(Field::index(2).field("image"), "undecodable");
+        let e = e.rebase(|i| Field::name("queries").at(i + 5).field("input"));
+        assert_eq!(e.to_string(), "queries[7].input.image: undecodable");
+        let e = Error::invalid(Field::name("items").at(0).field("id"), "empty");
+        let e = e.under(&Field::name("messages").at(4));
+        assert_eq!(e.to_string(), "messages[4].items[0].id: empty");
+        let nf = Error::not_found_at(Field::name("query").field("id"), "item \"x\"");
+        assert_eq!(nf.to_string(), "query.id: item \"x\" not found");
+        assert_eq!(
+            Error::not_found("collection \"c\"").to_string(),
+            "collection \"c\" not found"
+        );
     }
 }

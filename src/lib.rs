@@ -5,29 +5,41 @@
 //! (as it grows) streams hard negatives to training jobs.
 //!
 //! # Layout
-//! - [`config`]: flags + env + TOML -> one validated [`Config`].
-//! - [`error`]: the crate [`Error`]; the one place errors become gRPC statuses.
-//! - [`types`]: domain types (metrics, items, filters, hits), free of gRPC.
-//! - [`store`]: sled: collection specs, item records, group commit.
-//! - [`index`]: usearch HNSW per collection, snapshots.
+//! - [`config`]: flags + env + TOML -> one validated [`Config`]; [`Config::core`] gives
+//!   the core its own [`collections::Settings`].
+//! - [`error`]: the crate [`Error`] with typed field paths, free of tonic.
+//! - [`types`]: domain types (metrics, items, queries, filters, hits), free of gRPC.
+//! - [`store`]: sled: collection specs, item records, raw inputs, group commit, codecs.
+//! - [`index`]: usearch HNSW per collection; the snapshot format.
+//! - [`collections`]: the registry joining store and index; one collection, the ordered
+//!   write path and stream transactions, the catalogue with its label index, search and
+//!   the batched kNN the miner reads through; recovery; validation.
+//! - [`judge`]: classify, verify, calibrate, re-rank with a pair model.
+//! - [`embed`]: the [`embed::Embedder`] trait and its handle; ONNX Runtime models
+//!   (embedders and pair models): manifests, image preprocessing, dynamic batching; a
+//!   fake embedder for tests.
+//! - [`app`]: the application facade that handlers and the miner call: embedding,
+//!   inputs kept, re-ranking, verification across collections and models.
 //! - [`pool`]: the fixed thread pool that runs searches, with admission control.
-//! - [`embed`]: ONNX Runtime models (embedders and pair models): manifests (TOML or ONNX
-//!   metadata), image preprocessing, dynamic batching by input shape.
-//! - [`db`]: the collections registry joining store and index; recovery; validation.
-//! - [`grpc`]: tonic services (thin handlers), health, reflection, [`serve`].
-//! - [`cli`]: the client subcommands and `likeness bench`.
-//! - [`synth`]: deterministic synthetic data for tests and benchmarks.
+//! - [`grpc`]: tonic services (convert -> app -> convert), the one Error -> Status map,
+//!   health, reflection, [`serve`].
+//! - [`cli`]: the client subcommands.
+//! - [`rng`], [`synth`]: a seedable PRNG; synthetic data for tests and benchmarks.
 //!
-//! Only `grpc` and `error` know about tonic.
+//! Only `grpc` knows about tonic (`grpc::client` gives the `cli` client its channel). The benchmark harness is a
+//! binary of its own (`likeness-bench`), outside the library and the daemon.
 
+pub mod app;
 pub mod cli;
+pub mod collections;
 pub mod config;
-pub mod db;
 pub mod embed;
 pub mod error;
 pub mod grpc;
 pub mod index;
+pub mod judge;
 pub mod pool;
+pub mod rng;
 pub mod store;
 pub mod synth;
 pub mod types;
@@ -40,4 +52,4 @@ pub mod pb {
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use grpc::serve;
+pub use grpc::{ServeOptions, serve, serve_with};

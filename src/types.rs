@@ -217,3 +217,47 @@ impl Default for Limits {
         }
     }
 }
+
+/// An embedder's embedding space, as a collection that uses it sees it: what
+/// CreateCollection takes from the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    pub dimension: u32,
+    pub metric: Metric,
+    pub dbl_margin: Option<f32>,
+    pub dbl_scale: Option<f32>,
+    pub threshold: Option<f32>,
+}
+
+/// One input to embed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputData {
+    /// Encoded image bytes.
+    Image(Vec<u8>),
+    /// A raw tensor (without the batch axis).
+    Tensor { shape: Vec<u32>, values: Vec<f32> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    pub data: InputData,
+    /// Tower name; empty = the model's first tower.
+    pub tower: String,
+}
+
+/// A query as a client sends it: a vector, a stored item, or an input for the
+/// collection's model to embed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Query {
+    Vector(Vec<f32>),
+    Id(String),
+    Input(Input),
+}
+
+/// An item as a client sends it: with a vector, or with an input to embed (or both, the
+/// input then only kept).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NewItem {
+    pub item: ItemData,
+    pub input: Option<Input>,
+}

@@ -1,4 +1,5 @@
-//! Bulk input readers for `likeness upsert`: .npy, JSONL and CSV; and a progress line.
+//! Bulk readers for `likeness upsert` (.npy, JSONL, CSV), the .npy writer `likeness embed`
+//! streams into, and a progress line.
 
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -230,8 +231,18 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest.trim_start().strip_prefix(':')?.trim_start())
 }
 
-/// Writes a 2-D float32 .npy (for tests and benchmarks).
+/// Writes a 2-D float32 .npy.
 pub fn write_npy(rows: usize, dim: usize, values: &[f32]) -> Vec<u8> {
+    let mut out = npy_header(rows, dim);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The header of a 2-D little-endian float32 .npy; the rows' values follow it, so a
+/// writer that knows the shape can stream them.
+pub fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
     let mut header =
         format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
@@ -241,9 +252,6 @@ pub fn write_npy(rows: usize, dim: usize, values: &[f32]) -> Vec<u8> {
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
     out
 }
 
@@ -307,13 +315,20 @@ pub fn parse_floats(s: &str) -> Result<Vec<f32>, String> {
 pub struct Progress {
     total: usize,
     tty: bool,
+    unit: &'static str,
 }
 
 impl Progress {
     pub fn new(total: usize) -> Self {
+        Progress::counting(total, "items")
+    }
+
+    /// A bar whose rate counts `unit` ("images").
+    pub fn counting(total: usize, unit: &'static str) -> Self {
         Progress {
             total,
             tty: std::io::stderr().is_terminal(),
+            unit,
         }
     }
 
@@ -325,10 +340,11 @@ impl Progress {
         let filled = (done * width).checked_div(self.total).unwrap_or(width);
         let rate = done as f64 / elapsed.as_secs_f64().max(1e-9);
         eprint!(
-            "\r[{}{}] {done}/{} {rate:.0} items/s",
+            "\r[{}{}] {done}/{} {rate:.0} {}/s",
             "=".repeat(filled),
             " ".repeat(width - filled.min(width)),
-            self.total
+            self.total,
+            self.unit
         );
         let _ = std::io::stderr().flush();
     }

@@ -1,13 +1,13 @@
-//! The client side of the binary: `likeness collections|upsert|search|get|delete` talk to
-//! a running daemon at `--addr`; `likeness bench` measures one against its references.
+//! The client side of the binary: `likeness collections|upsert|search|get|delete` and
+//! `embed|classify|verify` talk to a running daemon at `--addr`.
 
-pub mod bench;
+pub mod infer;
 pub mod load;
 
 use std::time::Instant;
 
+use crate::grpc::client::Channel;
 use clap::{Parser, Subcommand, ValueEnum};
-use tonic::transport::Channel;
 
 use crate::config::ServeArgs;
 use crate::pb;
@@ -48,8 +48,12 @@ pub enum Command {
     Get(GetArgs),
     /// Delete items by id.
     Delete(DeleteArgs),
-    /// Measure the daemon against its references (see docs/benchmarks.md).
-    Bench(bench::BenchArgs),
+    /// Embed image files or folders with a model: .npy, .jsonl, or JSON lines on stdout.
+    Embed(infer::EmbedArgs),
+    /// Identify images or stored items: a kNN vote in a collection (JSON lines).
+    Classify(infer::ClassifyArgs),
+    /// Are two images (or stored items) the same? Distance, probability, decision (JSON).
+    Verify(infer::VerifyArgs),
     /// Write a copy of a model's .onnx that carries its TOML manifest in the ONNX
     /// metadata_props, so that `--model NAME=FILE.onnx` needs no TOML beside it.
     Pack(PackArgs),
@@ -197,7 +201,6 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 pub async fn run(addr: String, command: Command) -> Result<(), String> {
     match command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
-        Command::Bench(args) => bench::run(args).await,
         Command::Pack(args) => {
             crate::embed::manifest::pack(&args.manifest, &args.out)?;
             println!("wrote {}", args.out.display());
@@ -208,6 +211,9 @@ pub async fn run(addr: String, command: Command) -> Result<(), String> {
         Command::Search(args) => search(&addr, args).await,
         Command::Get(args) => get(&addr, args).await,
         Command::Delete(args) => delete(&addr, args).await,
+        Command::Embed(args) => infer::embed(&addr, args).await,
+        Command::Classify(args) => infer::classify(&addr, args).await,
+        Command::Verify(args) => infer::verify(&addr, args).await,
     }
 }
 
@@ -226,7 +232,7 @@ fn items_client(ch: Channel) -> ItemsClient<Channel> {
         .max_encoding_message_size(64 << 20)
 }
 
-fn status(s: tonic::Status) -> String {
+fn status(s: crate::grpc::client::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
@@ -246,10 +252,15 @@ fn precision_name(p: i32) -> &'static str {
     }
 }
 
+/// A name, or "-" for none (so that columns stay put).
+fn or_dash(name: &str) -> &str {
+    if name.is_empty() { "-" } else { name }
+}
+
 fn print_info(c: &pb::CollectionInfo) {
     let idx = c.index.unwrap_or_default();
     println!(
-        "{}\tdimension={}\tmetric={}\tprecision={}\tcount={}\tM={}\tef_add={}\tef_search={}",
+        "{}\tdimension={}\tmetric={}\tprecision={}\tcount={}\tM={}\tef_add={}\tef_search={}\tmodel={}\tpair_model={}",
         c.name,
         c.dimension,
         metric_name(c.metric),
@@ -257,7 +268,9 @@ fn print_info(c: &pb::CollectionInfo) {
         c.count,
         idx.connectivity,
         idx.expansion_add,
-        idx.expansion_search
+        idx.expansion_search,
+        or_dash(&c.model),
+        or_dash(&c.pair_model)
     );
 }
 

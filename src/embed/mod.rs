@@ -9,9 +9,13 @@
 //! A pair model is one graph that takes two inputs and scores how alike they are
 //! (Zagoruyko & Komodakis 2015); it is batched the same way.
 
+pub mod fake;
+mod handle;
 pub mod image;
 pub mod manifest;
 pub mod runtime;
+
+pub use handle::{EmbedHandle, Embedder};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,25 +26,10 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
+pub use crate::types::{Input, InputData};
 use manifest::{InputSpec, Manifest, PairSpec, TowerSpec};
 pub use runtime::Device;
-
-/// One input to embed.
-#[derive(Debug, Clone, PartialEq)]
-pub enum InputData {
-    /// Encoded image bytes.
-    Image(Vec<u8>),
-    /// A raw tensor (without the batch axis).
-    Tensor { shape: Vec<u32>, values: Vec<f32> },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Input {
-    pub data: InputData,
-    /// Tower name; empty = the model's first tower.
-    pub tower: String,
-}
 
 /// How batching behaves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -130,7 +119,7 @@ impl Models {
         self.embedders
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("model {name:?}")))
+            .ok_or_else(|| Error::not_found(format!("model {name:?}")))
     }
 
     /// A pair model.
@@ -144,7 +133,7 @@ impl Models {
         self.pairs
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("pair model {name:?}")))
+            .ok_or_else(|| Error::not_found(format!("pair model {name:?}")))
     }
 
     pub fn info(&self, name: &str) -> Result<ModelInfo> {
@@ -152,6 +141,20 @@ impl Models {
             Some(p) => Ok(p.info()),
             None => self.get(name).map(|m| m.info()),
         }
+    }
+
+    /// Per graph (`model/tower`, or `model` for a pair model), its batch counters.
+    pub fn batch_stats(&self) -> Vec<(String, Arc<BatchStats>)> {
+        let mut out = Vec::new();
+        for (name, m) in &self.embedders {
+            for t in &m.towers {
+                out.push((format!("{name}/{}", t.spec.name), t.batcher.stats.clone()));
+            }
+        }
+        for (name, p) in &self.pairs {
+            out.push((name.clone(), p.batcher.stats.clone()));
+        }
+        out
     }
 
     /// Every model, by name.
@@ -186,6 +189,15 @@ struct Batcher {
     /// The admission semaphore's size.
     capacity: usize,
     provider: &'static str,
+    stats: Arc<BatchStats>,
+}
+
+/// What a graph's batch worker has done: batches run and the jobs (inputs or pairs)
+/// they held, so jobs / batches is the mean batch size.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    pub batches: std::sync::atomic::AtomicU64,
+    pub jobs: std::sync::atomic::AtomicU64,
 }
 
 /// What a batch worker feeds its graph and reads back.
@@ -208,6 +220,8 @@ struct Job {
     reply: oneshot::Sender<std::result::Result<Vec<f32>, String>>,
     /// The request's admission; its queue slots free when its last job is done.
     _permit: Arc<OwnedSemaphorePermit>,
+    /// The caller's span: the batch that runs this job follows from it.
+    span: tracing::Span,
 }
 
 type Reply = oneshot::Receiver<std::result::Result<Vec<f32>, String>>;
@@ -230,15 +244,18 @@ impl Batcher {
             config.spin,
         )?;
         let (tx, rx) = channel::<Job>();
+        let stats = Arc::new(BatchStats::default());
+        let counted = stats.clone();
         std::thread::Builder::new()
             .name(format!("embed-{}", graph.label))
-            .spawn(move || worker(session, &graph, &rx, config))
+            .spawn(move || worker(session, &graph, &rx, config, &counted))
             .map_err(Error::Io)?;
         Ok(Batcher {
             queue: tx,
             admission: Arc::new(Semaphore::new(config.queue)),
             capacity: config.queue,
             provider,
+            stats,
         })
     }
 
@@ -288,20 +305,21 @@ impl Batcher {
                 queued: Instant::now(),
                 reply,
                 _permit: permit.clone(),
+                span: tracing::Span::current(),
             })
             .map_err(|_| Error::Unavailable("model worker stopped".into()))?;
         Ok(rx)
     }
 }
 
-/// Waits for every reply, naming the failed input.
-async fn collect(pending: Vec<Reply>, field: impl Fn(usize) -> String) -> Result<Vec<Vec<f32>>> {
+/// Waits for every reply, naming the failed input (`what` 3).
+async fn collect(pending: Vec<Reply>, what: &str) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(pending.len());
     for (i, rx) in pending.into_iter().enumerate() {
         let v = rx
             .await
             .map_err(|_| Error::Model("model worker stopped".into()))?
-            .map_err(|e| Error::Model(format!("{}: {e}", field(i))))?;
+            .map_err(|e| Error::Model(format!("{what} {i}: {e}")))?;
         out.push(v);
     }
     Ok(out)
@@ -368,7 +386,7 @@ impl Model {
         }
     }
 
-    fn tower_index(&self, field: &str, name: &str) -> Result<usize> {
+    fn tower_index(&self, field: Field, name: &str) -> Result<usize> {
         if name.is_empty() {
             return Ok(0);
         }
@@ -376,23 +394,27 @@ impl Model {
             .iter()
             .position(|t| t.spec.name == name)
             .ok_or_else(|| {
-                Error::NotFound(format!("{field}.tower: {name:?} in model {:?}", self.name))
+                Error::not_found_at(
+                    field.field("tower"),
+                    format!("{name:?} in model {:?}", self.name),
+                )
             })
     }
 
     /// Embeds `inputs`. Every input is decoded and checked first, so a bad one fails the
-    /// call (naming its index) before anything is queued. `wait`: block on a full queue
+    /// call before anything is queued, naming its index as a field path (`[3].image`)
+    /// that the caller re-roots at its own field ([`Error::rebase`]). `wait`: block on a full queue
     /// (streams) instead of RESOURCE_EXHAUSTED (unary calls).
     pub async fn embed(&self, inputs: Vec<Input>, wait: bool) -> Result<Vec<Vec<f32>>> {
         if inputs.is_empty() {
-            return Err(Error::invalid("inputs", "must not be empty"));
+            return Err(Error::invalid(Field::default(), "no inputs to embed"));
         }
         let mut jobs = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.into_iter().enumerate() {
             let t = if input.tower.is_empty() {
                 0
             } else {
-                self.tower_index(&format!("inputs[{i}]"), &input.tower)?
+                self.tower_index(Field::index(i), &input.tower)?
             };
             jobs.push((t, input.data, self.towers[t].spec.clone()));
         }
@@ -401,8 +423,7 @@ impl Model {
             jobs.into_iter()
                 .enumerate()
                 .map(|(i, (t, data, spec))| {
-                    prepare(&format!("inputs[{i}]"), data, &spec.name, spec.input_spec())
-                        .map(|v| (t, v))
+                    prepare(Field::index(i), data, &spec.name, spec.input_spec()).map(|v| (t, v))
                 })
                 .collect::<Result<Vec<_>>>()
         };
@@ -424,7 +445,7 @@ impl Model {
             let permit = permits[t].as_ref().expect("permit per used tower");
             pending.push(self.towers[t].batcher.send(vec![values], dims, permit)?);
         }
-        collect(pending, |i| format!("inputs[{i}]")).await
+        collect(pending, "input").await
     }
 }
 
@@ -485,11 +506,11 @@ impl PairModel {
         }
     }
 
-    /// Scores each pair; a bad input fails the call, naming `pairs[i].a` or `.b`,
-    /// before anything is queued.
+    /// Scores each pair; a bad input fails the call before anything is queued, naming
+    /// `[i].a` or `[i].b` for the caller to re-root.
     pub async fn score(&self, pairs: Vec<(InputData, InputData)>, wait: bool) -> Result<Vec<f32>> {
         if pairs.is_empty() {
-            return Err(Error::invalid("pairs", "must not be empty"));
+            return Err(Error::invalid(Field::default(), "no pairs to score"));
         }
         let spec = self.spec.clone();
         let bytes: usize = pairs
@@ -502,8 +523,9 @@ impl PairModel {
                 .enumerate()
                 .map(|(i, (a, b))| {
                     let (va, dims) =
-                        prepare(&format!("pairs[{i}].a"), a, "pair", spec.input_spec())?;
-                    let (vb, _) = prepare(&format!("pairs[{i}].b"), b, "pair", spec.input_spec())?;
+                        prepare(Field::index(i).field("a"), a, "pair", spec.input_spec())?;
+                    let (vb, _) =
+                        prepare(Field::index(i).field("b"), b, "pair", spec.input_spec())?;
                     Ok((vec![va, vb], dims))
                 })
                 .collect::<Result<Vec<_>>>()
@@ -517,7 +539,7 @@ impl PairModel {
             .into_iter()
             .map(|(values, dims)| self.batcher.send(values, dims, &permit))
             .collect::<Result<Vec<_>>>()?;
-        Ok(collect(pending, |i| format!("pairs[{i}]"))
+        Ok(collect(pending, "pair")
             .await?
             .into_iter()
             .map(|row| row[0])
@@ -552,7 +574,7 @@ async fn off_async_if_large<T: Send + 'static>(
 /// Decodes (images) or checks (tensors) one input into a graph input's flat layout;
 /// returns the values and their shape without the batch axis.
 fn prepare(
-    field: &str,
+    field: Field,
     data: InputData,
     owner: &str,
     spec: InputSpec<'_>,
@@ -560,14 +582,14 @@ fn prepare(
     match (data, spec) {
         (InputData::Image(bytes), InputSpec::Image(img)) => {
             let (values, h, w) = image::preprocess(&bytes, img)
-                .map_err(|e| Error::invalid(format!("{field}.image"), e))?;
+                .map_err(|e| Error::invalid(field.clone().field("image"), e))?;
             Ok((
                 values,
                 vec![i64::from(img.channels), i64::from(h), i64::from(w)],
             ))
         }
         (InputData::Image(_), InputSpec::Tensor(_)) => Err(Error::invalid(
-            format!("{field}.image"),
+            field.field("image"),
             format!("{owner:?} takes tensors, not images"),
         )),
         (
@@ -596,7 +618,7 @@ fn prepare(
                         }
                         _ => {
                             return Err(Error::invalid(
-                                format!("{field}.tensor.shape"),
+                                field.field("tensor").field("shape"),
                                 format!(
                                     "{given:?}, {owner:?} takes [{}, 1..={}, 1..={}]",
                                     img.channels, img.height, img.width
@@ -608,20 +630,20 @@ fn prepare(
             };
             if given != want {
                 return Err(Error::invalid(
-                    format!("{field}.tensor.shape"),
+                    field.field("tensor").field("shape"),
                     format!("{given:?}, {owner:?} takes {want:?}"),
                 ));
             }
             let n: usize = want.iter().map(|d| *d as usize).product();
             if values.len() != n {
                 return Err(Error::invalid(
-                    format!("{field}.tensor.values"),
+                    field.field("tensor").field("values"),
                     format!("{} values for shape {want:?} ({n})", values.len()),
                 ));
             }
             if let Some(j) = values.iter().position(|v| !v.is_finite()) {
                 return Err(Error::invalid(
-                    format!("{field}.tensor.values[{j}]"),
+                    field.field("tensor").field("values").at(j),
                     "not a finite number",
                 ));
             }
@@ -633,7 +655,13 @@ fn prepare(
 /// A batch worker's thread: gather a batch (what is queued, up to max_batch; then, while
 /// fewer jobs than the previous batch had, what arrives within max_delay of the oldest),
 /// run each group of same-shaped jobs, answer each job.
-fn worker(mut session: Session, graph: &Graph, rx: &Receiver<Job>, cfg: BatchConfig) {
+fn worker(
+    mut session: Session,
+    graph: &Graph,
+    rx: &Receiver<Job>,
+    cfg: BatchConfig,
+    stats: &BatchStats,
+) {
     // Jobs in the previous batch: how many concurrent callers to wait for.
     let mut previous = 0usize;
     loop {
@@ -679,6 +707,19 @@ fn worker(mut session: Session, graph: &Graph, rx: &Receiver<Job>, cfg: BatchCon
         }
         for jobs in groups {
             let n = jobs.len();
+            stats
+                .batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats
+                .jobs
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            // One batch serves many callers: its span follows from each of theirs, so a
+            // trace of a request leads to the batch that ran it.
+            let span = tracing::debug_span!("batch", graph = %graph.label, size = n);
+            for job in &jobs {
+                span.follows_from(&job.span);
+            }
+            let _enter = span.enter();
             match run(&mut session, graph, &jobs) {
                 Ok(rows) => {
                     for (job, row) in jobs.into_iter().zip(rows) {
@@ -758,51 +799,4 @@ pub fn default_pair_model() -> (String, PathBuf) {
         "fmnist-pair".into(),
         Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-pair/model.toml"),
     )
-}
-
-/// Encodes an input for the store: kind byte, then the image bytes, or the shape and
-/// values of a tensor (little-endian).
-pub fn encode_input(data: &InputData) -> Vec<u8> {
-    match data {
-        InputData::Image(bytes) => {
-            let mut out = Vec::with_capacity(1 + bytes.len());
-            out.push(0);
-            out.extend_from_slice(bytes);
-            out
-        }
-        InputData::Tensor { shape, values } => {
-            let mut out = Vec::with_capacity(5 + shape.len() * 4 + values.len() * 4);
-            out.push(1);
-            out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
-            shape
-                .iter()
-                .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
-            values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
-            out
-        }
-    }
-}
-
-/// Decodes what [`encode_input`] wrote; None when it is not such a record.
-pub fn decode_input(raw: &[u8]) -> Option<InputData> {
-    let (&kind, rest) = raw.split_first()?;
-    match kind {
-        0 => Some(InputData::Image(rest.to_vec())),
-        1 => {
-            let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-            let dims = rest.get(4..4 + n * 4)?;
-            let shape = dims
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
-            let values = rest[4 + n * 4..]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
-            Some(InputData::Tensor { shape, values })
-        }
-        _ => None,
-    }
 }

@@ -1,17 +1,15 @@
-//! likeness.v1.Collections: thin handlers over [`Db`].
+//! likeness.v1.Collections: convert -> [`App`] -> convert.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{blocking, convert};
-use crate::db::Db;
-use crate::embed::Models;
+use super::convert;
+use crate::app::App;
 use crate::pb;
 
 pub struct CollectionsService {
-    pub db: Arc<Db>,
-    pub models: Arc<Models>,
+    pub app: Arc<App>,
 }
 
 #[tonic::async_trait]
@@ -20,9 +18,8 @@ impl pb::collections_server::Collections for CollectionsService {
         &self,
         request: Request<pb::CreateCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
-        let req = convert::create_collection(request.into_inner(), &self.models)?;
-        let db = self.db.clone();
-        let info = blocking(move || db.create_collection(req)).await?;
+        let req = convert::create_collection(request.into_inner())?;
+        let info = self.app.create_collection(req).await?;
         Ok(Response::new(convert::collection_info(info)))
     }
 
@@ -31,7 +28,7 @@ impl pb::collections_server::Collections for CollectionsService {
         request: Request<pb::GetCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
         let pb::GetCollectionRequest { name } = request.into_inner();
-        let info = self.db.collection(&name)?.info();
+        let info = self.app.collection_info(&name)?;
         Ok(Response::new(convert::collection_info(info)))
     }
 
@@ -41,7 +38,7 @@ impl pb::collections_server::Collections for CollectionsService {
     ) -> Result<Response<pb::ListCollectionsResponse>, Status> {
         let pb::ListCollectionsRequest {} = request.into_inner();
         let collections = self
-            .db
+            .app
             .list_collections()?
             .into_iter()
             .map(convert::collection_info)
@@ -54,8 +51,7 @@ impl pb::collections_server::Collections for CollectionsService {
         request: Request<pb::DeleteCollectionRequest>,
     ) -> Result<Response<pb::DeleteCollectionResponse>, Status> {
         let pb::DeleteCollectionRequest { name } = request.into_inner();
-        let db = self.db.clone();
-        let deleted = blocking(move || db.delete_collection(&name)).await?;
+        let deleted = self.app.delete_collection(name).await?;
         Ok(Response::new(pb::DeleteCollectionResponse { deleted }))
     }
 }

@@ -1,13 +1,15 @@
 //! proto <-> domain conversions. Each destructures every field, so a field added to the
 //! proto fails the build here until someone decides what it means.
 
-use crate::db::{CollectionInfo, CreateCollection, ModelDefaults};
-use crate::embed::{Input, InputData, Models};
-use crate::error::{Error, Result};
+use crate::collections::{CollectionInfo, CreateCollection};
+use crate::error::{Error, Field, Result};
 use crate::pb;
-use crate::types::{self, Filter, Hit, ItemData, Metric, Precision, QueryTarget, SearchParams};
+use crate::store::codec::decode_input;
+use crate::types::{
+    self, Filter, Hit, Input, InputData, ItemData, Metric, NewItem, Precision, Query, SearchParams,
+};
 
-pub fn metric_from(field: &str, v: i32) -> Result<Option<Metric>> {
+pub fn metric_from(field: &'static str, v: i32) -> Result<Option<Metric>> {
     match pb::Metric::try_from(v) {
         Ok(pb::Metric::Unspecified) => Ok(None),
         Ok(pb::Metric::Cosine) => Ok(Some(Metric::Cosine)),
@@ -25,7 +27,7 @@ pub fn metric_to(m: Metric) -> pb::Metric {
     }
 }
 
-pub fn precision_from(field: &str, v: i32) -> Result<Option<Precision>> {
+pub fn precision_from(field: &'static str, v: i32) -> Result<Option<Precision>> {
     match pb::Precision::try_from(v) {
         Ok(pb::Precision::Unspecified) => Ok(None),
         Ok(pb::Precision::F32) => Ok(Some(Precision::F32)),
@@ -43,10 +45,7 @@ pub fn precision_to(p: Precision) -> pb::Precision {
     }
 }
 
-pub fn create_collection(
-    req: pb::CreateCollectionRequest,
-    models: &Models,
-) -> Result<CreateCollection> {
+pub fn create_collection(req: pb::CreateCollectionRequest) -> Result<CreateCollection> {
     let pb::CreateCollectionRequest {
         name,
         dimension,
@@ -57,25 +56,6 @@ pub fn create_collection(
         keep_inputs,
         pair_model,
     } = req;
-    if !pair_model.is_empty() {
-        models.pair(&pair_model).map_err(|e| match e {
-            Error::NotFound(what) => Error::NotFound(format!("pair_model: {what}")),
-            other => other,
-        })?;
-    }
-    let model_defaults = if model.is_empty() {
-        None
-    } else {
-        let m = models.get(&model)?;
-        let t = m.primary();
-        Some(ModelDefaults {
-            dimension: m.dimension(),
-            metric: t.metric,
-            dbl_margin: t.dbl_margin,
-            dbl_scale: t.dbl_scale,
-            threshold: t.threshold,
-        })
-    };
     let pb::IndexParams {
         connectivity,
         expansion_add,
@@ -94,7 +74,7 @@ pub fn create_collection(
         model,
         keep_inputs,
         pair_model,
-        model_defaults,
+        model_defaults: None,
     })
 }
 
@@ -136,8 +116,8 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
     }
 }
 
-/// An item, and the input to embed when it has no vector.
-pub fn item_from(field: &str, item: pb::Item) -> Result<(ItemData, Option<Input>)> {
+/// An item, with the input to embed when it has no vector.
+pub fn item_from(field: Field, item: pb::Item) -> Result<NewItem> {
     let pb::Item {
         id,
         label,
@@ -146,10 +126,10 @@ pub fn item_from(field: &str, item: pb::Item) -> Result<(ItemData, Option<Input>
         input,
     } = item;
     let input = input
-        .map(|i| input_from(&format!("{field}.input"), i))
+        .map(|i| input_from(field.field("input"), i))
         .transpose()?;
-    Ok((
-        ItemData {
+    Ok(NewItem {
+        item: ItemData {
             id,
             label,
             metadata: metadata.into_iter().collect(),
@@ -157,7 +137,7 @@ pub fn item_from(field: &str, item: pb::Item) -> Result<(ItemData, Option<Input>
             input: None,
         },
         input,
-    ))
+    })
 }
 
 pub fn item_to(item: ItemData) -> pb::Item {
@@ -173,14 +153,11 @@ pub fn item_to(item: ItemData) -> pb::Item {
         label,
         metadata: metadata.into_iter().collect(),
         vector,
-        input: input
-            .as_deref()
-            .and_then(crate::embed::decode_input)
-            .map(input_to),
+        input: input.as_deref().and_then(decode_input).map(input_to),
     }
 }
 
-pub fn input_from(field: &str, input: pb::Input) -> Result<Input> {
+pub fn input_from(field: Field, input: pb::Input) -> Result<Input> {
     let pb::Input { kind, tower } = input;
     let data = match kind {
         Some(pb::input::Kind::Image(bytes)) => InputData::Image(bytes),
@@ -204,22 +181,13 @@ pub fn input_to(data: InputData) -> pb::Input {
     }
 }
 
-/// A query as sent: a target the Db understands, or an input to embed first.
-pub enum QueryIn {
-    Target(QueryTarget),
-    Input(Input),
-}
-
-pub fn query_from(field: &str, q: Option<pb::Query>) -> Result<QueryIn> {
+pub fn query_from(field: Field, q: Option<pb::Query>) -> Result<Query> {
     match q.and_then(|q| q.kind) {
-        Some(pb::query::Kind::Vector(pb::Vector { values })) => {
-            Ok(QueryIn::Target(QueryTarget::Vector(values)))
+        Some(pb::query::Kind::Vector(pb::Vector { values })) => Ok(Query::Vector(values)),
+        Some(pb::query::Kind::Id(id)) => Ok(Query::Id(id)),
+        Some(pb::query::Kind::Input(input)) => {
+            Ok(Query::Input(input_from(field.field("input"), input)?))
         }
-        Some(pb::query::Kind::Id(id)) => Ok(QueryIn::Target(QueryTarget::Id(id))),
-        Some(pb::query::Kind::Input(input)) => Ok(QueryIn::Input(input_from(
-            &format!("{field}.input"),
-            input,
-        )?)),
         None => Err(Error::invalid(field, "empty: set vector, id or input")),
     }
 }
@@ -237,7 +205,7 @@ pub fn filter_from(f: Option<pb::Filter>) -> Filter {
     }
 }
 
-pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryIn, SearchParams)> {
+pub fn search_request(req: pb::SearchRequest) -> Result<(String, Query, SearchParams)> {
     let pb::SearchRequest {
         collection,
         query,
@@ -249,7 +217,7 @@ pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryIn, Search
         with_metadata,
         rerank,
     } = req;
-    let query = query_from("query", query)?;
+    let query = query_from(Field::name("query"), query)?;
     Ok((
         collection,
         query,
@@ -267,7 +235,7 @@ pub fn search_request(req: pb::SearchRequest) -> Result<(String, QueryIn, Search
 
 pub fn search_batch_request(
     req: pb::SearchBatchRequest,
-) -> Result<(String, Vec<QueryIn>, SearchParams)> {
+) -> Result<(String, Vec<Query>, SearchParams)> {
     let pb::SearchBatchRequest {
         collection,
         queries,
@@ -282,7 +250,7 @@ pub fn search_batch_request(
     let queries = queries
         .into_iter()
         .enumerate()
-        .map(|(i, q)| query_from(&format!("queries[{i}]"), Some(q)))
+        .map(|(i, q)| query_from(Field::name("queries").at(i), Some(q)))
         .collect::<Result<Vec<_>>>()?;
     Ok((
         collection,

@@ -1,4 +1,4 @@
-//! likeness.v1.Embedder and likeness.v1.Models: thin handlers over [`Models`].
+//! likeness.v1.Embedder and likeness.v1.Models: convert -> [`App`] -> convert.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -7,32 +7,32 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::oversize_to_exhausted;
+use crate::app::App;
 use crate::embed::manifest::{ImageSpec, PairSpec, TowerSpec};
-use crate::embed::{Input, ModelInfo, Models};
-use crate::error::Result;
+use crate::embed::{Input, ModelInfo};
+use crate::error::{Field, Result};
 use crate::pb;
 
 pub struct EmbedderService {
-    pub models: Arc<Models>,
+    pub app: Arc<App>,
 }
 
 pub struct ModelsService {
-    pub models: Arc<Models>,
+    pub app: Arc<App>,
 }
 
 fn inputs_from(inputs: Vec<pb::Input>) -> Result<Vec<Input>> {
     inputs
         .into_iter()
         .enumerate()
-        .map(|(i, input)| super::convert::input_from(&format!("inputs[{i}]"), input))
+        .map(|(i, input)| super::convert::input_from(Field::name("inputs").at(i), input))
         .collect()
 }
 
-async fn embed(models: &Models, req: pb::EmbedRequest, wait: bool) -> Result<pb::EmbedResponse> {
+async fn embed(app: &App, req: pb::EmbedRequest, wait: bool) -> Result<pb::EmbedResponse> {
     let pb::EmbedRequest { model, inputs } = req;
-    let model = models.get(&model)?;
     let inputs = inputs_from(inputs)?;
-    let vectors = model.embed(inputs, wait).await?;
+    let vectors = app.embed(&model, inputs, wait).await?;
     Ok(pb::EmbedResponse {
         embeddings: vectors
             .into_iter()
@@ -50,7 +50,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         Ok(Response::new(
-            embed(&self.models, request.into_inner(), false).await?,
+            embed(&self.app, request.into_inner(), false).await?,
         ))
     }
 
@@ -61,7 +61,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         request: Request<Streaming<pb::EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStreamStream>, Status> {
         let mut stream = request.into_inner();
-        let models = self.models.clone();
+        let app = self.app.clone();
         // Requests are embedded one after another, so answers come in request order;
         // each request's inputs are batched with everyone else's.
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -76,9 +76,9 @@ impl pb::embedder_server::Embedder for EmbedderService {
                         return;
                     }
                 };
-                let result = embed(&models, msg, true)
+                let result = embed(&app, msg, true)
                     .await
-                    .map_err(|e| Status::from(e.within(&format!("messages[{index}]."))));
+                    .map_err(|e| Status::from(e.under(&Field::name("messages").at(index))));
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
                     return;
@@ -200,7 +200,7 @@ impl pb::models_server::Models for ModelsService {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let pb::ListModelsRequest {} = request.into_inner();
         Ok(Response::new(pb::ListModelsResponse {
-            models: self.models.list().into_iter().map(info_to).collect(),
+            models: self.app.models().into_iter().map(info_to).collect(),
         }))
     }
 
@@ -209,6 +209,6 @@ impl pb::models_server::Models for ModelsService {
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         let pb::GetModelRequest { name } = request.into_inner();
-        Ok(Response::new(info_to(self.models.info(&name)?)))
+        Ok(Response::new(info_to(self.app.model(&name)?)))
     }
 }

@@ -1,9 +1,11 @@
 //! The gRPC server: services, health, reflection, limits and graceful shutdown.
 
+pub mod client;
 mod collections;
 pub mod convert;
 mod embedder;
 mod items;
+mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,9 +17,10 @@ use tonic::Status;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::app::App;
+use crate::collections::Registry;
 use crate::config::Config;
-use crate::db::Db;
-use crate::embed::Models;
+use crate::embed::{EmbedHandle, Models};
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::pool::WorkPool;
@@ -40,14 +43,44 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_with(listener, config, ServeOptions::default(), shutdown).await
+}
+
+/// What an embedding program (a test, a tool) may change about [`serve`].
+#[derive(Default)]
+pub struct ServeOptions {
+    /// An embedder instead of the config's models (tests use
+    /// [`crate::embed::fake::FakeEmbedder`] where the model is beside the point).
+    pub embedder: Option<EmbedHandle>,
+    /// Called with the application once recovery is done and the services are SERVING
+    /// (tests reach the core behind the server through it).
+    pub on_serving: Option<Box<dyn FnOnce(Arc<App>) + Send>>,
+}
+
+/// [`serve`] with [`ServeOptions`].
+pub async fn serve_with(
+    listener: TcpListener,
+    config: Config,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let ServeOptions {
+        embedder,
+        on_serving,
+    } = options;
     let local: SocketAddr = listener.local_addr()?;
     let db = {
-        let config = config.clone();
-        Arc::new(tokio::task::spawn_blocking(move || Db::open(&config)).await??)
+        let settings = config.core();
+        Arc::new(tokio::task::spawn_blocking(move || Registry::open(settings)).await??)
     };
-    let models = {
-        let (specs, batch) = (config.models.clone(), config.batch);
-        Arc::new(tokio::task::spawn_blocking(move || Models::load(&specs, batch)).await??)
+    let embedder = match embedder {
+        Some(e) => e,
+        None => {
+            let (specs, batch) = (config.models.clone(), config.batch);
+            EmbedHandle::new(
+                tokio::task::spawn_blocking(move || Models::load(&specs, batch)).await??,
+            )
+        }
     };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -56,16 +89,38 @@ pub async fn serve(
     reporter
         .set_not_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
         .await;
+    // The models are loaded by now: inference serves while the core recovers.
+    reporter
+        .set_serving::<pb::embedder_server::EmbedderServer<EmbedderService>>()
+        .await;
+    reporter
+        .set_serving::<pb::models_server::ModelsServer<ModelsService>>()
+        .await;
+    // Both reflection protocols: grpcurl speaks v1; Python's grpc_reflection and many
+    // older tools speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+
+    let limit = config.max_message_bytes;
+    let searches = Arc::new(WorkPool::new(
+        "search",
+        config.search_threads(),
+        config.search_queue,
+    ));
+    let app = Arc::new(App::new(db.clone(), embedder, searches));
 
     // Recovery runs beside the server; a failure stops the daemon.
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<Error>();
     let recovery = {
         let db = db.clone();
         let reporter = reporter.clone();
+        let app = app.clone();
         tokio::spawn(async move {
             let start = Instant::now();
             match tokio::task::spawn_blocking(move || db.recover()).await {
@@ -84,6 +139,9 @@ pub async fn serve(
                         took_ms = start.elapsed().as_millis() as u64,
                         "recovery complete; SERVING"
                     );
+                    if let Some(f) = on_serving {
+                        f(app);
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "recovery failed");
@@ -96,32 +154,17 @@ pub async fn serve(
         })
     };
 
-    let limit = config.max_message_bytes;
-    let searches = Arc::new(WorkPool::new(
-        "search",
-        config.search_threads(),
-        config.search_queue,
-    ));
-    let items = pb::items_server::ItemsServer::new(ItemsService {
-        db: db.clone(),
-        models: models.clone(),
-        searches,
-    })
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
-    let colls = pb::collections_server::CollectionsServer::new(CollectionsService {
-        db: db.clone(),
-        models: models.clone(),
-    })
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
-
-    let embedder = pb::embedder_server::EmbedderServer::new(EmbedderService {
-        models: models.clone(),
-    })
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
-    let models_svc = pb::models_server::ModelsServer::new(ModelsService { models });
+    let items = pb::items_server::ItemsServer::new(ItemsService { app: app.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let colls =
+        pb::collections_server::CollectionsServer::new(CollectionsService { app: app.clone() })
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+    let embedder = pb::embedder_server::EmbedderServer::new(EmbedderService { app: app.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let models_svc = pb::models_server::ModelsServer::new(ModelsService { app });
 
     // Shutdown starts on the caller's signal or on a failed recovery.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -143,6 +186,7 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(oversize_response))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(colls)
         .add_service(items)
         .add_service(embedder)
@@ -170,16 +214,6 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Runs blocking work (disk, HNSW) off the async workers.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T, Status> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(Status::from),
-        Err(e) => Err(Error::from(e).into()),
-    }
 }
 
 /// tonic answers an over-long message with OUT_OF_RANGE; gRPC's convention, and our

@@ -4,6 +4,8 @@
 //! number of thread slots, but not concurrent with `reserve` or `save`. So operations take
 //! a read lock plus a slot, and growth and snapshots take the write lock.
 
+pub mod snapshot;
+
 use std::path::Path;
 use std::sync::{Condvar, Mutex, RwLock};
 
@@ -18,6 +20,7 @@ const SLOTS: usize = 32;
 pub struct AnnIndex {
     inner: RwLock<usearch::Index>,
     metric: Metric,
+    precision: Precision,
     slots: Slots,
     /// Vectors that batches in flight are about to add: capacity is reserved for them
     /// up front, since concurrent batches would otherwise each see room for themselves.
@@ -32,6 +35,7 @@ impl AnnIndex {
         Ok(AnnIndex {
             inner: RwLock::new(index),
             metric: spec.metric,
+            precision: spec.precision,
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
         })
@@ -54,6 +58,7 @@ impl AnnIndex {
         Ok(AnnIndex {
             inner: RwLock::new(index),
             metric: spec.metric,
+            precision: spec.precision,
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
         })
@@ -138,6 +143,25 @@ impl AnnIndex {
             index.remove(*key)?;
         }
         Ok(())
+    }
+
+    /// Whether the graph holds `key`.
+    pub fn contains(&self, key: u64) -> bool {
+        self.inner.read().expect("index lock").contains(key)
+    }
+
+    /// The vector stored under `key`, when the index keeps vectors exactly (F32): the
+    /// miner's one lookup per candidate. None for other precisions or absent keys.
+    pub fn vector(&self, key: u64) -> Option<Vec<f32>> {
+        if self.precision != Precision::F32 {
+            return None;
+        }
+        let index = self.inner.read().expect("index lock");
+        let mut v = vec![0f32; index.dimensions()];
+        match index.get(key, &mut v[..]) {
+            Ok(1) => Some(v),
+            _ => None,
+        }
     }
 
     /// The `count` nearest keys, nearest first, with API distances.
@@ -324,5 +348,19 @@ mod tests {
         assert_eq!(hits[0], (1, 0.0));
         assert_eq!(hits[1].0, 2);
         assert!((hits[1].1 - 5.0).abs() < 1e-5, "{}", hits[1].1);
+    }
+
+    #[test]
+    fn f32_vectors_come_back_exactly_under_every_metric() {
+        // The miner reads vectors from the index: they must be what was added, not a
+        // normalised copy.
+        for metric in [Metric::Cosine, Metric::L2, Metric::InnerProduct] {
+            let index = AnnIndex::new(&spec(metric), 0).unwrap();
+            let v = [3.0, -4.0, 0.5, 12.0];
+            index.add_many(&[(7, &v[..])], 1).unwrap();
+            assert_eq!(index.vector(7).unwrap(), v.to_vec(), "{metric:?}");
+            assert!(index.vector(8).is_none());
+            assert!(index.contains(7) && !index.contains(8));
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::types::ItemData;
+use crate::types::{InputData, ItemData};
 
 const VERSION: u8 = 1;
 
@@ -140,5 +140,52 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+}
+
+/// Encodes an input for the store: kind byte, then the image bytes, or the shape and
+/// values of a tensor (little-endian).
+pub fn encode_input(data: &InputData) -> Vec<u8> {
+    match data {
+        InputData::Image(bytes) => {
+            let mut out = Vec::with_capacity(1 + bytes.len());
+            out.push(0);
+            out.extend_from_slice(bytes);
+            out
+        }
+        InputData::Tensor { shape, values } => {
+            let mut out = Vec::with_capacity(5 + shape.len() * 4 + values.len() * 4);
+            out.push(1);
+            out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+            shape
+                .iter()
+                .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+            values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            out
+        }
+    }
+}
+
+/// Decodes what [`encode_input`] wrote; None when it is not such a record.
+pub fn decode_input(raw: &[u8]) -> Option<InputData> {
+    let (&kind, rest) = raw.split_first()?;
+    match kind {
+        0 => Some(InputData::Image(rest.to_vec())),
+        1 => {
+            let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let dims = rest.get(4..4 + n * 4)?;
+            let shape = dims
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            let values = rest[4 + n * 4..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            Some(InputData::Tensor { shape, values })
+        }
+        _ => None,
     }
 }

@@ -1,16 +1,14 @@
 //! A table of bad inputs: each gets the right status with a message naming the field and
 //! the item, writes nothing, and the daemon keeps serving.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use likeness::pb;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_clear_statuses_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_in(dir.path(), |c| {
+    let server = TestServer::light_in(dir.path(), |c| {
         c.max_message_bytes = 1 << 20;
         c.limits.max_k = 100;
     })

@@ -1,15 +1,14 @@
 //! SIGKILL the real binary in the middle of a stream of acknowledged upserts, several
 //! times; after each restart every acknowledged write is there, the count matches, and
-//! the index holds exactly what the store holds.
-
-mod common;
+//! the index holds exactly what the store holds (checked on the index itself: issue 7,
+//! hole 1).
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use likeness::pb;
 
 const DIM: usize = 16;
@@ -104,6 +103,7 @@ async fn sigkill_loses_nothing_acknowledged() {
         }
         daemon.child.kill().unwrap(); // SIGKILL
         daemon.child.wait().unwrap();
+        audit(dir.path(), false);
         for w in writers {
             tokio::time::timeout(Duration::from_secs(30), w)
                 .await
@@ -144,6 +144,7 @@ async fn sigkill_loses_nothing_acknowledged() {
             .iter()
             .any(|l| l.contains("saved index snapshot"))
     );
+    audit(dir.path(), true);
 
     let mut daemon = spawn_daemon(dir.path(), &["--max-k", "100000"], &[]);
     let url = format!("http://{}", daemon.addr);
@@ -165,8 +166,7 @@ async fn sigkill_loses_nothing_acknowledged() {
 }
 
 /// Every acknowledged id is there with its last acknowledged label (unless a later write
-/// to it was in flight), the count is what the store holds, and the ANN index returns
-/// exactly the stored ids.
+/// to it was in flight), and the count is what the store holds.
 async fn verify(url: &str, ledger: &Ledger) {
     let mut items = likeness::pb::items_client::ItemsClient::new(channel(url).await)
         .max_decoding_message_size(64 << 20);
@@ -212,24 +212,22 @@ async fn verify(url: &str, ledger: &Ledger) {
         stored.len(),
         "count must equal the items in the store"
     );
+}
 
-    // The index holds exactly the stored ids: an exhaustive ANN query returns them all.
-    let any = ledger.acked.keys().next().unwrap().clone();
-    let hits = items
-        .search(pb::SearchRequest {
-            collection: "crash".into(),
-            query: id_query(&any),
-            k: count as u32,
-            expansion: count as u32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
-    let mut ann: HashSet<String> = hits.into_iter().map(|h| h.id).collect();
-    ann.insert(any);
-    let store: HashSet<String> = stored.into_keys().collect();
-    assert_eq!(ann.len(), store.len(), "index and store disagree on size");
-    assert_eq!(ann, store, "index and store disagree on ids");
+/// The index holds exactly the stored keys, audited key by key through the library on
+/// the data dir of a stopped daemon: recovery as the daemon runs it (a rebuild after a
+/// kill, the snapshot after a clean stop), then every stored key looked up in the index
+/// itself, so no scan of the store can answer for a lost entry. That the audit sees a
+/// lost entry is tested in `engine::the_audit_sees_a_lost_index_entry`.
+fn audit(dir: &std::path::Path, from_snapshot: bool) {
+    let (db, report) = crate::recovery::open(dir);
+    assert_eq!(report[0].from_snapshot, from_snapshot);
+    let audit = db.collection("crash").unwrap().audit_index().unwrap();
+    assert!(
+        audit.is_exact(),
+        "index and store disagree: {} stored, {} indexed, missing {:?}",
+        audit.stored,
+        audit.indexed,
+        audit.missing
+    );
 }

@@ -1,9 +1,7 @@
 //! Identification and verification over gRPC with a model-backed collection: images in,
 //! the shipped embedder on the real ONNX Runtime, and the model card's figures out.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use likeness::pb;
 use tonic::Code;
 

@@ -2,9 +2,7 @@
 //! Verify and re-ranks search hits, on the real ONNX Runtime, and reproduces its model
 //! card (training/PAIR_MODEL_CARD.md, tests/fixtures/fmnist/pair_expected.json).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use likeness::pb;
 use tonic::Code;
 

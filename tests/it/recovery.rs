@@ -1,23 +1,37 @@
-//! Recovery and group commit, through the library API (the daemon's core without gRPC).
-
-mod common;
+//! Recovery, group commit and stream transactions, through the library API (the
+//! daemon's core without gRPC).
 
 use std::sync::{Arc, Barrier};
 
-use common::clustered;
-use likeness::Config;
-use likeness::db::{CreateCollection, Db};
+use crate::common::clustered;
+use likeness::collections::{CreateCollection, Recovered, Registry, Settings};
+use likeness::error::Field;
 use likeness::types::{ItemData, Metric, QueryTarget, SearchParams};
 
-fn open(dir: &std::path::Path) -> (Db, Vec<likeness::db::Recovered>) {
-    let mut config = Config::with_data_dir(dir);
-    config.cache_mb = 32;
-    let db = Db::open(&config).unwrap();
+pub fn open(dir: &std::path::Path) -> (Registry, Vec<Recovered>) {
+    let mut settings = Settings::new(dir);
+    settings.cache_bytes = 32 << 20;
+    let db = Registry::open(settings).unwrap();
     let report = db.recover().unwrap();
     (db, report)
 }
 
-fn items(from: usize, n: usize, dim: usize) -> Vec<ItemData> {
+fn upsert(db: &Registry, name: &str, items: Vec<ItemData>) {
+    db.upsert(&db.collection(name).unwrap(), &items).unwrap();
+}
+
+fn delete(db: &Registry, name: &str, ids: &[String]) {
+    db.delete_items(&db.collection(name).unwrap(), ids).unwrap();
+}
+
+fn search(db: &Registry, name: &str, q: QueryTarget, p: SearchParams) -> Vec<likeness::types::Hit> {
+    db.collection(name)
+        .unwrap()
+        .search(&Field::name("query"), &q, &p)
+        .unwrap()
+}
+
+pub fn items(from: usize, n: usize, dim: usize) -> Vec<ItemData> {
     let (vectors, labels) = clustered(n, dim, 10, 0.2, from as u64 + 1);
     vectors
         .into_iter()
@@ -32,8 +46,8 @@ fn items(from: usize, n: usize, dim: usize) -> Vec<ItemData> {
         .collect()
 }
 
-fn create(db: &Db, name: &str, dim: u32) {
-    db.create_collection(CreateCollection {
+pub fn create(db: &Registry, name: &str, dim: u32) {
+    db.create(CreateCollection {
         name: name.into(),
         dimension: dim,
         metric: Some(Metric::Cosine),
@@ -49,7 +63,7 @@ fn snapshot_is_used_only_when_it_matches_the_store() {
         let (db, report) = open(dir.path());
         assert!(report.is_empty());
         create(&db, "a", 8);
-        db.upsert("a", items(0, 500, 8)).unwrap();
+        upsert(&db, "a", items(0, 500, 8));
         db.shutdown().unwrap();
     }
     {
@@ -58,8 +72,8 @@ fn snapshot_is_used_only_when_it_matches_the_store() {
         assert!(report[0].from_snapshot, "clean shutdown: snapshot loaded");
         assert_eq!(report[0].items, 500);
         // Writes after the snapshot, then a crash (no shutdown): the snapshot is stale.
-        db.upsert("a", items(500, 100, 8)).unwrap();
-        db.delete_items("a", &["i3".to_string()]).unwrap();
+        upsert(&db, "a", items(500, 100, 8));
+        delete(&db, "a", &["i3".to_string()]);
     }
     {
         let (db, report) = open(dir.path());
@@ -70,16 +84,15 @@ fn snapshot_is_used_only_when_it_matches_the_store() {
         let coll = db.collection("a").unwrap();
         assert_eq!(coll.len(), 599);
         assert_eq!(coll.index_len(), 599, "index matches the store exactly");
-        let hits = db
-            .search(
-                "a",
-                &QueryTarget::Id("i4".into()),
-                &SearchParams {
-                    k: 600,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let hits = search(
+            &db,
+            "a",
+            QueryTarget::Id("i4".into()),
+            SearchParams {
+                k: 600,
+                ..Default::default()
+            },
+        );
         assert_eq!(hits.len(), 598);
         assert!(hits.iter().all(|h| h.id != "i3"));
         db.shutdown().unwrap();
@@ -99,12 +112,12 @@ fn deleted_collection_leaves_nothing_behind() {
     {
         let (db, _) = open(dir.path());
         create(&db, "gone", 4);
-        db.upsert("gone", items(0, 50, 4)).unwrap();
+        upsert(&db, "gone", items(0, 50, 4));
         db.shutdown().unwrap();
     }
     {
         let (db, _) = open(dir.path());
-        assert_eq!(db.delete_collection("gone").unwrap(), 50);
+        assert_eq!(db.delete("gone").unwrap(), 50);
         assert!(!dir.path().join("index/gone.usearch").exists());
         create(&db, "gone", 4);
     }
@@ -117,6 +130,9 @@ fn deleted_collection_leaves_nothing_behind() {
     );
 }
 
+/// Every acknowledged upsert of 32 concurrent writers is on disk when acknowledged: a
+/// copy of the data dir taken right after the acks (what a kill -9 would leave) opens
+/// with every item and vector in it.
 #[test]
 fn concurrent_writers_are_all_durable() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,7 +148,7 @@ fn concurrent_writers_are_all_durable() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
-                db.upsert("g", items(w * 10, 10, 8)).unwrap();
+                upsert(&db, "g", items(w * 10, 10, 8));
             })
         })
         .collect();
@@ -144,7 +160,36 @@ fn concurrent_writers_are_all_durable() {
     // Whether flushes are shared here depends on timing (src/store/commit.rs tests the
     // sharing itself with a slow flush); what must hold is that each write was flushed.
     assert!((1..=writers as u64).contains(&flushes));
-    assert_eq!(db.collection("g").unwrap().len(), writers * 10);
+    // The on-disk state as it stands, with the daemon still running and nothing
+    // flushed by a shutdown: copy it and open the copy.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), copy.path());
+    let (reopened, _) = open(copy.path());
+    let coll = reopened.collection("g").unwrap();
+    assert_eq!(coll.len(), writers * 10);
+    for w in 0..writers {
+        let want = items(w * 10, 10, 8);
+        let ids: Vec<String> = want.iter().map(|i| i.id.clone()).collect();
+        let got = coll.get_items(&ids, true, false).unwrap();
+        assert_eq!(got.len(), 10, "writer {w}'s acknowledged items");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.vector, w.vector, "{}", w.id);
+        }
+    }
+    drop(db);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.file_name() != "db.lock" {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -167,11 +212,11 @@ fn concurrent_writers_to_the_same_ids_leave_index_and_store_agreeing() {
                         it.id = format!("shared{i}");
                         it.label = format!("w{w}r{round}");
                     }
-                    db.upsert("race", batch).unwrap();
+                    upsert(&db, "race", batch);
                     if (w + round) % 4 == 0 {
                         let ids: Vec<String> =
                             (0..10).map(|i| format!("shared{}", i * 7)).collect();
-                        db.delete_items("race", &ids).unwrap();
+                        delete(&db, "race", &ids);
                     }
                 }
             })
@@ -187,20 +232,19 @@ fn concurrent_writers_to_the_same_ids_leave_index_and_store_agreeing() {
         "index size equals the catalogue's"
     );
     let ids: Vec<String> = (0..100).map(|i| format!("shared{i}")).collect();
-    let stored = db.get_items("race", &ids, false, false).unwrap();
+    let stored = coll.get_items(&ids, false, false).unwrap();
     assert_eq!(stored.len(), coll.len());
     // Every stored item is found by search with its stored label: no stale copies.
-    let hits = db
-        .search(
-            "race",
-            &QueryTarget::Vector(vec![1.0; 8]),
-            &SearchParams {
-                k: 100,
-                expansion: 200,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let hits = search(
+        &db,
+        "race",
+        QueryTarget::Vector(vec![1.0; 8]),
+        SearchParams {
+            k: 100,
+            expansion: 200,
+            ..Default::default()
+        },
+    );
     assert_eq!(hits.len(), stored.len());
     for item in &stored {
         let hit = hits

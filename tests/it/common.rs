@@ -20,34 +20,75 @@ pub struct TestServer {
     pub dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<likeness::Result<()>>>,
+    app: Option<tokio::sync::oneshot::Receiver<Arc<likeness::app::App>>>,
 }
 
 impl TestServer {
-    /// A server on a fresh temp dir (kept alive by the returned guard).
+    /// A server with the shipped ONNX models on a fresh temp dir (kept alive by the
+    /// returned guard).
     pub async fn start() -> (TestServer, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let server = TestServer::start_in(dir.path(), |_| {}).await;
         (server, dir)
     }
 
-    /// A server on `dir`, with `tweak` applied to the default config; returns once it
-    /// is SERVING.
-    pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let server = TestServer::start_recovering(dir, tweak).await;
+    /// A server for tests where the model is beside the point: no ONNX model loads;
+    /// the fake embedder ("fake", "fake-pair") stands in.
+    pub async fn light() -> (TestServer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::light_in(dir.path(), |_| {}).await;
+        (server, dir)
+    }
+
+    /// [`TestServer::light`] on `dir`, with `tweak` applied to the config.
+    pub async fn light_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let server = TestServer::launch(dir, tweak, true).await;
         wait_serving(&server.url()).await;
         server
     }
 
-    /// Like `start_in`, but returns as soon as the port is bound, while recovery runs.
-    pub async fn start_recovering(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    /// The application behind the server (its core included), once it is SERVING.
+    pub async fn app(&mut self) -> Arc<likeness::app::App> {
+        self.app
+            .take()
+            .expect("app() once per server")
+            .await
+            .unwrap()
+    }
+
+    /// A server on `dir`, with `tweak` applied to the default config; returns once it
+    /// is SERVING.
+    pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let server = TestServer::launch(dir, tweak, false).await;
+        wait_serving(&server.url()).await;
+        server
+    }
+
+    /// Like `light_in`, but returns as soon as the port is bound, while recovery runs.
+    pub async fn light_recovering(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::launch(dir, tweak, true).await
+    }
+
+    async fn launch(dir: &Path, tweak: impl FnOnce(&mut Config), light: bool) -> TestServer {
         let mut config = Config::with_data_dir(dir);
         config.cache_mb = 64;
         config.shutdown_grace_secs = 5;
+        if light {
+            config.models.clear();
+        }
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(likeness::serve(listener, config, async {
+        let (app_tx, app_rx) = tokio::sync::oneshot::channel();
+        let options = likeness::ServeOptions {
+            embedder: light
+                .then(|| likeness::embed::EmbedHandle::new(likeness::embed::fake::FakeEmbedder)),
+            on_serving: Some(Box::new(move |app| {
+                let _ = app_tx.send(app);
+            })),
+        };
+        let task = tokio::spawn(likeness::serve_with(listener, config, options, async {
             let _ = rx.await;
         }));
         TestServer {
@@ -55,6 +96,7 @@ impl TestServer {
             dir: dir.to_path_buf(),
             stop: Some(tx),
             task: Some(task),
+            app: Some(app_rx),
         }
     }
 
@@ -356,4 +398,16 @@ pub fn assert_status(case: &str, err: &tonic::Status, code: tonic::Code, needles
             err.message()
         );
     }
+}
+
+/// The item count GetCollection reports.
+pub async fn count(
+    c: &mut pb::collections_client::CollectionsClient<tonic::transport::Channel>,
+    name: &str,
+) -> u64 {
+    c.get_collection(pb::GetCollectionRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .count
 }

@@ -1,14 +1,12 @@
 //! Every RPC of likeness.v1 against a real server on 127.0.0.1:0.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use likeness::pb;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collections_lifecycle() {
-    let (server, _dir) = TestServer::start().await;
+    let (server, _dir) = TestServer::light().await;
     let mut c = server.collections().await;
     let info = c
         .create_collection(pb::CreateCollectionRequest {
@@ -90,7 +88,7 @@ async fn collections_lifecycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upsert_get_replace_delete() {
-    let (server, _dir) = TestServer::start().await;
+    let (server, _dir) = TestServer::light().await;
     let mut c = server.collections().await;
     create(&mut c, "c", 2, pb::Metric::L2).await;
     let mut items = server.items().await;
@@ -199,7 +197,7 @@ fn ids(hits: &[pb::Hit]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_filters_metrics_and_batch() {
-    let (server, _dir) = TestServer::start().await;
+    let (server, _dir) = TestServer::light().await;
     let mut c = server.collections().await;
     create(&mut c, "cos", 16, pb::Metric::Cosine).await;
     create(&mut c, "ip", 2, pb::Metric::InnerProduct).await;
@@ -347,7 +345,7 @@ async fn search_filters_metrics_and_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upsert_stream_commits_once_and_rolls_back_on_error() {
-    let (server, _dir) = TestServer::start().await;
+    let (server, _dir) = TestServer::light().await;
     let mut c = server.collections().await;
     create(&mut c, "s", 2, pb::Metric::L2).await;
     let mut items = server.items().await;
@@ -447,33 +445,27 @@ async fn upsert_stream_commits_once_and_rolls_back_on_error() {
     server.stop().await;
 }
 
-async fn count(
-    c: &mut pb::collections_client::CollectionsClient<tonic::transport::Channel>,
-    name: &str,
-) -> u64 {
-    c.get_collection(pb::GetCollectionRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .count
-}
-
+/// Health per service (wait_serving has only seen Items), and reflection in both
+/// protocols: grpcurl speaks v1; Python's grpc_reflection and older tools only v1alpha.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-    let (server, _dir) = TestServer::start().await;
+    let (server, _dir) = TestServer::light().await;
     let mut h = HealthClient::new(channel(&server.url()).await);
-    for service in ["likeness.v1.Items", "likeness.v1.Collections"] {
-        let r = h
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    for service in [
+        "likeness.v1.Collections",
+        "likeness.v1.Embedder",
+        "likeness.v1.Models",
+    ] {
+        let r = h.check(check(service)).await.unwrap().into_inner();
         assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
     }
+    let unknown = h.check(check("likeness.v1.Nope")).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
 
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -496,5 +488,29 @@ async fn health_and_reflection() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"likeness.v1.Items"), "{names:?}");
     assert!(names.contains(&"likeness.v1.Collections"), "{names:?}");
+
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut r = ServerReflectionClient::new(channel(&server.url()).await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "likeness.v1.Items".into(),
+            )),
+        };
+        let mut stream = r
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let resp = stream.message().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+            panic!("unexpected v1alpha reflection response: {resp:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
     server.stop().await;
 }

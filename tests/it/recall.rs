@@ -1,10 +1,8 @@
 //! ANN quality on clustered data, before and after a restart on the same data dir.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::*;
+use crate::common::*;
 use likeness::pb;
 
 const N: usize = 20_000;
@@ -39,7 +37,7 @@ async fn recall(server: &TestServer, queries: &[Vec<f32>]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recall_at_10_on_20k_clustered_vectors_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_in(dir.path(), |_| {}).await;
+    let server = TestServer::light_in(dir.path(), |_| {}).await;
     let mut c = server.collections().await;
     create(&mut c, "clusters", DIM as u32, pb::Metric::L2).await;
     let (vectors, clusters) = clustered(N + QUERIES, DIM, 200, 0.35, 42);
@@ -68,7 +66,7 @@ async fn recall_at_10_on_20k_clustered_vectors_survives_restart() {
     server.stop().await;
 
     // Restart on the same dir: the snapshot is loaded, nothing is lost, quality holds.
-    let server = TestServer::start_in(dir.path(), |_| {}).await;
+    let server = TestServer::light_in(dir.path(), |_| {}).await;
     let mut c = server.collections().await;
     let info = c
         .get_collection(pb::GetCollectionRequest {
@@ -88,7 +86,7 @@ async fn recall_at_10_on_20k_clustered_vectors_survives_restart() {
     // Without a snapshot the index is rebuilt from the store; meanwhile health says
     // NOT_SERVING and the likeness services answer UNAVAILABLE.
     std::fs::remove_file(dir.path().join("index/clusters.snapshot.json")).unwrap();
-    let server = TestServer::start_recovering(dir.path(), |c| c.index_threads = 1).await;
+    let server = TestServer::light_recovering(dir.path(), |c| c.index_threads = 1).await;
     use tonic_health::pb::health_check_response::ServingStatus;
     let status = health(&server.url(), "likeness.v1.Items").await;
     assert_eq!(status, ServingStatus::NotServing as i32);

@@ -4,11 +4,9 @@
 //! kinds, one space). Reference outputs are ONNX Runtime's, run in Python by
 //! tests/fixtures/spp/make.py on the same preprocessed tensors.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use likeness::pb;
 
 fn spp_dir() -> PathBuf {

@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
 use crate::types::{CollectionSpec, Filter, ItemData, Limits, Metric, SearchParams};
 
 /// Collection names: [A-Za-z0-9_.-]{1,64}.
-pub fn collection_name(field: &str, name: &str) -> Result<()> {
+pub fn collection_name(field: &'static str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
@@ -28,13 +28,13 @@ pub fn collection_name(field: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn id(field: &str, id: &str, limits: &Limits) -> Result<()> {
+pub fn id(field: &Field, id: &str, limits: &Limits) -> Result<()> {
     if id.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
+        return Err(Error::invalid(field.clone(), "must not be empty"));
     }
     if id.len() > limits.max_id_bytes {
         return Err(Error::invalid(
-            field,
+            field.clone(),
             format!(
                 "id of {} bytes, at most {} allowed",
                 id.len(),
@@ -46,13 +46,13 @@ pub fn id(field: &str, id: &str, limits: &Limits) -> Result<()> {
 }
 
 /// A query or item vector against the collection's dimension and metric.
-pub fn vector(field: &str, who: &str, v: &[f32], spec: &CollectionSpec) -> Result<()> {
+pub fn vector(field: &Field, who: &str, v: &[f32], spec: &CollectionSpec) -> Result<()> {
     if v.is_empty() {
-        return Err(Error::invalid(field, format!("{who}has no values")));
+        return Err(Error::invalid(field.clone(), format!("{who}has no values")));
     }
     if v.len() != spec.dimension as usize {
         return Err(Error::invalid(
-            field,
+            field.clone(),
             format!(
                 "{who}has {} values, collection {:?} has dimension {}",
                 v.len(),
@@ -63,13 +63,13 @@ pub fn vector(field: &str, who: &str, v: &[f32], spec: &CollectionSpec) -> Resul
     }
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(Error::invalid(
-            format!("{field}[{i}]"),
+            field.clone().at(i),
             format!("{who}{} is not a finite number", v[i]),
         ));
     }
     if spec.metric == Metric::Cosine && v.iter().all(|x| *x == 0.0) {
         return Err(Error::invalid(
-            field,
+            field.clone(),
             format!("{who}is all zeros, which has no direction under COSINE"),
         ));
     }
@@ -78,6 +78,18 @@ pub fn vector(field: &str, who: &str, v: &[f32], spec: &CollectionSpec) -> Resul
 
 /// A whole upsert batch: nothing is written unless every item passes.
 pub fn items(items: &[ItemData], spec: &CollectionSpec, limits: &Limits) -> Result<()> {
+    items_but(items, spec, limits, |_| false)
+}
+
+/// [`items`], but for the items `embed_later` picks the vector is not checked: they
+/// carry an input whose embedding is still to come. Run before embedding, so that an
+/// invalid batch is refused before it pays for inference.
+pub fn items_but(
+    items: &[ItemData],
+    spec: &CollectionSpec,
+    limits: &Limits,
+    embed_later: impl Fn(usize) -> bool,
+) -> Result<()> {
     if items.len() > limits.max_batch {
         return Err(Error::invalid(
             "items",
@@ -90,17 +102,18 @@ pub fn items(items: &[ItemData], spec: &CollectionSpec, limits: &Limits) -> Resu
     }
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        id(&format!("items[{i}].id"), &item.id, limits)?;
+        let at = Field::name("items").at(i);
+        id(&at.clone().field("id"), &item.id, limits)?;
         let who = format!("item {:?} ", item.id);
         if let Some(first) = seen.insert(&item.id, i) {
             return Err(Error::invalid(
-                format!("items[{i}].id"),
+                at.field("id"),
                 format!("{who}appears twice in one request (also items[{first}])"),
             ));
         }
         if item.label.len() > limits.max_label_bytes {
             return Err(Error::invalid(
-                format!("items[{i}].label"),
+                at.field("label"),
                 format!(
                     "{who}label of {} bytes, at most {} allowed",
                     item.label.len(),
@@ -108,16 +121,18 @@ pub fn items(items: &[ItemData], spec: &CollectionSpec, limits: &Limits) -> Resu
                 ),
             ));
         }
-        metadata(&format!("items[{i}].metadata"), &who, item, limits)?;
-        vector(&format!("items[{i}].vector"), &who, &item.vector, spec)?;
+        metadata(&at.clone().field("metadata"), &who, item, limits)?;
+        if !embed_later(i) {
+            vector(&at.field("vector"), &who, &item.vector, spec)?;
+        }
     }
     Ok(())
 }
 
-fn metadata(field: &str, who: &str, item: &ItemData, limits: &Limits) -> Result<()> {
+fn metadata(field: &Field, who: &str, item: &ItemData, limits: &Limits) -> Result<()> {
     if item.metadata.len() > limits.max_metadata_entries {
         return Err(Error::invalid(
-            field,
+            field.clone(),
             format!(
                 "{who}has {} entries, at most {} allowed",
                 item.metadata.len(),
@@ -128,7 +143,7 @@ fn metadata(field: &str, who: &str, item: &ItemData, limits: &Limits) -> Result<
     let bytes: usize = item.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
     if bytes > limits.max_metadata_bytes {
         return Err(Error::invalid(
-            field,
+            field.clone(),
             format!(
                 "{who}has {bytes} bytes, at most {} allowed",
                 limits.max_metadata_bytes
@@ -136,7 +151,10 @@ fn metadata(field: &str, who: &str, item: &ItemData, limits: &Limits) -> Result<
         ));
     }
     if item.metadata.keys().any(|k| k.is_empty()) {
-        return Err(Error::invalid(field, format!("{who}has an empty key")));
+        return Err(Error::invalid(
+            field.clone(),
+            format!("{who}has an empty key"),
+        ));
     }
     Ok(())
 }
@@ -157,7 +175,7 @@ pub fn ids(ids: &[String], limits: &Limits) -> Result<()> {
         ));
     }
     for (i, v) in ids.iter().enumerate() {
-        id(&format!("ids[{i}]"), v, limits)?;
+        id(&Field::name("ids").at(i), v, limits)?;
     }
     Ok(())
 }

@@ -1,9 +1,7 @@
 //! The shipped embedder through the daemon, on the real ONNX Runtime (CPU) and the
 //! committed Fashion-MNIST fixture (classes 6-9, unseen in training).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use likeness::pb;
 use likeness::pb::embedder_client::EmbedderClient;
 use likeness::pb::models_client::ModelsClient;
@@ -474,22 +472,43 @@ async fn a_bounded_queue_refuses_what_cannot_fit_and_streams_wait_for_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_client_does_not_wait_for_company() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_in(dir.path(), |c| {
+    let mut server = TestServer::start_in(dir.path(), |c| {
         c.batch.max_delay = std::time::Duration::from_secs(2);
     })
     .await;
+    let stats = server
+        .app()
+        .await
+        .embedder()
+        .batch_stats()
+        .into_iter()
+        .find(|(graph, _)| graph.starts_with("fmnist-triplet/"))
+        .map(|(_, s)| s)
+        .expect("the shipped embedder's tower");
+    let counts = || {
+        use std::sync::atomic::Ordering::Relaxed;
+        (stats.batches.load(Relaxed), stats.jobs.load(Relaxed))
+    };
     let (mut c, _) = clients(&server).await;
     let png = fixture_pngs("enrol_images.npy").remove(0);
     let start = std::time::Instant::now();
     let mut first = Vec::new();
+    let before = counts();
     for _ in 0..5 {
         first = embed(&mut c, vec![image_input(&png)]).await.remove(0);
     }
     // Waiting out the delay even once would take 2 s; five calls take milliseconds.
     let took = start.elapsed();
     assert!(took < std::time::Duration::from_secs(2), "{took:?}");
-    // Eight callers at once, then again: each answer is still the image's embedding.
-    for _ in 0..2 {
+    let lone = counts();
+    assert_eq!(
+        (lone.0 - before.0, lone.1 - before.1),
+        (5, 5),
+        "a lone client's calls run one batch each"
+    );
+    // Eight callers at once, three times: each answer is still the image's embedding,
+    // and the 24 jobs ran in fewer batches than jobs: callers shared batches.
+    for _ in 0..3 {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let (mut c, png) = (c.clone(), png.clone());
@@ -501,5 +520,13 @@ async fn a_lone_client_does_not_wait_for_company() {
             assert!(d <= 1e-5, "{d}");
         }
     }
+    let after = counts();
+    let (batches, jobs) = (after.0 - lone.0, after.1 - lone.1);
+    println!("24 concurrent calls ran in {batches} batches");
+    assert_eq!(jobs, 24);
+    assert!(
+        batches < jobs,
+        "concurrent callers shared no batch ({batches} batches)"
+    );
     server.stop().await;
 }

@@ -1,11 +1,9 @@
 //! Model manifests: several towers into one space, and manifests that disagree with
 //! their graph are refused at load with the reason.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use likeness::embed::{BatchConfig, Device, Models};
 use likeness::pb;
 

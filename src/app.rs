@@ -1,0 +1,611 @@
+//! The application layer: what a request means, across the collections and the models.
+//! It embeds what needs embedding (every input of a request in one call, after the
+//! request is validated, so an invalid batch never pays for inference), keeps raw inputs
+//! where the collection keeps them, and composes search with the judge: re-ranking,
+//! classification, verification, calibration.
+//!
+//! gRPC handlers are convert -> [`App`] -> convert; the miner calls the same methods.
+//! A request resolves its collection once and passes the `Arc<Collection>` down.
+//! Blocking work (disk, HNSW) runs off the async workers: searches on the search pool
+//! (bounded, RESOURCE_EXHAUSTED when full), writes on tokio's blocking threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::collections::{
+    Collection, CollectionInfo, CreateCollection, Registry, StreamTxn, validate,
+};
+use crate::embed::{EmbedHandle, Input, InputData, ModelInfo};
+use crate::error::{Error, Field, Result};
+use crate::judge::{self, Calibration, Classification, RawInput, Verification};
+use crate::pool::WorkPool;
+use crate::store::codec::encode_input;
+use crate::types::{Hit, ItemData, NewItem, Query, QueryTarget, SearchParams};
+
+pub struct App {
+    registry: Arc<Registry>,
+    embedder: EmbedHandle,
+    searches: Arc<WorkPool>,
+}
+
+/// An UpsertStream in progress (see [`StreamTxn`]): dropped before [`App::commit_stream`],
+/// it rolls back.
+pub struct UpsertStream {
+    txn: Option<StreamTxn>,
+    messages: usize,
+}
+
+impl App {
+    pub fn new(registry: Arc<Registry>, embedder: EmbedHandle, searches: Arc<WorkPool>) -> Self {
+        App {
+            registry,
+            embedder,
+            searches,
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn embedder(&self) -> &EmbedHandle {
+        &self.embedder
+    }
+
+    pub fn searches(&self) -> &Arc<WorkPool> {
+        &self.searches
+    }
+
+    // Collections.
+
+    /// Creates a collection, taking dimension, metric and the logistic from its model.
+    pub async fn create_collection(&self, mut req: CreateCollection) -> Result<CollectionInfo> {
+        if !req.pair_model.is_empty() {
+            self.embedder
+                .pair_threshold(&req.pair_model)
+                .map_err(|e| match e {
+                    Error::NotFound { what, .. } => Error::not_found_at("pair_model", what),
+                    other => other,
+                })?;
+        }
+        if !req.model.is_empty() {
+            req.model_defaults = Some(self.embedder.space(&req.model)?);
+        }
+        let registry = self.registry.clone();
+        blocking(move || registry.create(req)).await
+    }
+
+    pub fn collection_info(&self, name: &str) -> Result<CollectionInfo> {
+        Ok(self.registry.collection(name)?.info())
+    }
+
+    pub fn list_collections(&self) -> Result<Vec<CollectionInfo>> {
+        self.registry.list()
+    }
+
+    pub async fn delete_collection(&self, name: String) -> Result<u64> {
+        let registry = self.registry.clone();
+        blocking(move || registry.delete(&name)).await
+    }
+
+    // Writes.
+
+    /// Inserts or replaces items, embedding those sent with an input; durable on return.
+    pub async fn upsert(&self, collection: &str, items: Vec<NewItem>) -> Result<usize> {
+        let coll = self.registry.collection(collection)?;
+        let items = self.prepare_items(&coll, items, false).await?;
+        let registry = self.registry.clone();
+        blocking(move || registry.upsert(&coll, &items)).await
+    }
+
+    pub fn begin_stream(&self) -> Result<UpsertStream> {
+        Ok(UpsertStream {
+            txn: Some(self.registry.begin_stream()?),
+            messages: 0,
+        })
+    }
+
+    /// One message of an UpsertStream: applied (visible) now, durable at commit. Errors
+    /// name the message (`messages[3].items[0].id`). A stream waits for room in the
+    /// embedding queue rather than failing.
+    pub async fn stage(
+        &self,
+        stream: &mut UpsertStream,
+        collection: &str,
+        items: Vec<NewItem>,
+    ) -> Result<usize> {
+        let at = Field::name("messages").at(stream.messages);
+        let result = async {
+            let coll = self.registry.collection(collection)?;
+            let items = self.prepare_items(&coll, items, true).await?;
+            let txn = stream
+                .txn
+                .take()
+                .ok_or_else(|| Error::Worker("stream already ended".into()))?;
+            let registry = self.registry.clone();
+            // The transaction travels to the blocking thread and back; if this future
+            // is dropped meanwhile, it is dropped there, and rolls back.
+            let (txn, r) = blocking(move || {
+                let r = registry.stage(&txn, &coll, &items);
+                Ok((txn, r))
+            })
+            .await?;
+            stream.txn = Some(txn);
+            r
+        }
+        .await
+        .map_err(|e| e.under(&at));
+        stream.messages += 1;
+        result
+    }
+
+    /// Makes a stream's messages durable.
+    pub async fn commit_stream(&self, mut stream: UpsertStream) -> Result<()> {
+        let txn = stream
+            .txn
+            .take()
+            .ok_or_else(|| Error::Worker("stream already ended".into()))?;
+        blocking(move || txn.commit()).await
+    }
+
+    /// Undoes a stream's messages, durably (a failed stream).
+    pub async fn rollback_stream(&self, mut stream: UpsertStream) -> Result<()> {
+        match stream.txn.take() {
+            Some(txn) => blocking(move || txn.rollback()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Validates items (all but the vectors still to embed), embeds the inputs of those
+    /// without a vector in one call, and keeps raw inputs where the collection does.
+    async fn prepare_items(
+        &self,
+        coll: &Arc<Collection>,
+        items: Vec<NewItem>,
+        wait: bool,
+    ) -> Result<Vec<ItemData>> {
+        let spec = coll.spec();
+        let limits = self.registry.limits();
+        if items.is_empty() {
+            return Err(Error::invalid("items", "must not be empty"));
+        }
+        let embed_later: Vec<bool> = items
+            .iter()
+            .map(|it| it.input.is_some() && it.item.vector.is_empty())
+            .collect();
+        if let Some(i) = embed_later.iter().position(|e| *e)
+            && spec.model.is_empty()
+        {
+            return Err(Error::invalid(
+                Field::name("items").at(i).field("input"),
+                format!(
+                    "collection {:?} has no model to embed inputs; send a vector",
+                    spec.name
+                ),
+            ));
+        }
+        let (mut out, inputs): (Vec<ItemData>, Vec<Option<Input>>) =
+            items.into_iter().map(|n| (n.item, n.input)).unzip();
+        validate::items_but(&out, spec, limits, |i| embed_later[i])?;
+        if spec.keep_inputs {
+            for (item, input) in out.iter_mut().zip(&inputs) {
+                if let Some(input) = input {
+                    item.input = Some(encode_input(&input.data));
+                }
+            }
+        }
+        let (index, batch): (Vec<usize>, Vec<Input>) = inputs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| embed_later[*i])
+            .map(|(i, input)| (i, input.expect("an input to embed")))
+            .unzip();
+        if !batch.is_empty() {
+            let vectors = self
+                .embedder
+                .embed(&spec.model, batch, wait)
+                .await
+                .map_err(|e| e.rebase(|j| Field::name("items").at(index[j]).field("input")))?;
+            for (i, v) in index.into_iter().zip(vectors) {
+                out[i].vector = v;
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_items(&self, collection: &str, ids: Vec<String>) -> Result<usize> {
+        let coll = self.registry.collection(collection)?;
+        let registry = self.registry.clone();
+        blocking(move || registry.delete_items(&coll, &ids)).await
+    }
+
+    // Reads.
+
+    pub async fn get(
+        &self,
+        collection: &str,
+        ids: Vec<String>,
+        with_vectors: bool,
+        with_inputs: bool,
+    ) -> Result<Vec<ItemData>> {
+        let coll = self.registry.collection(collection)?;
+        blocking(move || coll.get_items(&ids, with_vectors, with_inputs)).await
+    }
+
+    /// Embeds the input queries among `queries` in one call; returns every query as a
+    /// vector or a stored item's id. `fields[i]` names query i in errors.
+    async fn targets(
+        &self,
+        coll: &Collection,
+        queries: Vec<Query>,
+        fields: &[Field],
+    ) -> Result<Vec<QueryTarget>> {
+        let mut out: Vec<Option<QueryTarget>> = Vec::with_capacity(queries.len());
+        let mut index = Vec::new();
+        let mut batch = Vec::new();
+        for (i, q) in queries.into_iter().enumerate() {
+            match q {
+                Query::Vector(v) => out.push(Some(QueryTarget::Vector(v))),
+                Query::Id(id) => out.push(Some(QueryTarget::Id(id))),
+                Query::Input(input) => {
+                    if coll.spec().model.is_empty() {
+                        return Err(Error::invalid(
+                            fields[i].clone().field("input"),
+                            format!(
+                                "collection {:?} has no model to embed inputs; send a vector",
+                                coll.name()
+                            ),
+                        ));
+                    }
+                    index.push(i);
+                    batch.push(input);
+                    out.push(None);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let vectors = self
+                .embedder
+                .embed(&coll.spec().model, batch, false)
+                .await
+                .map_err(|e| e.rebase(|j| fields[index[j]].clone().field("input")))?;
+            for (i, v) in index.into_iter().zip(vectors) {
+                out[i] = Some(QueryTarget::Vector(v));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|t| t.expect("every query resolved"))
+            .collect())
+    }
+
+    /// The raw input a pair model scores for a query: the input sent, or the stored
+    /// input of the item an id query names.
+    fn raw_input(
+        coll: &Collection,
+        field: &Field,
+        q: &Query,
+        stored: &HashMap<String, InputData>,
+    ) -> Result<RawInput> {
+        match q {
+            Query::Input(input) => Ok(RawInput {
+                data: input.data.clone(),
+                field: field.clone().field("input"),
+            }),
+            Query::Id(id) => {
+                let field = field.clone().field("id");
+                match stored.get(id) {
+                    Some(data) => Ok(RawInput {
+                        data: data.clone(),
+                        field,
+                    }),
+                    None if !coll.contains(id) => Err(Error::not_found_at(
+                        field,
+                        format!("item {id:?} in collection {:?}", coll.name()),
+                    )),
+                    None => Err(Error::invalid(
+                        field,
+                        format!("item {id:?} has no stored input for the pair model to score"),
+                    )),
+                }
+            }
+            Query::Vector(_) => Err(Error::invalid(
+                field.clone().field("vector"),
+                "the collection's pair model scores inputs: send an input or an item id",
+            )),
+        }
+    }
+
+    /// The stored inputs of the id queries among `queries`.
+    async fn stored_inputs_of(
+        &self,
+        coll: &Arc<Collection>,
+        queries: &[&Query],
+    ) -> Result<HashMap<String, InputData>> {
+        let ids: Vec<String> = queries
+            .iter()
+            .filter_map(|q| match q {
+                Query::Id(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let coll = coll.clone();
+        blocking(move || coll.stored_inputs(&ids)).await
+    }
+
+    /// The collection's pair model, for a request (`field`) that needs one.
+    fn pair_model<'c>(coll: &'c Collection, field: &'static str) -> Result<&'c str> {
+        let name = &coll.spec().pair_model;
+        if name.is_empty() {
+            return Err(Error::invalid(
+                field,
+                format!("collection {:?} has no pair model", coll.name()),
+            ));
+        }
+        Ok(name)
+    }
+
+    pub async fn search(
+        &self,
+        collection: &str,
+        query: Query,
+        params: SearchParams,
+    ) -> Result<Vec<Hit>> {
+        let mut results = self
+            .search_many(collection, vec![query], params, |_| Field::name("query"))
+            .await?;
+        Ok(results.remove(0))
+    }
+
+    pub async fn search_batch(
+        &self,
+        collection: &str,
+        queries: Vec<Query>,
+        params: SearchParams,
+    ) -> Result<Vec<Vec<Hit>>> {
+        if queries.is_empty() {
+            return Err(Error::invalid("queries", "must not be empty"));
+        }
+        let max = self.registry.limits().max_batch;
+        if queries.len() > max {
+            return Err(Error::invalid(
+                "queries",
+                format!("{} queries, at most {max} per request", queries.len()),
+            ));
+        }
+        self.search_many(collection, queries, params, |i| {
+            Field::name("queries").at(i)
+        })
+        .await
+    }
+
+    /// Searches for each query: ANN (or exact) by distance on the search pool, all
+    /// queries in one job, then the pair model's re-ranking where `params.rerank` asks.
+    async fn search_many(
+        &self,
+        collection: &str,
+        queries: Vec<Query>,
+        params: SearchParams,
+        field: impl Fn(usize) -> Field,
+    ) -> Result<Vec<Vec<Hit>>> {
+        let coll = self.registry.collection(collection)?;
+        validate::search_params(&params, self.registry.limits())?;
+        let fields: Vec<Field> = (0..queries.len()).map(field).collect();
+        let rerank = if params.rerank > 0 {
+            let model = Self::pair_model(&coll, "rerank")?.to_string();
+            let refs: Vec<&Query> = queries.iter().collect();
+            let stored = self.stored_inputs_of(&coll, &refs).await?;
+            let raws = queries
+                .iter()
+                .zip(&fields)
+                .map(|(q, f)| Self::raw_input(&coll, f, q, &stored))
+                .collect::<Result<Vec<_>>>()?;
+            Some((model, raws))
+        } else {
+            None
+        };
+        let targets = self.targets(&coll, queries, &fields).await?;
+        let k = params.k;
+        let mut p = params;
+        p.k = p.k.max(p.rerank);
+        let searched = if is_light(&targets, &p) {
+            // A single plain ANN query costs about as much as handing it to the pool
+            // and back (two thread wake-ups on busy cores): it runs right here.
+            vec![coll.search(&fields[0], &targets[0], &p)?]
+        } else {
+            let coll = coll.clone();
+            let fields = fields.clone();
+            self.searches
+                .run(move || {
+                    targets
+                        .iter()
+                        .zip(&fields)
+                        .map(|(t, f)| coll.search(f, t, &p))
+                        .collect::<Result<Vec<_>>>()
+                })
+                .await?
+        };
+        let Some((model, raws)) = rerank else {
+            return Ok(searched);
+        };
+        let mut out = Vec::with_capacity(searched.len());
+        for (hits, raw) in searched.into_iter().zip(&raws) {
+            let ids: Vec<String> = hits.iter().map(|h| h.id.clone()).collect();
+            let stored = {
+                let coll = coll.clone();
+                blocking(move || coll.stored_inputs(&ids)).await?
+            };
+            out.push(judge::rerank(&self.embedder, &model, raw, hits, &stored, k).await?);
+        }
+        Ok(out)
+    }
+
+    /// Identification: a distance-weighted vote over the k nearest items' labels.
+    pub async fn classify(
+        &self,
+        collection: &str,
+        query: Query,
+        k: usize,
+    ) -> Result<Classification> {
+        let coll = self.registry.collection(collection)?;
+        let field = Field::name("query");
+        let target = self
+            .targets(&coll, vec![query], std::slice::from_ref(&field))
+            .await?
+            .remove(0);
+        let params = SearchParams {
+            k,
+            ..Default::default()
+        };
+        let hits = {
+            let coll = coll.clone();
+            self.searches
+                .run(move || coll.search(&field, &target, &params))
+                .await?
+        };
+        judge::vote(&hits).ok_or_else(|| {
+            Error::invalid(
+                "collection",
+                format!("{:?} has no items to vote", coll.name()),
+            )
+        })
+    }
+
+    /// Verification of a pair: by distance, and by the pair model where the collection
+    /// has one (its decision is then the answer).
+    pub async fn verify(&self, collection: &str, a: Query, b: Query) -> Result<Verification> {
+        let coll = self.registry.collection(collection)?;
+        let fields = [Field::name("a"), Field::name("b")];
+        let pair = if coll.spec().pair_model.is_empty() {
+            None
+        } else {
+            let model = Self::pair_model(&coll, "collection")?.to_string();
+            let threshold = match coll.decision().pair_threshold {
+                Some(t) => t,
+                None => self.embedder.pair_threshold(&model)?,
+            };
+            let stored = self.stored_inputs_of(&coll, &[&a, &b]).await?;
+            let ra = Self::raw_input(&coll, &fields[0], &a, &stored)?;
+            let rb = Self::raw_input(&coll, &fields[1], &b, &stored)?;
+            Some((model, threshold, ra, rb))
+        };
+        let targets = self.targets(&coll, vec![a, b], &fields).await?;
+        let mut v = {
+            let coll = coll.clone();
+            blocking(move || {
+                let va = coll.query_vector(&fields[0], &targets[0])?;
+                let vb = coll.query_vector(&fields[1], &targets[1])?;
+                Ok(judge::verify(coll.spec().metric, coll.decision(), &va, &vb))
+            })
+            .await?
+        };
+        if let Some((model, threshold, ra, rb)) = pair {
+            let score = self
+                .embedder
+                .score(&model, vec![(ra.data.clone(), rb.data.clone())], false)
+                .await
+                .map_err(|e| {
+                    e.rebase_pair(|_, side| {
+                        if side == "a" {
+                            ra.field.clone()
+                        } else {
+                            rb.field.clone()
+                        }
+                    })
+                })?[0];
+            v.pair_score = Some(score);
+            v.same = score >= threshold;
+        }
+        Ok(v)
+    }
+
+    /// Fits the logistic and the thresholds on `pairs` labelled pairs sampled from the
+    /// collection (and the pair model's threshold where it has one), then stores them.
+    /// Nothing is stored unless everything fitted.
+    pub async fn calibrate(
+        &self,
+        collection: &str,
+        pairs: usize,
+        seed: u64,
+    ) -> Result<Calibration> {
+        let coll = self.registry.collection(collection)?;
+        let (mut cal, sampled) = {
+            let coll = coll.clone();
+            blocking(move || {
+                let groups = coll.labelled_vectors()?;
+                judge::calibrate(coll.name(), coll.spec().metric, &groups, pairs, seed)
+            })
+            .await?
+        };
+        if !coll.spec().pair_model.is_empty() {
+            let model = Self::pair_model(&coll, "collection")?.to_string();
+            let mut ids: Vec<String> = sampled
+                .iter()
+                .flat_map(|(a, b, _)| [a.clone(), b.clone()])
+                .collect();
+            ids.sort();
+            ids.dedup();
+            let stored = {
+                let coll = coll.clone();
+                blocking(move || coll.stored_inputs(&ids)).await?
+            };
+            cal.pair = Some(
+                judge::calibrate_pair(coll.name(), &self.embedder, &model, &sampled, &stored)
+                    .await?,
+            );
+        }
+        let registry = self.registry.clone();
+        blocking(move || registry.store_calibration(&coll, &cal)).await?;
+        Ok(cal)
+    }
+
+    // Models.
+
+    /// Embeds inputs with a model (the Embedder service).
+    pub async fn embed(
+        &self,
+        model: &str,
+        inputs: Vec<Input>,
+        wait: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        if inputs.is_empty() {
+            return Err(Error::invalid("inputs", "must not be empty"));
+        }
+        self.embedder
+            .embed(model, inputs, wait)
+            .await
+            .map_err(|e| e.rebase(|i| Field::name("inputs").at(i)))
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.embedder.list()
+    }
+
+    pub fn model(&self, name: &str) -> Result<ModelInfo> {
+        self.embedder.info(name)
+    }
+}
+
+/// The widest expansion a search may have and still run on the async worker that
+/// received it: at ef 256 an HNSW query over 128-d vectors takes a few hundred µs.
+const INLINE_MAX_EXPANSION: usize = 256;
+
+/// Whether a search is one cheap, memory-only ANN query: a vector (no store read for an
+/// id), unfiltered (no catalogue lock held while walking), approximate, narrow.
+fn is_light(targets: &[QueryTarget], p: &SearchParams) -> bool {
+    matches!(targets, [QueryTarget::Vector(_)])
+        && !p.exact
+        && p.filter.is_empty()
+        && !p.with_vectors
+        && p.k.max(p.expansion) <= INLINE_MAX_EXPANSION
+}
+
+/// Runs blocking work (disk, HNSW) on tokio's blocking threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}

@@ -1,0 +1,389 @@
+//! One collection: its spec, its items in the store, its ANN index and its catalogue,
+//! and the reads the rest of the daemon makes of them (the miner's read view included).
+//!
+//! Every method here blocks (disk, HNSW): callers run them off the async workers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+use super::catalogue::{Catalogue, LabelId};
+use super::write::{Turns, Writer};
+use super::{CollectionInfo, validate};
+use crate::error::{Error, Field, Result};
+use crate::index::{AnnIndex, snapshot};
+use crate::judge::Decision;
+use crate::store::ItemsTree;
+use crate::store::codec::decode_input;
+use crate::types::{CollectionSpec, InputData, ItemData, Limits, QueryTarget};
+
+pub struct Collection {
+    pub(super) spec: CollectionSpec,
+    pub(super) items: ItemsTree,
+    pub(super) index: AnnIndex,
+    pub(super) catalogue: RwLock<Catalogue>,
+    pub(super) writer: Mutex<Writer>,
+    pub(super) turns: Turns,
+    /// The spec's logistic and thresholds, until Calibrate replaces them.
+    pub(super) decision: RwLock<Decision>,
+    pub(super) limits: Limits,
+    /// Threads for HNSW insertion per batch.
+    pub(super) threads: usize,
+    pub(super) stats: SearchStats,
+}
+
+/// How often search had to work around its index.
+#[derive(Debug, Default)]
+pub struct SearchStats {
+    /// Filtered searches whose expansion was grown because the filter starved HNSW.
+    pub expanded: AtomicU64,
+    /// Searches answered by brute force over the store after that.
+    pub fallbacks: AtomicU64,
+}
+
+/// Whether the ANN index holds exactly the keys the store holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexAudit {
+    /// Keys in the store.
+    pub stored: usize,
+    /// Vectors in the index.
+    pub indexed: usize,
+    /// Stored keys the index lacks.
+    pub missing: Vec<u64>,
+}
+
+impl IndexAudit {
+    /// Every stored key is indexed, and nothing else is.
+    pub fn is_exact(&self) -> bool {
+        self.missing.is_empty() && self.stored == self.indexed
+    }
+}
+
+/// A query's vector and, for id queries, the item's ANN key and id.
+pub(super) type Resolved<'q> = (Vec<f32>, Option<(u64, &'q str)>);
+
+impl Collection {
+    pub(super) fn create(
+        spec: CollectionSpec,
+        items: ItemsTree,
+        limits: Limits,
+        threads: usize,
+    ) -> Result<Self> {
+        let index = AnnIndex::new(&spec, 0)?;
+        Ok(Collection {
+            decision: RwLock::new(Decision::of(&spec)),
+            spec,
+            items,
+            index,
+            catalogue: RwLock::new(Catalogue::default()),
+            writer: Mutex::new(Writer::new(TreeState::default())),
+            turns: Turns::default(),
+            limits,
+            threads,
+            stats: SearchStats::default(),
+        })
+    }
+
+    /// Loads the catalogue from the store and the index from a matching snapshot, or
+    /// rebuilds the index. Returns whether the snapshot was used.
+    pub(super) fn open(
+        spec: CollectionSpec,
+        items: ItemsTree,
+        snapshots: &Path,
+        limits: Limits,
+        threads: usize,
+    ) -> Result<(Self, bool)> {
+        let mut state = items.state()?;
+        let mut catalogue = Catalogue::default();
+        for rec in items.scan(false) {
+            let (key, item) = rec?;
+            state.next_key = state.next_key.max(key + 1);
+            catalogue.insert(key, &item.id, &item.label, item.metadata);
+        }
+        catalogue.set_seq(state.seq);
+        let keys = items.key_count();
+        if keys != catalogue.len() {
+            return Err(Error::Corrupt(format!(
+                "collection {:?}: {} items but {} ANN keys",
+                spec.name,
+                catalogue.len(),
+                keys
+            )));
+        }
+        let snapshot = snapshot::load(&spec, snapshots, state.seq, catalogue.len());
+        let from_snapshot = snapshot.is_some();
+        let index = match snapshot {
+            Some(index) => index,
+            None => {
+                let index = AnnIndex::new(&spec, catalogue.len())?;
+                let mut chunk: Vec<(u64, Vec<f32>)> = Vec::with_capacity(8192);
+                let flush = |chunk: &mut Vec<(u64, Vec<f32>)>| -> Result<()> {
+                    let refs: Vec<(u64, &[f32])> =
+                        chunk.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+                    index.add_many(&refs, threads)?;
+                    chunk.clear();
+                    Ok(())
+                };
+                for rec in items.scan(true) {
+                    let (key, item) = rec?;
+                    chunk.push((key, item.vector));
+                    if chunk.len() == chunk.capacity() {
+                        flush(&mut chunk)?;
+                    }
+                }
+                flush(&mut chunk)?;
+                index
+            }
+        };
+        Ok((
+            Collection {
+                decision: RwLock::new(Decision::of(&spec)),
+                spec,
+                items,
+                index,
+                catalogue: RwLock::new(catalogue),
+                writer: Mutex::new(Writer::new(state)),
+                turns: Turns::default(),
+                limits,
+                threads,
+                stats: SearchStats::default(),
+            },
+            from_snapshot,
+        ))
+    }
+
+    pub fn spec(&self) -> &CollectionSpec {
+        &self.spec
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn len(&self) -> usize {
+        self.catalogue().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The spec as it stands now (with Calibrate's fit) and the item count.
+    pub fn info(&self) -> CollectionInfo {
+        let mut spec = self.spec.clone();
+        self.decision().apply(&mut spec);
+        CollectionInfo {
+            spec,
+            count: self.len() as u64,
+        }
+    }
+
+    /// What Verify decides with now.
+    pub fn decision(&self) -> Decision {
+        *self.decision.read().expect("decision lock")
+    }
+
+    pub fn search_stats(&self) -> &SearchStats {
+        &self.stats
+    }
+
+    pub(super) fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>> {
+        let w = self.writer.lock().expect("writer lock");
+        if w.dropped {
+            return Err(Error::not_found(format!("collection {:?}", self.spec.name)));
+        }
+        Ok(w)
+    }
+
+    /// A query's vector, and the stored item it came from (id queries).
+    pub(super) fn resolve<'q>(
+        &self,
+        field: &Field,
+        query: &'q QueryTarget,
+    ) -> Result<Resolved<'q>> {
+        match query {
+            QueryTarget::Vector(v) => {
+                validate::vector(&field.clone().field("vector"), "", v, &self.spec)?;
+                Ok((v.clone(), None))
+            }
+            QueryTarget::Id(id) => {
+                let field = field.clone().field("id");
+                validate::id(&field, id, &self.limits)?;
+                let Some((key, item)) = self.items.get(id, true)? else {
+                    return Err(Error::not_found_at(
+                        field,
+                        format!("item {id:?} in collection {:?}", self.spec.name),
+                    ));
+                };
+                Ok((item.vector, Some((key, id.as_str()))))
+            }
+        }
+    }
+
+    /// The vector of a query (a vector, or a stored item's).
+    pub fn query_vector(&self, field: &Field, query: &QueryTarget) -> Result<Vec<f32>> {
+        Ok(self.resolve(field, query)?.0)
+    }
+
+    /// The items that exist among `ids`, in request order.
+    pub fn get_items(
+        &self,
+        ids: &[String],
+        with_vectors: bool,
+        with_inputs: bool,
+    ) -> Result<Vec<ItemData>> {
+        validate::ids(ids, &self.limits)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((_, mut item)) = self.items.get(id, with_vectors)? {
+                if with_inputs {
+                    item.input = self.items.input(id)?;
+                }
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The decoded stored inputs of those of `ids` that have one.
+    pub fn stored_inputs(&self, ids: &[String]) -> Result<HashMap<String, InputData>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for id in ids {
+            if out.contains_key(id) {
+                continue;
+            }
+            if let Some(data) = self.items.input(id)?.as_deref().and_then(decode_input) {
+                out.insert(id.clone(), data);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether an item exists (for errors that must tell "no such item" from "no input").
+    pub fn contains(&self, id: &str) -> bool {
+        self.catalogue().key_of(id).is_some()
+    }
+
+    /// Every item's id and vector, grouped by label (Calibrate's sample space).
+    pub fn labelled_vectors(&self) -> Result<BTreeMap<String, Vec<(String, Vec<f32>)>>> {
+        let mut by_label: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
+        for rec in self.items.scan(true) {
+            let (_, item) = rec?;
+            by_label
+                .entry(item.label)
+                .or_default()
+                .push((item.id, item.vector));
+        }
+        Ok(by_label)
+    }
+
+    // The read view the miner builds on.
+
+    /// The catalogue, read-locked: ids, labels, the label index, metadata per key, and
+    /// the generation (store sequence number) it reflects. Hold it briefly: writers
+    /// publish through it.
+    pub fn catalogue(&self) -> RwLockReadGuard<'_, Catalogue> {
+        self.catalogue.read().expect("catalogue lock")
+    }
+
+    /// The store's mutation counter as of the last write visible to reads.
+    pub fn generation(&self) -> u64 {
+        self.catalogue().seq()
+    }
+
+    /// The vector under an ANN key: one lookup in the index when it keeps exact f32
+    /// vectors, else the store (key -> id -> record). None when the key is gone.
+    pub fn vector(&self, key: u64) -> Result<Option<Vec<f32>>> {
+        if let Some(v) = self.index.vector(key) {
+            return Ok(Some(v));
+        }
+        let Some(id) = self.catalogue().get(key).map(|e| e.id.clone()) else {
+            return Ok(None);
+        };
+        Ok(self
+            .items
+            .get(&id, true)?
+            .filter(|(k, _)| *k == key)
+            .map(|(_, it)| it.vector))
+    }
+
+    /// The label of an ANN key.
+    pub fn label_of(&self, key: u64) -> Option<LabelId> {
+        self.catalogue().get(key).map(|e| e.label)
+    }
+
+    // Audits.
+
+    /// Compares the index with the store, key by key: what a crash test needs to see
+    /// that no acknowledged write lost its index entry.
+    pub fn audit_index(&self) -> Result<IndexAudit> {
+        let _w = self.writer.lock().expect("writer lock");
+        let mut stored = 0;
+        let mut missing = Vec::new();
+        for rec in self.items.scan(false) {
+            let (key, _) = rec?;
+            stored += 1;
+            if !self.index.contains(key) {
+                missing.push(key);
+            }
+        }
+        Ok(IndexAudit {
+            stored,
+            indexed: self.index.len(),
+            missing,
+        })
+    }
+
+    /// Removes a key from the index behind the store's back. For tests that prove an
+    /// audit can see a lost index entry; never called by the daemon.
+    #[doc(hidden)]
+    pub fn forget_in_index(&self, id: &str) -> Result<bool> {
+        let Some(key) = self.catalogue().key_of(id) else {
+            return Ok(false);
+        };
+        self.index.remove_many(&[key])?;
+        Ok(true)
+    }
+
+    /// Vectors held by the ANN index (equals `len` when store and index agree).
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn index_memory_bytes(&self) -> usize {
+        self.index.memory_bytes()
+    }
+
+    /// Saves the index snapshot with the store state it reflects.
+    pub(super) fn save_snapshot(&self, dir: &Path) -> Result<()> {
+        let w = self.lock_writer()?;
+        // Batches written before the lock may still be inserting into the index.
+        self.turns.wait_all(w.next_ticket);
+        let meta = snapshot::SnapshotMeta {
+            uid: self.spec.uid,
+            seq: w.state.seq,
+            count: self.len(),
+        };
+        snapshot::save(dir, &self.spec.name, &self.index, meta)
+    }
+
+    /// Records a new spec-level decision (Calibrate) once it is durable.
+    pub(super) fn set_decision(&self, d: Decision) {
+        *self.decision.write().expect("decision lock") = d;
+    }
+
+    pub(super) fn active(&self) -> bool {
+        !self.writer.lock().expect("writer lock").dropped
+    }
+
+    pub(super) fn count_fallback(&self) {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_expanded(&self) {
+        self.stats.expanded.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+use crate::store::TreeState;

@@ -1,0 +1,341 @@
+//! Search over one collection: ANN through the index, exact by brute force over the
+//! store, and the batched kNN the miner runs (exclusions, distance bounds, a
+//! generation).
+//!
+//! Locks: an unfiltered search walks the HNSW graph holding no catalogue lock, and takes
+//! the read lock only to turn keys into hits, so writers publishing a batch never queue
+//! behind a search. A filtered search consults the catalogue for every candidate and so
+//! holds the read lock while it walks.
+//!
+//! When a filter starves HNSW (fewer than k hits while more items match), the search
+//! first grows its expansion, a few times; only then does it fall back to brute force.
+//! Both are counted ([`super::collection::SearchStats`]). The miner's batched kNN never
+//! falls back: each of its queries stays O(log N).
+
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::sync::Arc;
+
+use super::catalogue::{Catalogue, LabelId};
+use super::collection::Collection;
+use super::validate;
+use crate::error::{Field, Result};
+use crate::pool::WorkPool;
+use crate::types::{Hit, ItemData, QueryTarget, SearchParams};
+
+/// How many times a starved search multiplies its expansion (by 4) before brute force.
+const GROWTH_ROUNDS: usize = 3;
+
+/// One query of a batched kNN.
+#[derive(Debug, Clone, Default)]
+pub struct KnnQuery {
+    pub vector: Vec<f32>,
+    /// A key never to return (the anchor itself).
+    pub exclude_key: Option<u64>,
+    /// A label never to return (the anchor's own, when mining negatives).
+    pub exclude_label: Option<LabelId>,
+}
+
+/// What every query of a batched kNN shares.
+#[derive(Debug, Clone, Default)]
+pub struct KnnOptions {
+    /// Neighbours per query.
+    pub k: usize,
+    /// HNSW expansion (0: the collection's).
+    pub expansion: usize,
+    pub exclude_keys: HashSet<u64>,
+    pub exclude_labels: Vec<LabelId>,
+    /// Only neighbours at least this far...
+    pub min_distance: Option<f32>,
+    /// ...and at most this far.
+    pub max_distance: Option<f32>,
+}
+
+/// A neighbour found by a batched kNN.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Neighbour {
+    pub key: u64,
+    pub label: LabelId,
+    pub distance: f32,
+}
+
+/// A batched kNN's answer.
+#[derive(Debug, Clone, Default)]
+pub struct KnnResult {
+    /// Per query, nearest first.
+    pub neighbours: Vec<Vec<Neighbour>>,
+    /// Every write up to this generation (the store's sequence number) was visible to
+    /// every query.
+    pub generation: u64,
+    /// Queries whose expansion had to grow to find k neighbours.
+    pub expanded: u64,
+}
+
+impl Collection {
+    /// k nearest to a vector or a stored item (which is itself left out), filtered.
+    pub fn search(&self, field: &Field, query: &QueryTarget, p: &SearchParams) -> Result<Vec<Hit>> {
+        validate::search_params(p, &self.limits)?;
+        let (vector, exclude) = self.resolve(field, query)?;
+        if p.exact {
+            return self.exact_search(&vector, exclude.map(|e| e.1), p);
+        }
+        let exclude_key = exclude.map(|e| e.0);
+        if p.filter.is_empty() {
+            // usearch's plain search is about twice as fast as a filtered one. What the
+            // catalogue no longer holds (a copy being replaced right now) and the query
+            // item itself are dropped afterwards; only a shortfall takes the filtered path.
+            let extra = usize::from(exclude_key.is_some());
+            let found = self.index.search(&vector, p.k.max(p.expansion) + extra)?;
+            let c = self.catalogue();
+            let mut found: Vec<(u64, f32)> = found
+                .into_iter()
+                .filter(|(k, _)| Some(*k) != exclude_key && c.contains_key(*k))
+                .collect();
+            if found.len() >= p.k.min(c.len().saturating_sub(extra)) {
+                found.truncate(p.k);
+                return self.hits(&c, found, p);
+            }
+        }
+        let hits = {
+            let c = self.catalogue();
+            let filter = c.compile(&p.filter);
+            let keep = |key: u64| {
+                Some(key) != exclude_key && c.get(key).is_some_and(|e| filter.matches(e))
+            };
+            let mut count = p.k.max(p.expansion);
+            let mut matching = None;
+            let mut answer = None;
+            for round in 0..=GROWTH_ROUNDS {
+                let mut found = self.index.filtered_search(&vector, count, keep)?;
+                found.truncate(p.k);
+                if found.len() >= p.k {
+                    answer = Some(found);
+                    break;
+                }
+                // k hits are promised whenever k items match: count them.
+                let m = *matching.get_or_insert_with(|| c.keys().filter(|k| keep(*k)).count());
+                if found.len() >= m {
+                    answer = Some(found);
+                    break;
+                }
+                if round < GROWTH_ROUNDS {
+                    self.count_expanded();
+                    count = count.saturating_mul(4);
+                }
+            }
+            match answer {
+                Some(found) => Some(self.hits(&c, found, p)?),
+                None => None,
+            }
+        };
+        match hits {
+            Some(h) => Ok(h),
+            None => {
+                self.count_fallback();
+                self.exact_search(&vector, exclude.map(|e| e.1), p)
+            }
+        }
+    }
+
+    fn hits(&self, c: &Catalogue, found: Vec<(u64, f32)>, p: &SearchParams) -> Result<Vec<Hit>> {
+        let mut hits = Vec::with_capacity(found.len());
+        for (key, distance) in found {
+            let Some(e) = c.get(key) else {
+                continue;
+            };
+            let vector = if p.with_vectors {
+                match self.index.vector(key) {
+                    Some(v) => v,
+                    None => self
+                        .items
+                        .get(&e.id, true)?
+                        .map(|(_, it)| it.vector)
+                        .unwrap_or_default(),
+                }
+            } else {
+                Vec::new()
+            };
+            hits.push(Hit {
+                id: e.id.to_string(),
+                label: c.label_name(e.label).to_string(),
+                distance,
+                metadata: if p.with_metadata {
+                    e.metadata.clone()
+                } else {
+                    BTreeMap::new()
+                },
+                vector,
+                pair_score: None,
+            });
+        }
+        Ok(hits)
+    }
+
+    /// Brute force over the store with exact f64 distances.
+    fn exact_search(
+        &self,
+        query: &[f32],
+        exclude: Option<&str>,
+        p: &SearchParams,
+    ) -> Result<Vec<Hit>> {
+        let mut heap: BinaryHeap<Ranked> = BinaryHeap::with_capacity(p.k + 1);
+        for rec in self.items.scan(true) {
+            let (_, item) = rec?;
+            if Some(item.id.as_str()) == exclude || !p.filter.matches(&item.label, &item.metadata) {
+                continue;
+            }
+            let d = self.spec.metric.distance(query, &item.vector);
+            if heap.len() < p.k {
+                heap.push(Ranked(d, item));
+            } else if heap.peek().is_some_and(|top| d < top.0) {
+                heap.pop();
+                heap.push(Ranked(d, item));
+            }
+        }
+        Ok(heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Ranked(distance, item)| Hit {
+                id: item.id,
+                label: item.label,
+                distance,
+                metadata: if p.with_metadata {
+                    item.metadata
+                } else {
+                    BTreeMap::new()
+                },
+                vector: if p.with_vectors {
+                    item.vector
+                } else {
+                    Vec::new()
+                },
+                pair_score: None,
+            })
+            .collect())
+    }
+
+    /// Batched kNN for the miner: per query, the k nearest keys that are not excluded
+    /// (the query's own key and label, `opts`' keys and labels) and lie within the
+    /// distance bounds. Each query walks the graph; a starved one grows its expansion
+    /// up to three times and then returns what it found, never a scan of the store.
+    pub fn knn_batch(&self, queries: &[KnnQuery], opts: &KnnOptions) -> Result<KnnResult> {
+        let mut out = KnnResult {
+            neighbours: Vec::with_capacity(queries.len()),
+            generation: self.generation(),
+            expanded: 0,
+        };
+        let base = opts.k.max(opts.expansion).max(1);
+        for q in queries {
+            let c = self.catalogue();
+            let keep = |key: u64| {
+                Some(key) != q.exclude_key
+                    && !opts.exclude_keys.contains(&key)
+                    && c.get(key).is_some_and(|e| {
+                        Some(e.label) != q.exclude_label && !opts.exclude_labels.contains(&e.label)
+                    })
+            };
+            let within = |d: f32| {
+                opts.min_distance.is_none_or(|m| d >= m) && opts.max_distance.is_none_or(|m| d <= m)
+            };
+            // How many keys could pass at most: the label index makes this cheap.
+            let mut labels: Vec<LabelId> = opts.exclude_labels.clone();
+            labels.extend(q.exclude_label);
+            labels.sort_unstable();
+            labels.dedup();
+            let excluded: usize = labels.iter().map(|l| c.members(*l).len()).sum();
+            let eligible = c.len().saturating_sub(excluded);
+            let mut count = base;
+            let mut found;
+            let mut round = 0;
+            loop {
+                let raw = self.index.filtered_search(&q.vector, count, keep)?;
+                let farthest = raw.last().map(|h| h.1);
+                let walked = raw.len();
+                found = raw
+                    .into_iter()
+                    .filter(|(_, d)| within(*d))
+                    .collect::<Vec<_>>();
+                let enough = found.len() >= opts.k;
+                // Every eligible key seen, or the walk already went past max_distance
+                // (hits come nearest first): more expansion cannot add anything.
+                let done = walked >= eligible
+                    || opts.max_distance.zip(farthest).is_some_and(|(m, f)| f > m);
+                if enough || done || round == GROWTH_ROUNDS {
+                    break;
+                }
+                out.expanded += u64::from(round == 0);
+                count = count.saturating_mul(4);
+                round += 1;
+            }
+            found.truncate(opts.k);
+            out.neighbours.push(
+                found
+                    .into_iter()
+                    .filter_map(|(key, distance)| {
+                        c.get(key).map(|e| Neighbour {
+                            key,
+                            label: e.label,
+                            distance,
+                        })
+                    })
+                    .collect(),
+            );
+        }
+        if out.expanded > 0 {
+            self.stats
+                .expanded
+                .fetch_add(out.expanded, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(out)
+    }
+}
+
+/// [`Collection::knn_batch`] split into chunks that run in parallel on the search pool.
+pub async fn knn_parallel(
+    pool: &WorkPool,
+    coll: Arc<Collection>,
+    queries: Arc<Vec<KnnQuery>>,
+    opts: Arc<KnnOptions>,
+    chunks: usize,
+) -> Result<KnnResult> {
+    let generation = coll.generation();
+    let per = queries.len().div_ceil(chunks.max(1)).max(1);
+    let mut pending = Vec::new();
+    for start in (0..queries.len()).step_by(per) {
+        let end = (start + per).min(queries.len());
+        let (coll, queries, opts) = (coll.clone(), queries.clone(), opts.clone());
+        pending.push(pool.run(move || coll.knn_batch(&queries[start..end], &opts)));
+    }
+    let mut out = KnnResult {
+        neighbours: Vec::with_capacity(queries.len()),
+        generation,
+        expanded: 0,
+    };
+    for p in pending {
+        let r = p.await?;
+        out.neighbours.extend(r.neighbours);
+        out.expanded += r.expanded;
+    }
+    Ok(out)
+}
+
+/// A search candidate ordered by distance (NaN never occurs: inputs are finite).
+struct Ranked(f32, ItemData);
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0 && self.1.id == other.1.id
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0
+            .total_cmp(&other.0)
+            .then_with(|| self.1.id.cmp(&other.1.id))
+    }
+}

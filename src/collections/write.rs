@@ -1,0 +1,414 @@
+//! The ordered write path of a collection, and stream transactions.
+//!
+//! Only the store write is serialised (the writer lock): a batch takes its ANN keys and
+//! its place in the store's history there, as one atomic sled batch. HNSW insertion, the
+//! costly part, then runs concurrently with other batches. Batches publish to the
+//! catalogue in the order they reached the store (a ticket, see [`Turn`]), so the
+//! catalogue, and with it search, always reflects a prefix of the store's history.
+//!
+//! An UpsertStream is a [`StreamTxn`]: each message is applied as it arrives (visible,
+//! not yet durable), with the previous state of every id it touches remembered. Commit
+//! makes it durable; anything else undoes it: an explicit rollback, the transaction
+//! being dropped (a client that cancels, a task that panics), or the daemon shutting
+//! down while it is open. The undo lives here, in the core, not in a handler that a
+//! cancelled future never finishes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use super::collection::Collection;
+use crate::error::{Error, Result};
+use crate::store::{Mutation, Store, TreeState};
+use crate::types::ItemData;
+
+/// Held by whoever mutates a collection: writers to one collection go one at a time
+/// through the store, flushes are shared (group commit).
+pub(super) struct Writer {
+    pub(super) state: TreeState,
+    /// Set when the collection is deleted: later writers get NotFound.
+    pub(super) dropped: bool,
+    /// The next publication ticket.
+    pub(super) next_ticket: u64,
+}
+
+impl Writer {
+    pub(super) fn new(state: TreeState) -> Self {
+        Writer {
+            state,
+            dropped: false,
+            next_ticket: 0,
+        }
+    }
+
+    fn take_ticket(&mut self) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        t
+    }
+}
+
+/// Publication order: batch n publishes to the catalogue after batch n - 1.
+#[derive(Default)]
+pub(super) struct Turns {
+    next: Mutex<u64>,
+    cv: std::sync::Condvar,
+}
+
+impl Turns {
+    /// Blocks until every ticket below `until` has published.
+    pub(super) fn wait_all(&self, until: u64) {
+        let mut next = self.next.lock().expect("turn lock");
+        while *next < until {
+            next = self.cv.wait(next).expect("turn lock");
+        }
+    }
+}
+
+/// One batch's place in the publication order; passes the turn on when dropped, on the
+/// error path too, so a failed batch never blocks the ones after it.
+struct Turn<'a> {
+    turns: &'a Turns,
+    ticket: u64,
+}
+
+impl Turn<'_> {
+    fn wait(&self) {
+        self.turns.wait_all(self.ticket);
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.wait();
+        let mut next = self.turns.next.lock().expect("turn lock");
+        *next = self.ticket + 1;
+        self.turns.cv.notify_all();
+    }
+}
+
+/// The previous state of every id a stream touched, per collection.
+#[derive(Default)]
+pub(super) struct Undo {
+    before: HashMap<(String, String), Option<ItemData>>,
+    collections: HashMap<String, Arc<Collection>>,
+}
+
+impl Undo {
+    fn is_empty(&self) -> bool {
+        self.before.is_empty()
+    }
+}
+
+impl Collection {
+    /// Store, then index, then catalogue. Validated input only. Not durable until the
+    /// store commits. With `undo`, the previous state of each id (input included) is
+    /// remembered there first.
+    pub(super) fn apply_upsert(
+        self: &Arc<Self>,
+        items: &[ItemData],
+        mut undo: Option<&mut Undo>,
+    ) -> Result<usize> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut keys = Vec::with_capacity(items.len());
+        let mut replaced = Vec::new();
+        let (ticket, seq) = {
+            let mut w = self.lock_writer()?;
+            let mut state = w.state;
+            let mut m = Mutation::default();
+            for item in items {
+                // The store, not the catalogue, knows the latest key: an earlier batch
+                // may be written but not yet published.
+                let old = self.items.get(&item.id, undo.is_some())?;
+                if let Some(undo) = undo.as_deref_mut() {
+                    let slot = (self.spec.name.clone(), item.id.clone());
+                    if !undo.before.contains_key(&slot) {
+                        let before = match &old {
+                            Some((_, it)) => {
+                                let mut it = it.clone();
+                                it.input = self.items.input(&item.id)?;
+                                Some(it)
+                            }
+                            None => None,
+                        };
+                        undo.before.insert(slot, before);
+                        undo.collections
+                            .entry(self.spec.name.clone())
+                            .or_insert_with(|| self.clone());
+                    }
+                }
+                if let Some((old_key, _)) = old {
+                    m.drop_key(old_key);
+                    replaced.push(old_key);
+                }
+                let key = state.next_key;
+                state.next_key += 1;
+                m.put(key, item);
+                keys.push(key);
+            }
+            state.seq += 1;
+            self.items.apply(m, state)?;
+            w.state = state;
+            (w.take_ticket(), state.seq)
+        };
+        let turn = Turn {
+            turns: &self.turns,
+            ticket,
+        };
+        let entries: Vec<(u64, &[f32])> = keys
+            .iter()
+            .zip(items)
+            .map(|(k, it)| (*k, it.vector.as_slice()))
+            .collect();
+        self.index.add_many(&entries, self.threads)?;
+        turn.wait();
+        {
+            let mut c = self.catalogue.write().expect("catalogue lock");
+            for (key, item) in keys.iter().zip(items) {
+                c.insert(*key, &item.id, &item.label, item.metadata.clone());
+            }
+            c.set_seq(seq);
+        }
+        self.index.remove_many(&replaced)?;
+        Ok(items.len())
+    }
+
+    /// Removes items by id; returns how many existed. Not durable until the store
+    /// commits.
+    pub(super) fn apply_delete(&self, ids: &[String]) -> Result<usize> {
+        let mut found: Vec<(&str, u64)> = Vec::new();
+        let (ticket, seq) = {
+            let mut w = self.lock_writer()?;
+            let mut seen = HashSet::new();
+            for id in ids {
+                if seen.insert(id.as_str())
+                    && let Some((key, _)) = self.items.get(id, false)?
+                {
+                    found.push((id.as_str(), key));
+                }
+            }
+            if found.is_empty() {
+                return Ok(0);
+            }
+            let mut m = Mutation::default();
+            for (id, key) in &found {
+                m.remove(id, *key);
+            }
+            let mut state = w.state;
+            state.seq += 1;
+            self.items.apply(m, state)?;
+            w.state = state;
+            (w.take_ticket(), state.seq)
+        };
+        let turn = Turn {
+            turns: &self.turns,
+            ticket,
+        };
+        turn.wait();
+        {
+            let mut c = self.catalogue.write().expect("catalogue lock");
+            for (id, _) in &found {
+                c.remove(id);
+            }
+            c.set_seq(seq);
+        }
+        let keys: Vec<u64> = found.iter().map(|(_, k)| *k).collect();
+        self.index.remove_many(&keys)?;
+        Ok(found.len())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxnStatus {
+    Open,
+    Committed,
+    RolledBack,
+}
+
+struct TxnState {
+    status: TxnStatus,
+    undo: Undo,
+}
+
+/// Every open stream transaction, so that shutdown can undo them before it flushes.
+#[derive(Default)]
+pub(super) struct TxnTable {
+    open: Mutex<HashMap<u64, Arc<Mutex<TxnState>>>>,
+    next: AtomicU64,
+    closing: AtomicBool,
+}
+
+fn lock(state: &Mutex<TxnState>) -> MutexGuard<'_, TxnState> {
+    // A stage that panicked leaves the mutex poisoned; its undo is still what to undo.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl TxnTable {
+    /// Refuses new stages and rolls back every open transaction (shutdown). Waits for a
+    /// stage or a rollback in progress to finish first.
+    pub(super) fn close_all(&self, store: &Store, max_batch: usize) -> Result<usize> {
+        self.closing.store(true, Ordering::SeqCst);
+        let open: Vec<Arc<Mutex<TxnState>>> = self
+            .open
+            .lock()
+            .expect("txn table lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut undone = 0;
+        for state in open {
+            let mut st = lock(&state);
+            if st.status == TxnStatus::Open {
+                undo(&mut st, store, max_batch)?;
+                undone += 1;
+            }
+        }
+        Ok(undone)
+    }
+}
+
+/// An UpsertStream in progress. See the module docs.
+pub struct StreamTxn {
+    id: u64,
+    state: Arc<Mutex<TxnState>>,
+    table: Arc<TxnTable>,
+    store: Arc<Store>,
+    max_batch: usize,
+}
+
+impl StreamTxn {
+    pub(super) fn begin(table: Arc<TxnTable>, store: Arc<Store>, max_batch: usize) -> Self {
+        let id = table.next.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(Mutex::new(TxnState {
+            status: TxnStatus::Open,
+            undo: Undo::default(),
+        }));
+        table
+            .open
+            .lock()
+            .expect("txn table lock")
+            .insert(id, state.clone());
+        StreamTxn {
+            id,
+            state,
+            table,
+            store,
+            max_batch,
+        }
+    }
+
+    /// Applies one message's validated items: visible now, durable at commit.
+    pub(super) fn stage(&self, coll: &Arc<Collection>, items: &[ItemData]) -> Result<usize> {
+        let mut st = lock(&self.state);
+        if st.status != TxnStatus::Open || self.table.closing.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable(
+                "the daemon is shutting down; the stream was rolled back".into(),
+            ));
+        }
+        coll.apply_upsert(items, Some(&mut st.undo))
+    }
+
+    /// Makes every staged message durable.
+    pub fn commit(self) -> Result<()> {
+        let mut st = lock(&self.state);
+        if st.status != TxnStatus::Open {
+            return Err(Error::Unavailable(
+                "the daemon is shutting down; the stream was rolled back".into(),
+            ));
+        }
+        self.store.commit()?;
+        st.status = TxnStatus::Committed;
+        Ok(())
+    }
+
+    /// Undoes every staged message, durably.
+    pub fn rollback(self) -> Result<()> {
+        let mut st = lock(&self.state);
+        if st.status != TxnStatus::Open {
+            return Ok(());
+        }
+        undo(&mut st, &self.store, self.max_batch)
+    }
+}
+
+impl Drop for StreamTxn {
+    fn drop(&mut self) {
+        let open = lock(&self.state).status == TxnStatus::Open;
+        if open {
+            // Dropped while open: the client went away, or the task panicked. Undo on a
+            // thread of its own (this may be an async worker, or an unwinding one); the
+            // table keeps the transaction visible to shutdown until it is undone.
+            let (state, table, store, max_batch, id) = (
+                self.state.clone(),
+                self.table.clone(),
+                self.store.clone(),
+                self.max_batch,
+                self.id,
+            );
+            let spawned = std::thread::Builder::new()
+                .name("stream-rollback".into())
+                .spawn(move || {
+                    let mut st = lock(&state);
+                    if st.status == TxnStatus::Open {
+                        tracing::info!(txn = id, "stream dropped before commit; rolling back");
+                        if let Err(e) = undo(&mut st, &store, max_batch) {
+                            tracing::error!(txn = id, error = %e, "stream rollback failed");
+                        }
+                    }
+                    drop(st);
+                    table.open.lock().expect("txn table lock").remove(&id);
+                });
+            if spawned.is_ok() {
+                return;
+            }
+            // No thread to be had: undo right here.
+            let mut st = lock(&self.state);
+            if st.status == TxnStatus::Open
+                && let Err(e) = undo(&mut st, &self.store, self.max_batch)
+            {
+                tracing::error!(txn = self.id, error = %e, "stream rollback failed");
+            }
+        }
+        self.table
+            .open
+            .lock()
+            .expect("txn table lock")
+            .remove(&self.id);
+    }
+}
+
+/// Restores every id a transaction touched to its state before the transaction, and
+/// commits that. The transaction is rolled back even when this fails part-way (the
+/// error is returned): retrying could only make things worse.
+fn undo(st: &mut TxnState, store: &Store, max_batch: usize) -> Result<()> {
+    st.status = TxnStatus::RolledBack;
+    let undo = std::mem::take(&mut st.undo);
+    if undo.is_empty() {
+        return Ok(());
+    }
+    let mut by_coll: HashMap<String, (Vec<ItemData>, Vec<String>)> = HashMap::new();
+    for ((coll, id), before) in undo.before {
+        let entry = by_coll.entry(coll).or_default();
+        match before {
+            Some(item) => entry.0.push(item),
+            None => entry.1.push(id),
+        }
+    }
+    for (name, (restore, remove)) in by_coll {
+        let coll = &undo.collections[&name];
+        let result = (|| {
+            for chunk in restore.chunks(max_batch.max(1)) {
+                coll.apply_upsert(chunk, None)?;
+            }
+            coll.apply_delete(&remove)
+        })();
+        match result {
+            Ok(_) => {}
+            Err(Error::NotFound { .. }) => {} // deleted meanwhile: nothing left to undo
+            Err(e) => return Err(e),
+        }
+    }
+    store.commit()
+}

@@ -1,0 +1,19 @@
+//! The integration tests, one binary (as ripgrep keeps them): real servers on
+//! 127.0.0.1:0 with temp dirs, the real ONNX Runtime where the model is the point.
+//! One binary links once, and its tests share `common`'s helpers.
+
+mod common;
+
+mod api;
+mod bad_input;
+mod cli;
+mod crash;
+mod embed;
+mod engine;
+mod identify;
+mod manifest;
+mod pair;
+mod recall;
+mod recovery;
+mod shapes;
+mod streams;

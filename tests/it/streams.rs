@@ -1,0 +1,242 @@
+//! UpsertStream is a core transaction (issue 7, hole 2): a client that cancels part-way
+//! and a shutdown whose grace runs out with the stream still open both leave nothing of
+//! the stream behind, over the wire and after a restart.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use likeness::pb;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// 100 committed items b0..b99; then a stream message that replaces b0..b9 and adds
+/// s0..s49.
+/// Something that serves likeness.v1 at a URL: an in-process server or a daemon.
+trait Served {
+    fn url(&self) -> String;
+}
+
+impl Served for TestServer {
+    fn url(&self) -> String {
+        TestServer::url(self)
+    }
+}
+
+struct Remote(String);
+
+impl Served for Remote {
+    fn url(&self) -> String {
+        self.0.clone()
+    }
+}
+
+async fn items_client(
+    s: &impl Served,
+) -> likeness::pb::items_client::ItemsClient<tonic::transport::Channel> {
+    likeness::pb::items_client::ItemsClient::new(channel(&s.url()).await)
+}
+
+async fn colls_client(
+    s: &impl Served,
+) -> likeness::pb::collections_client::CollectionsClient<tonic::transport::Channel> {
+    likeness::pb::collections_client::CollectionsClient::new(channel(&s.url()).await)
+}
+
+async fn base_and_open_stream(
+    server: &impl Served,
+) -> (tokio::sync::mpsc::Sender<pb::UpsertRequest>, Client) {
+    let mut c = colls_client(server).await;
+    create(&mut c, "s", 2, pb::Metric::L2).await;
+    let mut items = items_client(server).await;
+    items
+        .upsert(pb::UpsertRequest {
+            collection: "s".into(),
+            items: (0..100)
+                .map(|i| item(&format!("b{i}"), "base", vec![1.0, i as f32]))
+                .collect(),
+        })
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let call = Client::start(server.url(), rx);
+    let mut msg: Vec<pb::Item> = (0..10)
+        .map(|i| item(&format!("b{i}"), "stream", vec![9.0, i as f32]))
+        .collect();
+    msg.extend((0..50).map(|i| item(&format!("s{i}"), "stream", vec![2.0, i as f32])));
+    tx.send(pb::UpsertRequest {
+        collection: "s".into(),
+        items: msg,
+    })
+    .await
+    .unwrap();
+    // The message is applied (visible) before the stream ends.
+    wait_for(server, "the staged message to be visible", |n, _| n == 150).await;
+    (tx, call)
+}
+
+/// A streaming client on a thread and runtime of its own: `go_away` drops its runtime,
+/// and with it the connection, as a client process that dies or is killed would.
+struct Client {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Client {
+    fn start(url: String, rx: tokio::sync::mpsc::Receiver<pb::UpsertRequest>) -> Client {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut items = likeness::pb::items_client::ItemsClient::new(channel(&url).await);
+                tokio::select! {
+                    _ = items.upsert_stream(ReceiverStream::new(rx)) => {}
+                    _ = stopped => {}
+                }
+            });
+            drop(rt);
+        });
+        Client {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn go_away(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.thread.take().unwrap().join().unwrap();
+    }
+}
+
+/// Polls the collection's count and b0's label until `ok` holds (10 s at most).
+async fn wait_for(server: &impl Served, what: &str, ok: impl Fn(u64, &str) -> bool) {
+    let mut c = colls_client(server).await;
+    let mut items = items_client(server).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = count(&mut c, "s").await;
+        let label = items
+            .get(pb::GetRequest {
+                collection: "s".into(),
+                ids: vec!["b0".into()],
+                with_vectors: false,
+                with_inputs: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .items[0]
+            .label
+            .clone();
+        if ok(n, &label) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {n}, {label}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The index holds exactly the store's keys after an undo.
+async fn assert_index_exact(server: &mut TestServer) {
+    let app = server.app().await;
+    let audit = app
+        .registry()
+        .collection("s")
+        .unwrap()
+        .audit_index()
+        .unwrap();
+    assert!(audit.is_exact(), "{audit:?}");
+}
+
+async fn assert_base_only(server: &impl Served) {
+    let mut c = colls_client(server).await;
+    assert_eq!(count(&mut c, "s").await, 100);
+    let got = items_client(server)
+        .await
+        .get(pb::GetRequest {
+            collection: "s".into(),
+            ids: (0..100)
+                .map(|i| format!("b{i}"))
+                .chain((0..50).map(|i| format!("s{i}")))
+                .collect(),
+            with_vectors: true,
+            with_inputs: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(got.len(), 100, "no id of the stream remains");
+    for (i, it) in got.iter().enumerate() {
+        assert_eq!(it.id, format!("b{i}"));
+        assert_eq!(
+            (it.label.as_str(), it.vector.as_slice()),
+            ("base", &[1.0, i as f32][..])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_leaves_nothing_behind() {
+    let (mut server, _dir) = TestServer::light().await;
+    let (tx, call) = base_and_open_stream(&server).await;
+    // The client goes away mid-stream without ending it.
+    call.go_away();
+    wait_for(&server, "the rollback", |n, label| {
+        n == 100 && label == "base"
+    })
+    .await;
+    drop(tx);
+    assert_base_only(&server).await;
+    assert_index_exact(&mut server).await;
+    // Durably: a restart (snapshot or not) shows the same.
+    let dir = server.dir.clone();
+    server.stop().await;
+    let server = TestServer::light_in(&dir, |_| {}).await;
+    assert_base_only(&server).await;
+    server.stop().await;
+}
+
+/// The real binary: SIGTERM with a stream still open, a grace period that runs out,
+/// and the process gone. The stream's staged message must not survive the restart
+/// (before the fix, shutdown flushed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_a_stream_still_open_leaves_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = spawn_daemon(dir.path(), &["--shutdown-grace-secs", "1"], &[]);
+    let url = format!("http://{}", daemon.addr);
+    wait_serving(&url).await;
+    let server = Remote(url.clone());
+    let (tx, call) = base_and_open_stream(&server).await;
+    let pid = daemon.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("rolled back streams still open at shutdown")),
+        "the shutdown undid the open stream"
+    );
+    drop(tx);
+    call.go_away();
+    let mut daemon = spawn_daemon(dir.path(), &[], &[]);
+    let url = format!("http://{}", daemon.addr);
+    wait_serving(&url).await;
+    assert_base_only(&Remote(url)).await;
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+}
