@@ -1,0 +1,320 @@
+//! `likeness-bench`: the daemon measured beside its references, in one run, on one
+//! machine, on the same data (../shared/BENCHMARKS.md, docs/benchmarks.md).
+//!
+//! The daemon under test is a separate process: `likeness serve` (the binary beside this
+//! one, or `--daemon PATH`, so one bench can measure two builds) on 127.0.0.1, a free port
+//! and a temp data dir, reached only over gRPC. Its CPU time and memory are read from
+//! /proc. The references run in this process: raw sled, usearch, an ONNX Runtime session
+//! and, for one figure, the collections engine without gRPC.
+//!
+//! Parts (`--only`, default all, in this order): ingest, search, embed, mixed, memory,
+//! restart.
+
+mod daemon;
+mod data;
+mod embed;
+mod engine;
+mod lifecycle;
+mod mixed;
+mod procfs;
+mod reference;
+mod search;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use crate::daemon::{Daemon, Spec};
+use crate::data::Data;
+
+const PARTS: [&str; 6] = ["ingest", "search", "embed", "mixed", "memory", "restart"];
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "likeness-bench",
+    about = "Measure a likeness daemon (a child process, over gRPC) against its references"
+)]
+pub struct Args {
+    /// The likeness binary to run as `likeness serve` [default: `likeness` beside this
+    /// executable].
+    #[arg(long)]
+    pub daemon: Option<PathBuf>,
+    /// One more flag for `likeness serve`, e.g. --daemon-arg=--search-threads=1
+    /// (repeatable).
+    #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+    pub daemon_args: Vec<String>,
+    /// The vectors: synthetic clusters, or Fashion-MNIST's images (784-d, L2).
+    #[arg(long, value_enum, default_value = "synthetic")]
+    pub dataset: data::Which,
+    /// Where Fashion-MNIST's idx files are (gzipped or not).
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub fmnist_dir: PathBuf,
+    /// Vectors in the collection [default: 100000 synthetic; the 60000 Fashion-MNIST
+    /// train images].
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// Dimension of the synthetic vectors.
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    /// Items per Upsert.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent upsert clients.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// Concurrent search clients.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Searches per QPS run.
+    #[arg(long, default_value_t = 20_000)]
+    pub queries: usize,
+    /// Queries whose recall@10 is checked against exact search.
+    #[arg(long, default_value_t = 500)]
+    pub recall_queries: usize,
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Threads for in-process references and the daemon's index inserts (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Let the daemon's ONNX Runtime threads spin (its --embed-spin).
+    #[arg(long)]
+    pub embed_spin: bool,
+    /// The daemon's ONNX Runtime intra-op threads (its --embed-threads; 0 = its default,
+    /// all cores).
+    #[arg(long, default_value_t = 0)]
+    pub embed_threads: usize,
+    /// The embedder's manifest for the in-process reference; the daemon must serve a
+    /// model of the same name (it loads the shipped ones by default).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-triplet/model.toml"))]
+    pub embed_model: PathBuf,
+    /// Grayscale images (uint8 N x H x W .npy) for the embedding figures.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fmnist/enrol_images.npy"))]
+    pub embed_images: PathBuf,
+    /// Seconds of each load in the mixed part.
+    #[arg(long, default_value_t = 10.0)]
+    pub mixed_secs: f64,
+    /// Restarts per restart figure; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub restarts: usize,
+    /// Only run these parts (ingest, search, embed, mixed, memory, restart); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+}
+
+/// What every part shares.
+pub struct Ctx {
+    pub args: Args,
+    /// Threads of the in-process references and of the daemon's index inserts.
+    pub threads: usize,
+    pub runs: usize,
+    pub data: Data,
+    /// The QPS runs' queries, shared by the client tasks.
+    pub queries: Arc<Vec<Vec<f32>>>,
+    pub spec: Arc<Spec>,
+}
+
+impl Ctx {
+    /// A fresh daemon holding every item (ingested as the ingest part does).
+    pub async fn loaded_daemon(&self) -> Result<Daemon, String> {
+        let d = Daemon::start(&self.spec).await?;
+        eprintln!("loading {} items into a fresh daemon", self.data.n());
+        d.ingest(&self.data, self.args.batch, self.args.writers)
+            .await?;
+        Ok(d)
+    }
+}
+
+/// Median, min and max of a set of runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn stat(mut xs: Vec<f64>) -> Stat {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() {
+        return Stat {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+        };
+    }
+    Stat {
+        median: xs[xs.len() / 2],
+        min: xs[0],
+        max: xs[xs.len() - 1],
+    }
+}
+
+impl std::fmt::Display for Stat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.max > self.min * 1.1 {
+            write!(
+                f,
+                "{:.0} (min {:.0}, max {:.0})",
+                self.median, self.min, self.max
+            )
+        } else {
+            write!(f, "{:.0}", self.median)
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    for part in &args.only {
+        if !PARTS.contains(&part.as_str()) {
+            return Err(format!("--only {part}: the parts are {}", PARTS.join(", ")));
+        }
+    }
+    let cores = procfs::cores();
+    let threads = if args.threads > 0 {
+        args.threads
+    } else {
+        cores
+    };
+    let runs = args.runs.max(1);
+    let exe = match &args.daemon {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("likeness"),
+    };
+    if !exe.exists() {
+        return Err(format!(
+            "no daemon binary at {} (cargo build --release --bin likeness, or give --daemon PATH)",
+            exe.display()
+        ));
+    }
+    let mut flags = vec!["--index-threads".to_string(), threads.to_string()];
+    if args.embed_spin {
+        flags.extend(["--embed-spin".into(), "true".into()]);
+    }
+    if args.embed_threads > 0 {
+        flags.extend(["--embed-threads".into(), args.embed_threads.to_string()]);
+    }
+    flags.extend(args.daemon_args.iter().cloned());
+    let spec = Arc::new(Spec { exe, flags });
+    let only = args.only.clone();
+    let want = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
+    let needs_data = PARTS.iter().filter(|p| **p != "embed").any(|p| want(p));
+    let data = if needs_data {
+        eprintln!("loading the data");
+        Data::load(
+            args.dataset,
+            args.n,
+            args.dim,
+            args.recall_queries,
+            &args.fmnist_dir,
+        )?
+    } else {
+        Data::none()
+    };
+    let queries = Arc::new(data.queries.clone());
+    let ctx = Ctx {
+        threads,
+        runs,
+        data,
+        queries,
+        spec,
+        args,
+    };
+
+    println!("# likeness bench\n");
+    println!("{}", procfs::machine());
+    if needs_data {
+        println!(
+            "data: {}; {runs} runs per figure, median",
+            ctx.data.describe
+        );
+    }
+    println!(
+        "daemon: `{} serve {}` (a child process on 127.0.0.1 and a temp data dir; its tokio runtime and search pool default to all {cores} cores)",
+        ctx.spec.exe.display(),
+        ctx.spec.flags.join(" ")
+    );
+    println!(
+        "threads: {threads} for in-process references and the daemon's index inserts; the bench's clients run on a tokio runtime of {cores} workers; client and daemon share the machine\n"
+    );
+
+    let mut daemon: Option<Daemon> = None;
+    if want("ingest") {
+        daemon = Some(search::ingest(&ctx).await?);
+    }
+    if want("search") {
+        let d = match daemon.take() {
+            Some(d) => d,
+            None => ctx.loaded_daemon().await?,
+        };
+        search::search(&ctx, &d).await?;
+        daemon = Some(d);
+    }
+    if want("embed") {
+        let d = match daemon.take() {
+            Some(d) => d,
+            None => Daemon::start(&ctx.spec).await?,
+        };
+        embed::run(
+            &d,
+            &ctx.args.embed_model,
+            &ctx.args.embed_images,
+            threads,
+            runs,
+        )
+        .await?;
+        daemon = Some(d);
+    }
+    if want("mixed") {
+        let d = match daemon.take() {
+            // The embed part alone leaves a daemon without the collection.
+            Some(d) if want("ingest") || want("search") => d,
+            _ => ctx.loaded_daemon().await?,
+        };
+        mixed::run(&ctx, &d).await?;
+        daemon = Some(d);
+    }
+    if let Some(d) = daemon.take() {
+        d.stop().await?;
+    }
+    // Memory and restart get daemons of their own: memory must see a fresh one, and a
+    // restart would lose what a running daemon holds in memory.
+    let mut loaded = None;
+    if want("memory") {
+        loaded = Some(lifecycle::memory(&ctx).await?);
+    }
+    if want("restart") {
+        let d = match loaded.take() {
+            Some(d) => d,
+            None => ctx.loaded_daemon().await?,
+        };
+        lifecycle::restart(&ctx, d).await?;
+    }
+    if let Some(d) = loaded {
+        d.stop().await?;
+    }
+    Ok(())
+}
