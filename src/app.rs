@@ -411,11 +411,10 @@ impl App {
         let k = params.k;
         let mut p = params;
         p.k = p.k.max(p.rerank);
-        let searched = if is_light(&targets, &p) {
-            // A single plain ANN query costs about as much as handing it to the pool
-            // and back (two thread wake-ups on busy cores): it runs right here.
-            vec![coll.search(&fields[0], &targets[0], &p)?]
-        } else {
+        // All of a request's queries run as one job on the search pool. (Running a
+        // single plain query on the async worker instead was measured: no difference in
+        // QPS or daemon CPU per query beyond noise, docs/benchmarks.md.)
+        let searched = {
             let coll = coll.clone();
             let fields = fields.clone();
             self.searches
@@ -587,20 +586,6 @@ impl App {
     pub fn model(&self, name: &str) -> Result<ModelInfo> {
         self.embedder.info(name)
     }
-}
-
-/// The widest expansion a search may have and still run on the async worker that
-/// received it: at ef 256 an HNSW query over 128-d vectors takes a few hundred µs.
-const INLINE_MAX_EXPANSION: usize = 256;
-
-/// Whether a search is one cheap, memory-only ANN query: a vector (no store read for an
-/// id), unfiltered (no catalogue lock held while walking), approximate, narrow.
-fn is_light(targets: &[QueryTarget], p: &SearchParams) -> bool {
-    matches!(targets, [QueryTarget::Vector(_)])
-        && !p.exact
-        && p.filter.is_empty()
-        && !p.with_vectors
-        && p.k.max(p.expansion) <= INLINE_MAX_EXPANSION
 }
 
 /// Runs blocking work (disk, HNSW) on tokio's blocking threads.

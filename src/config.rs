@@ -46,7 +46,8 @@ pub struct ServeArgs {
     /// Most items in one request [default: 100000].
     #[arg(long, env = "LIKENESS_MAX_BATCH")]
     pub max_batch: Option<usize>,
-    /// sled page cache, in MiB [default: 512].
+    /// sled page cache, in MiB [default: 32]. The ANN index and the catalogue are in
+    /// memory anyway; sled only caches item records, read by Get, id queries and rebuilds.
     #[arg(long, env = "LIKENESS_CACHE_MB")]
     pub cache_mb: Option<u64>,
     /// Threads that insert into an index per batch and at rebuild; 0 = all cores [default: 0].
@@ -147,7 +148,7 @@ impl Default for Config {
             log_format: LogFormat::Human,
             log: "info,ort=warn".into(),
             max_message_bytes: 64 << 20,
-            cache_mb: 512,
+            cache_mb: 32,
             index_threads: 0,
             shutdown_grace_secs: 30,
             search_threads: 0,

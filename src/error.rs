@@ -58,14 +58,6 @@ impl Field {
     pub fn steps(&self) -> &[Step] {
         &self.0
     }
-
-    /// When the path starts with an index, that index and the rest of the path.
-    fn split_index(&self) -> Option<(usize, &[Step])> {
-        match self.0.first() {
-            Some(Step::Index(i)) => Some((*i, &self.0[1..])),
-            _ => None,
-        }
-    }
 }
 
 impl From<&'static str> for Field {
@@ -174,15 +166,8 @@ impl Error {
     /// `messages[4]` + `items[2].id`).
     pub fn under(self, prefix: &Field) -> Self {
         match self {
-            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
-                field: field.under(prefix),
-                reason,
-            },
-            Error::NotFound { field, what } if !field.is_empty() => Error::NotFound {
-                field: field.under(prefix),
-                what,
-            },
-            other => other,
+            Error::NotFound { ref field, .. } if field.is_empty() => self,
+            other => other.map_field(|f| f.under(prefix)),
         }
     }
 
@@ -190,42 +175,31 @@ impl Error {
     /// handed it (`[2].image`) at the caller's own field for that element
     /// (`queries[7].input` + `.image`). Other errors pass through.
     pub fn rebase(self, root: impl Fn(usize) -> Field) -> Self {
-        let fix = |field: Field| -> Field {
-            match field.split_index() {
-                Some((i, rest)) => {
-                    let mut f = root(i);
-                    f.0.extend(rest.iter().cloned());
-                    f
-                }
-                None => field,
+        self.map_field(|field| match field.0.as_slice() {
+            [Step::Index(i), rest @ ..] => {
+                let mut f = root(*i);
+                f.0.extend(rest.iter().cloned());
+                f
             }
-        };
-        match self {
-            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
-                field: fix(field),
-                reason,
-            },
-            Error::NotFound { field, what } => Error::NotFound {
-                field: fix(field),
-                what,
-            },
-            other => other,
-        }
+            _ => field,
+        })
     }
 
     /// Like [`Error::rebase`] for a callee that works on a list of pairs: a field that
     /// starts `[j].a` or `[j].b` is re-rooted at `root(j, "a" | "b")`.
     pub fn rebase_pair(self, root: impl Fn(usize, &str) -> Field) -> Self {
-        let fix = |field: Field| -> Field {
-            match field.0.as_slice() {
-                [Step::Index(j), Step::Name(side), rest @ ..] => {
-                    let mut f = root(*j, side);
-                    f.0.extend(rest.iter().cloned());
-                    f
-                }
-                _ => field,
+        self.map_field(|field| match field.0.as_slice() {
+            [Step::Index(j), Step::Name(side), rest @ ..] => {
+                let mut f = root(*j, side);
+                f.0.extend(rest.iter().cloned());
+                f
             }
-        };
+            _ => field,
+        })
+    }
+
+    /// Rewrites the field of the errors that name one.
+    fn map_field(self, fix: impl FnOnce(Field) -> Field) -> Self {
         match self {
             Error::InvalidArgument { field, reason } => Error::InvalidArgument {
                 field: fix(field),

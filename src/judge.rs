@@ -77,6 +77,9 @@ pub struct Calibration {
 /// A labelled pair Calibrate sampled: two item ids, and whether their labels agree.
 pub type SampledPair = (String, String, bool);
 
+/// Items grouped by label: (id, vector) each. Calibrate's sample space.
+pub type LabelGroups = BTreeMap<String, Vec<(String, Vec<f32>)>>;
+
 /// Identification: a distance-weighted vote (1 / (d + 0.001)) over the hits' labels.
 pub fn vote(hits: &[Hit]) -> Option<Classification> {
     if hits.is_empty() {
@@ -128,7 +131,7 @@ pub fn verify(metric: Metric, decision: Decision, a: &[f32], b: &[f32]) -> Verif
 pub fn calibrate(
     collection: &str,
     metric: Metric,
-    by_label: &BTreeMap<String, Vec<(String, Vec<f32>)>>,
+    by_label: &LabelGroups,
     pairs: usize,
     seed: u64,
 ) -> Result<(Calibration, Vec<SampledPair>)> {

@@ -161,6 +161,97 @@ impl Catalogue {
     }
 }
 
+/// The catalogue's own file beside an index snapshot, so that a clean restart needs no
+/// scan of the store: magic, entry count, then per entry its key, id, label and metadata
+/// (length-prefixed, little-endian), then an FNV-1a checksum of all that.
+const MAGIC: &[u8; 8] = b"LKCAT001";
+
+impl Catalogue {
+    /// The catalogue as bytes (see [`MAGIC`]).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.len() * 48);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(self.len() as u64).to_le_bytes());
+        let put = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        for (key, e) in &self.by_key {
+            out.extend_from_slice(&key.to_le_bytes());
+            put(&mut out, e.id.as_bytes());
+            put(&mut out, self.label_name(e.label).as_bytes());
+            out.extend_from_slice(&(e.metadata.len() as u32).to_le_bytes());
+            for (k, v) in &e.metadata {
+                put(&mut out, k.as_bytes());
+                put(&mut out, v.as_bytes());
+            }
+        }
+        let sum = fnv1a(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    /// Reads what [`Catalogue::encode`] wrote; None for anything else (a torn or foreign
+    /// file), so that the caller falls back to the store.
+    pub fn decode(bytes: &[u8], seq: u64) -> Option<Catalogue> {
+        let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(8)?)?;
+        if fnv1a(body) != u64::from_le_bytes(sum.try_into().ok()?) {
+            return None;
+        }
+        let mut r = Reader(body.strip_prefix(MAGIC.as_slice())?);
+        let count = r.u64()? as usize;
+        let mut c = Catalogue::default();
+        c.by_id.reserve(count);
+        c.by_key.reserve(count);
+        for _ in 0..count {
+            let key = r.u64()?;
+            let id = r.string()?;
+            let label = r.string()?;
+            let n = r.u32()? as usize;
+            let mut metadata = BTreeMap::new();
+            for _ in 0..n {
+                let k = r.string()?;
+                metadata.insert(k, r.string()?);
+            }
+            c.insert(key, &id, &label, metadata);
+        }
+        let r = r.0;
+        (c.len() == count && r.is_empty()).then(|| {
+            c.seq = seq;
+            c
+        })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let (a, b) = self.0.split_at_checked(n)?;
+        self.0 = b;
+        Some(a)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 impl Labels {
     fn intern(&mut self, name: &str) -> LabelId {
         if let Some(id) = self.ids.get(name) {
@@ -273,5 +364,25 @@ mod tests {
             ..Default::default()
         });
         assert!(!none.matches(c.get(2).unwrap()));
+
+        // The snapshot file round-trips, and a flipped byte is refused.
+        let mut meta = BTreeMap::new();
+        meta.insert("cam".to_string(), "3".to_string());
+        c.insert(9, "e", "x", meta);
+        let bytes = c.encode();
+        let d = Catalogue::decode(&bytes, 42).unwrap();
+        assert_eq!(d.len(), c.len());
+        assert_eq!(d.seq(), 42);
+        for key in c.keys() {
+            let (a, b) = (c.get(key).unwrap(), d.get(key).unwrap());
+            assert_eq!(a.id, b.id);
+            assert_eq!(c.label_name(a.label), d.label_name(b.label));
+            assert_eq!(a.metadata, b.metadata);
+        }
+        assert_eq!(members(&d, "y"), members(&c, "y"));
+        let mut torn = bytes.clone();
+        torn[20] ^= 1;
+        assert!(Catalogue::decode(&torn, 42).is_none());
+        assert!(Catalogue::decode(&bytes[..bytes.len() - 3], 42).is_none());
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Every method here blocks (disk, HNSW): callers run them off the async workers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -13,9 +13,9 @@ use super::write::{Turns, Writer};
 use super::{CollectionInfo, validate};
 use crate::error::{Error, Field, Result};
 use crate::index::{AnnIndex, snapshot};
-use crate::judge::Decision;
-use crate::store::ItemsTree;
+use crate::judge::{Decision, LabelGroups};
 use crate::store::codec::decode_input;
+use crate::store::{ItemsTree, TreeState};
 use crate::types::{CollectionSpec, InputData, ItemData, Limits, QueryTarget};
 
 pub struct Collection {
@@ -71,23 +71,73 @@ impl Collection {
         threads: usize,
     ) -> Result<Self> {
         let index = AnnIndex::new(&spec, 0)?;
-        Ok(Collection {
+        Ok(Collection::assemble(
+            spec,
+            items,
+            index,
+            Catalogue::default(),
+            TreeState::default(),
+            limits,
+            threads,
+        ))
+    }
+
+    /// Loads the collection. A clean restart (a snapshot saved at exactly the store's
+    /// mutation counter) reads the catalogue file and maps the index file: no scan of
+    /// the store. Otherwise the catalogue is scanned from the store and the index loaded
+    /// from a matching snapshot or rebuilt. Returns whether the snapshot was used.
+    pub(super) fn open(
+        spec: CollectionSpec,
+        items: ItemsTree,
+        snapshots: &Path,
+        limits: Limits,
+        threads: usize,
+    ) -> Result<(Self, bool)> {
+        let state = items.state()?;
+        let clean = snapshot::current_meta(&spec, snapshots, state.seq).and_then(|meta| {
+            let bytes = snapshot::load_catalogue(&spec, snapshots, &meta)?;
+            let catalogue = Catalogue::decode(&bytes, state.seq)
+                .filter(|c| c.len() == meta.count)
+                .or_else(|| {
+                    tracing::warn!(collection = %spec.name, "snapshot catalogue unreadable; scanning the store");
+                    None
+                })?;
+            let index = snapshot::load(&spec, snapshots, state.seq, meta.count)?;
+            Some((catalogue, index))
+        });
+        if let Some((catalogue, index)) = clean {
+            let coll = Collection::assemble(spec, items, index, catalogue, state, limits, threads);
+            return Ok((coll, true));
+        }
+        Self::open_from_store(spec, items, snapshots, limits, threads)
+    }
+
+    fn assemble(
+        spec: CollectionSpec,
+        items: ItemsTree,
+        index: AnnIndex,
+        catalogue: Catalogue,
+        state: TreeState,
+        limits: Limits,
+        threads: usize,
+    ) -> Self {
+        Collection {
             decision: RwLock::new(Decision::of(&spec)),
             spec,
             items,
             index,
-            catalogue: RwLock::new(Catalogue::default()),
-            writer: Mutex::new(Writer::new(TreeState::default())),
+            catalogue: RwLock::new(catalogue),
+            writer: Mutex::new(Writer::new(state)),
             turns: Turns::default(),
             limits,
             threads,
             stats: SearchStats::default(),
-        })
+        }
     }
 
-    /// Loads the catalogue from the store and the index from a matching snapshot, or
-    /// rebuilds the index. Returns whether the snapshot was used.
-    pub(super) fn open(
+    /// The catalogue from a scan of the store; the index from a matching snapshot, or
+    /// rebuilt from the store.
+    fn open_from_store(
         spec: CollectionSpec,
         items: ItemsTree,
         snapshots: &Path,
@@ -137,18 +187,7 @@ impl Collection {
             }
         };
         Ok((
-            Collection {
-                decision: RwLock::new(Decision::of(&spec)),
-                spec,
-                items,
-                index,
-                catalogue: RwLock::new(catalogue),
-                writer: Mutex::new(Writer::new(state)),
-                turns: Turns::default(),
-                limits,
-                threads,
-                stats: SearchStats::default(),
-            },
+            Collection::assemble(spec, items, index, catalogue, state, limits, threads),
             from_snapshot,
         ))
     }
@@ -266,8 +305,8 @@ impl Collection {
     }
 
     /// Every item's id and vector, grouped by label (Calibrate's sample space).
-    pub fn labelled_vectors(&self) -> Result<BTreeMap<String, Vec<(String, Vec<f32>)>>> {
-        let mut by_label: BTreeMap<String, Vec<(String, Vec<f32>)>> = BTreeMap::new();
+    pub fn labelled_vectors(&self) -> Result<LabelGroups> {
+        let mut by_label = LabelGroups::new();
         for rec in self.items.scan(true) {
             let (_, item) = rec?;
             by_label
@@ -360,12 +399,14 @@ impl Collection {
         let w = self.lock_writer()?;
         // Batches written before the lock may still be inserting into the index.
         self.turns.wait_all(w.next_ticket);
+        let catalogue = self.catalogue().encode();
         let meta = snapshot::SnapshotMeta {
             uid: self.spec.uid,
             seq: w.state.seq,
             count: self.len(),
+            catalogue: true,
         };
-        snapshot::save(dir, &self.spec.name, &self.index, meta)
+        snapshot::save(dir, &self.spec.name, &self.index, &catalogue, meta)
     }
 
     /// Records a new spec-level decision (Calibrate) once it is durable.
@@ -385,5 +426,3 @@ impl Collection {
         self.stats.expanded.fetch_add(1, Ordering::Relaxed);
     }
 }
-
-use crate::store::TreeState;

@@ -122,22 +122,23 @@ impl Collection {
                 // The store, not the catalogue, knows the latest key: an earlier batch
                 // may be written but not yet published.
                 let old = self.items.get(&item.id, undo.is_some())?;
-                if let Some(undo) = undo.as_deref_mut() {
-                    let slot = (self.spec.name.clone(), item.id.clone());
-                    if !undo.before.contains_key(&slot) {
-                        let before = match &old {
-                            Some((_, it)) => {
-                                let mut it = it.clone();
-                                it.input = self.items.input(&item.id)?;
-                                Some(it)
-                            }
-                            None => None,
-                        };
-                        undo.before.insert(slot, before);
-                        undo.collections
-                            .entry(self.spec.name.clone())
-                            .or_insert_with(|| self.clone());
-                    }
+                if let Some(undo) = undo.as_deref_mut()
+                    && let std::collections::hash_map::Entry::Vacant(slot) =
+                        undo.before.entry((self.spec.name.clone(), item.id.clone()))
+                {
+                    // The first state this stream saw is the one to restore.
+                    let before = match &old {
+                        Some((_, it)) => {
+                            let mut it = it.clone();
+                            it.input = self.items.input(&item.id)?;
+                            Some(it)
+                        }
+                        None => None,
+                    };
+                    slot.insert(before);
+                    undo.collections
+                        .entry(self.spec.name.clone())
+                        .or_insert_with(|| self.clone());
                 }
                 if let Some((old_key, _)) = old {
                     m.drop_key(old_key);

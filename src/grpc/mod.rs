@@ -35,9 +35,10 @@ pub const DESCRIPTOR_SET: &[u8] =
 /// Runs the daemon on `listener` until `shutdown` resolves, then drains in-flight RPCs
 /// (up to the grace period), saves index snapshots and flushes the store.
 ///
-/// The embedders load first (connections wait in the listen backlog meanwhile); then the
-/// port answers, and health reports NOT_SERVING for the likeness services, which answer
-/// UNAVAILABLE, until recovery has loaded every collection.
+/// Recovery starts at once and the embedders load beside it (connections wait in the
+/// listen backlog meanwhile); then the port answers, and health reports NOT_SERVING for
+/// the likeness services, which answer UNAVAILABLE, until recovery has loaded every
+/// collection.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -72,6 +73,12 @@ pub async fn serve_with(
     let db = {
         let settings = config.core();
         Arc::new(tokio::task::spawn_blocking(move || Registry::open(settings)).await??)
+    };
+    // Recovery starts now, on a blocking thread, while the models load beside it.
+    let started = Instant::now();
+    let recovered = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || db.recover())
     };
     let embedder = match embedder {
         Some(e) => e,
@@ -118,12 +125,10 @@ pub async fn serve_with(
     // Recovery runs beside the server; a failure stops the daemon.
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<Error>();
     let recovery = {
-        let db = db.clone();
         let reporter = reporter.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let start = Instant::now();
-            match tokio::task::spawn_blocking(move || db.recover()).await {
+            match recovered.await {
                 Ok(Ok(report)) => {
                     for r in &report {
                         tracing::info!(collection = %r.name, items = r.items, from_snapshot = r.from_snapshot, took_ms = r.took.as_millis() as u64, "recovered collection");
@@ -136,7 +141,7 @@ pub async fn serve_with(
                         .await;
                     tracing::info!(
                         collections = report.len(),
-                        took_ms = start.elapsed().as_millis() as u64,
+                        took_ms = started.elapsed().as_millis() as u64,
                         "recovery complete; SERVING"
                     );
                     if let Some(f) = on_serving {

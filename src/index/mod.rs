@@ -6,7 +6,7 @@
 
 pub mod snapshot;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, RwLock};
 
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
@@ -25,6 +25,9 @@ pub struct AnnIndex {
     /// Vectors that batches in flight are about to add: capacity is reserved for them
     /// up front, since concurrent batches would otherwise each see room for themselves.
     pending: Mutex<usize>,
+    /// The snapshot file this index is memory-mapped from, until the first write loads
+    /// a private, writable copy (see [`AnnIndex::view`]).
+    viewed: Mutex<Option<(PathBuf, IndexOptions)>>,
 }
 
 impl AnnIndex {
@@ -38,34 +41,73 @@ impl AnnIndex {
             precision: spec.precision,
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
+            viewed: Mutex::new(None),
         })
     }
 
-    /// Loads a snapshot written by [`AnnIndex::save`].
+    /// Loads a snapshot written by [`AnnIndex::save`] into memory of its own.
     pub fn load(spec: &CollectionSpec, path: &Path) -> Result<Self> {
-        let index = usearch::Index::new(&options(spec))?;
-        index.load(path_str(path)?)?;
-        if index.dimensions() != spec.dimension as usize {
-            return Err(Error::Index(format!(
-                "snapshot {} has {} dimensions, expected {}",
-                path.display(),
-                index.dimensions(),
-                spec.dimension
-            )));
-        }
-        let cap = index.capacity().max(index.size() + 1024);
-        index.reserve_capacity_and_threads(cap, SLOTS)?;
+        let index = AnnIndex::new(spec, 0)?;
+        index.load_private(path, &options(spec), spec.dimension)?;
+        Ok(index)
+    }
+
+    /// Maps a snapshot written by [`AnnIndex::save`] instead of reading it: a restart
+    /// answers searches at once from the page cache, and a read-mostly index stays in
+    /// file-backed (reclaimable) memory. The first write loads a private copy first.
+    /// Snapshots are replaced by rename, never rewritten in place, so the mapped file
+    /// never changes under a reader.
+    pub fn view(spec: &CollectionSpec, path: &Path) -> Result<Self> {
+        let opts = options(spec);
+        let index = usearch::Index::new(&opts)?;
+        index.view(path_str(path)?)?;
+        check_dimensions(&index, spec.dimension, path)?;
+        index.reserve_capacity_and_threads(index.size(), SLOTS)?;
         Ok(AnnIndex {
             inner: RwLock::new(index),
             metric: spec.metric,
             precision: spec.precision,
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
+            viewed: Mutex::new(Some((path.to_path_buf(), opts))),
         })
+    }
+
+    /// Whether the index is still the mapped snapshot (nothing written since).
+    pub fn is_view(&self) -> bool {
+        self.viewed.lock().expect("view lock").is_some()
+    }
+
+    /// Replaces a mapped snapshot with a private copy that can be written. Searches go
+    /// on against the mapping while the copy loads.
+    fn promote(&self) -> Result<()> {
+        let mut viewed = self.viewed.lock().expect("view lock");
+        let Some((path, opts)) = viewed.as_ref() else {
+            return Ok(());
+        };
+        let dimensions = self.inner.read().expect("index lock").dimensions() as u32;
+        let copy = usearch::Index::new(opts)?;
+        copy.load(path_str(path)?)?;
+        check_dimensions(&copy, dimensions, path)?;
+        copy.reserve_capacity_and_threads(copy.capacity().max(copy.size() + 1024), SLOTS)?;
+        *self.inner.write().expect("index lock") = copy;
+        *viewed = None;
+        Ok(())
+    }
+
+    fn load_private(&self, path: &Path, opts: &IndexOptions, dimensions: u32) -> Result<()> {
+        let index = usearch::Index::new(opts)?;
+        index.load(path_str(path)?)?;
+        check_dimensions(&index, dimensions, path)?;
+        let cap = index.capacity().max(index.size() + 1024);
+        index.reserve_capacity_and_threads(cap, SLOTS)?;
+        *self.inner.write().expect("index lock") = index;
+        Ok(())
     }
 
     /// Writes the index to `path` (readers and writers wait meanwhile).
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.promote()?;
         let index = self.inner.write().expect("index lock");
         index.save(path_str(path)?)?;
         Ok(())
@@ -88,6 +130,7 @@ impl AnnIndex {
         if entries.is_empty() {
             return Ok(());
         }
+        self.promote()?;
         self.reserve_for(entries.len())?;
         let result = self.add_reserved(entries, threads);
         *self.pending.lock().expect("pending lock") -= entries.len();
@@ -137,6 +180,7 @@ impl AnnIndex {
         if keys.is_empty() {
             return Ok(());
         }
+        self.promote()?;
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
         for key in keys {
@@ -238,6 +282,17 @@ fn options(spec: &CollectionSpec) -> IndexOptions {
         expansion_search: spec.index.expansion_search as usize,
         multi: false,
     }
+}
+
+fn check_dimensions(index: &usearch::Index, dimensions: u32, path: &Path) -> Result<()> {
+    if index.dimensions() != dimensions as usize {
+        return Err(Error::Index(format!(
+            "snapshot {} has {} dimensions, expected {dimensions}",
+            path.display(),
+            index.dimensions(),
+        )));
+    }
+    Ok(())
 }
 
 fn path_str(path: &Path) -> Result<&str> {
@@ -362,5 +417,36 @@ mod tests {
             assert!(index.vector(8).is_none());
             assert!(index.contains(7) && !index.contains(8));
         }
+    }
+
+    #[test]
+    fn a_viewed_snapshot_serves_and_becomes_writable_on_the_first_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(Metric::L2);
+        let index = AnnIndex::new(&s, 0).unwrap();
+        let vectors: Vec<Vec<f32>> = (0..500).map(|i| vec![i as f32, 1.0, 0.0, 2.0]).collect();
+        let refs: Vec<(u64, &[f32])> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as u64, v.as_slice()))
+            .collect();
+        index.add_many(&refs, 1).unwrap();
+        let path = dir.path().join("t.usearch");
+        index.save(&path).unwrap();
+        let viewed = AnnIndex::view(&s, &path).unwrap();
+        assert!(viewed.is_view());
+        assert_eq!(viewed.len(), 500);
+        assert_eq!(viewed.search(&vectors[42], 1).unwrap()[0].0, 42);
+        assert_eq!(viewed.vector(42).unwrap(), vectors[42]);
+        viewed
+            .add_many(&[(1000, &[7.5, 1.0, 0.0, 2.0][..])], 1)
+            .unwrap();
+        assert!(!viewed.is_view());
+        assert_eq!(viewed.len(), 501);
+        assert_eq!(viewed.search(&[7.5, 1.0, 0.0, 2.0], 1).unwrap()[0].0, 1000);
+        viewed.remove_many(&[42]).unwrap();
+        assert_eq!(viewed.len(), 500);
+        // The snapshot file itself never changed.
+        assert_eq!(AnnIndex::load(&s, &path).unwrap().len(), 500);
     }
 }

@@ -1,6 +1,8 @@
-//! The index snapshot format: `<name>.usearch` (usearch's own file) and
+//! The index snapshot format: `<name>.usearch` (usearch's own file),
+//! `<name>.catalogue` (the collection's catalogue: ids, labels and metadata per ANN key,
+//! so that a clean restart reads one small file instead of scanning the store), and
 //! `<name>.snapshot.json` ([`SnapshotMeta`]: the collection's uid, the store's mutation
-//! counter the index reflects, and its size).
+//! counter the files reflect, and the item count).
 //!
 //! The trust rule: a snapshot is loaded only when uid, counter and count all match the
 //! store; otherwise the index is rebuilt from the store, which is the truth. A save
@@ -20,39 +22,78 @@ pub struct SnapshotMeta {
     pub uid: u64,
     pub seq: u64,
     pub count: usize,
+    /// Whether a catalogue file was saved with the index (older snapshots have none).
+    #[serde(default)]
+    pub catalogue: bool,
 }
 
-/// The index and meta files of collection `name` under `dir`.
-pub fn paths(dir: &Path, name: &str) -> [PathBuf; 2] {
+/// The index, meta and catalogue files of collection `name` under `dir`.
+pub fn paths(dir: &Path, name: &str) -> [PathBuf; 3] {
     [
         dir.join(format!("{name}.usearch")),
         dir.join(format!("{name}.snapshot.json")),
+        dir.join(format!("{name}.catalogue")),
     ]
 }
 
-/// Writes `index` with `meta` (callers hold the collection's writer, so nothing changes
-/// meanwhile).
-pub fn save(dir: &Path, name: &str, index: &AnnIndex, meta: SnapshotMeta) -> Result<()> {
-    let [index_path, meta_path] = paths(dir, name);
+/// Writes `index` and the encoded `catalogue` with `meta` (callers hold the collection's
+/// writer, so nothing changes meanwhile). An index still mapped from the snapshot it was
+/// loaded from has not changed since: its file stays as it is.
+pub fn save(
+    dir: &Path,
+    name: &str,
+    index: &AnnIndex,
+    catalogue: &[u8],
+    meta: SnapshotMeta,
+) -> Result<()> {
+    let [index_path, meta_path, catalogue_path] = paths(dir, name);
     remove_if_present(&meta_path)?;
-    let tmp = index_path.with_extension("usearch.tmp");
-    index.save(&tmp)?;
-    std::fs::rename(&tmp, &index_path)?;
+    if !index.is_view() {
+        let tmp = index_path.with_extension("usearch.tmp");
+        index.save(&tmp)?;
+        std::fs::rename(&tmp, &index_path)?;
+    }
+    let tmp = catalogue_path.with_extension("catalogue.tmp");
+    std::fs::write(&tmp, catalogue)?;
+    std::fs::rename(&tmp, &catalogue_path)?;
     let tmp = meta_path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&meta).expect("meta serialises"))?;
     std::fs::rename(&tmp, &meta_path)?;
     Ok(())
 }
 
-/// The snapshot, when it was saved at exactly the store's state; else None (rebuild).
-pub fn load(spec: &CollectionSpec, dir: &Path, seq: u64, count: usize) -> Option<AnnIndex> {
-    let [index_path, meta_path] = paths(dir, &spec.name);
+/// The snapshot's meta, when there is one that belongs to this collection and was saved
+/// at exactly the store's mutation counter `seq`.
+pub fn current_meta(spec: &CollectionSpec, dir: &Path, seq: u64) -> Option<SnapshotMeta> {
+    let [_, meta_path, _] = paths(dir, &spec.name);
     let meta: SnapshotMeta = serde_json::from_slice(&std::fs::read(&meta_path).ok()?).ok()?;
-    if meta.uid != spec.uid || meta.seq != seq || meta.count != count {
+    if meta.uid != spec.uid || meta.seq != seq {
         tracing::info!(collection = %spec.name, snapshot_seq = meta.seq, store_seq = seq, "index snapshot is stale; rebuilding");
         return None;
     }
-    match AnnIndex::load(spec, &index_path) {
+    Some(meta)
+}
+
+/// The catalogue file saved with a current snapshot.
+pub fn load_catalogue(spec: &CollectionSpec, dir: &Path, meta: &SnapshotMeta) -> Option<Vec<u8>> {
+    if !meta.catalogue {
+        return None;
+    }
+    let [_, _, catalogue_path] = paths(dir, &spec.name);
+    std::fs::read(catalogue_path).ok()
+}
+
+/// The snapshot's index, when it was saved at exactly the store's state (`seq`, and
+/// `count` items); else None (rebuild). The file is memory-mapped: searches read it in
+/// place, and the first write loads a private copy ([`AnnIndex::view`]).
+pub fn load(spec: &CollectionSpec, dir: &Path, seq: u64, count: usize) -> Option<AnnIndex> {
+    let [index_path, _, _] = paths(dir, &spec.name);
+    let meta = current_meta(spec, dir, seq)?;
+    if meta.count != count {
+        tracing::info!(collection = %spec.name, snapshot = meta.count, store = count, "index snapshot count differs; rebuilding");
+        return None;
+    }
+    match AnnIndex::view(spec, &index_path) {
         Ok(index) if index.len() == count => Some(index),
         Ok(index) => {
             tracing::warn!(collection = %spec.name, snapshot = index.len(), store = count, "index snapshot size differs from the store; rebuilding");

@@ -105,44 +105,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trip_keeps_every_field() {
-        let item = ItemData {
-            id: "a/1".into(),
-            label: "shirt".into(),
-            metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
-            vector: vec![1.5, -2.0, f32::MIN_POSITIVE],
-            input: None,
-        };
-        let bytes = encode_item(42, &item);
-        let (key, back) = decode_item("a/1", &bytes, true).unwrap();
-        assert_eq!(key, 42);
-        assert_eq!(back, item);
-        let (_, no_vec) = decode_item("a/1", &bytes, false).unwrap();
-        assert!(no_vec.vector.is_empty());
-    }
-
-    #[test]
-    fn truncated_record_is_an_error_not_a_panic() {
-        let item = ItemData {
-            id: "x".into(),
-            vector: vec![1.0; 4],
-            ..Default::default()
-        };
-        let bytes = encode_item(1, &item);
-        for cut in 0..bytes.len() {
-            assert!(
-                decode_item("x", &bytes[..cut], true).is_err(),
-                "cut at {cut}"
-            );
-        }
-    }
-}
-
 /// Encodes an input for the store: kind byte, then the image bytes, or the shape and
 /// values of a tensor (little-endian).
 pub fn encode_input(data: &InputData) -> Vec<u8> {
@@ -187,5 +149,43 @@ pub fn decode_input(raw: &[u8]) -> Option<InputData> {
             Some(InputData::Tensor { shape, values })
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let item = ItemData {
+            id: "a/1".into(),
+            label: "shirt".into(),
+            metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
+            vector: vec![1.5, -2.0, f32::MIN_POSITIVE],
+            input: None,
+        };
+        let bytes = encode_item(42, &item);
+        let (key, back) = decode_item("a/1", &bytes, true).unwrap();
+        assert_eq!(key, 42);
+        assert_eq!(back, item);
+        let (_, no_vec) = decode_item("a/1", &bytes, false).unwrap();
+        assert!(no_vec.vector.is_empty());
+    }
+
+    #[test]
+    fn truncated_record_is_an_error_not_a_panic() {
+        let item = ItemData {
+            id: "x".into(),
+            vector: vec![1.0; 4],
+            ..Default::default()
+        };
+        let bytes = encode_item(1, &item);
+        for cut in 0..bytes.len() {
+            assert!(
+                decode_item("x", &bytes[..cut], true).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 }

@@ -97,6 +97,29 @@ fn snapshot_is_used_only_when_it_matches_the_store() {
         assert!(hits.iter().all(|h| h.id != "i3"));
         db.shutdown().unwrap();
     }
+    // A torn catalogue file is not trusted: the catalogue comes from the store.
+    let cat = dir.path().join("index").join("a.catalogue");
+    let mut bytes = std::fs::read(&cat).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&cat, &bytes).unwrap();
+    {
+        let (db, report) = open(dir.path());
+        let coll = db.collection("a").unwrap();
+        assert_eq!(coll.len(), 599);
+        assert_eq!(
+            coll.get_items(&["i4".to_string()], false, false)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(coll.audit_index().unwrap().is_exact());
+        assert!(
+            report[0].from_snapshot,
+            "the index file itself is still good"
+        );
+        db.shutdown().unwrap();
+    }
     // A corrupt snapshot file is rebuilt around, not trusted.
     let snap = dir.path().join("index").join("a.usearch");
     let len = std::fs::metadata(&snap).unwrap().len();
