@@ -21,6 +21,7 @@
 //! - [`app`]: the application facade that handlers and the miner call: embedding,
 //!   inputs kept, re-ranking, verification across collections and models.
 //! - [`pool`]: the fixed thread pool that runs searches, with admission control.
+//! - [`memory`]: glibc's malloc arenas limited, and free memory given back when quiet.
 //! - [`grpc`]: tonic services (convert -> app -> convert), the one Error -> Status map,
 //!   health, reflection, [`serve`].
 //! - [`cli`]: the client subcommands.
@@ -38,6 +39,7 @@ pub mod error;
 pub mod grpc;
 pub mod index;
 pub mod judge;
+pub mod memory;
 pub mod pool;
 pub mod rng;
 pub mod store;

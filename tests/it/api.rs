@@ -105,31 +105,17 @@ async fn upsert_get_replace_delete() {
     assert_eq!(r.upserted, 2);
 
     // Get: request order, unknown ids left out, vectors only on request.
-    let got = items
-        .get(pb::GetRequest {
-            collection: "c".into(),
-            ids: vec!["b".into(), "zzz".into(), "a".into()],
-            with_vectors: true,
-            with_inputs: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let got = get(
+        &mut items,
+        "c",
+        vec!["b".into(), "zzz".into(), "a".into()],
+        true,
+    )
+    .await;
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].id, "b");
     assert_eq!(got[1], a);
-    let bare = items
-        .get(pb::GetRequest {
-            collection: "c".into(),
-            ids: vec!["a".into()],
-            with_vectors: false,
-            with_inputs: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let bare = get(&mut items, "c", vec!["a".into()], false).await;
     assert!(bare[0].vector.is_empty());
     assert_eq!(bare[0].metadata["colour"], "red");
 
@@ -414,23 +400,19 @@ async fn upsert_stream_commits_once_and_rolls_back_on_error() {
     );
     // Nothing of the failed stream remains: count, new ids, replaced items.
     assert_eq!(count(&mut c, "s").await, 501);
-    let got = items
-        .get(pb::GetRequest {
-            collection: "s".into(),
-            ids: vec![
-                "keep".into(),
-                "fresh".into(),
-                "fresh2".into(),
-                "ok".into(),
-                "m0-0".into(),
-            ],
-            with_vectors: true,
-            with_inputs: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let got = get(
+        &mut items,
+        "s",
+        vec![
+            "keep".into(),
+            "fresh".into(),
+            "fresh2".into(),
+            "ok".into(),
+            "m0-0".into(),
+        ],
+        true,
+    )
+    .await;
     assert_eq!(got.len(), 2);
     assert_eq!(
         (got[0].label.as_str(), got[0].vector.as_slice()),

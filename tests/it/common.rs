@@ -411,3 +411,23 @@ pub async fn count(
         .into_inner()
         .count
 }
+
+/// Items.Get: the items that exist among `ids`, in request order.
+pub async fn get(
+    items: &mut ItemsClient<Channel>,
+    collection: &str,
+    ids: Vec<String>,
+    with_vectors: bool,
+) -> Vec<pb::Item> {
+    items
+        .get(pb::GetRequest {
+            collection: collection.into(),
+            ids,
+            with_vectors,
+            with_inputs: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+}

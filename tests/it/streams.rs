@@ -116,17 +116,7 @@ async fn wait_for(server: &impl Served, what: &str, ok: impl Fn(u64, &str) -> bo
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let n = count(&mut c, "s").await;
-        let label = items
-            .get(pb::GetRequest {
-                collection: "s".into(),
-                ids: vec!["b0".into()],
-                with_vectors: false,
-                with_inputs: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .items[0]
+        let label = get(&mut items, "s", vec!["b0".into()], false).await[0]
             .label
             .clone();
         if ok(n, &label) {
@@ -155,21 +145,16 @@ async fn assert_index_exact(server: &mut TestServer) {
 async fn assert_base_only(server: &impl Served) {
     let mut c = colls_client(server).await;
     assert_eq!(count(&mut c, "s").await, 100);
-    let got = items_client(server)
-        .await
-        .get(pb::GetRequest {
-            collection: "s".into(),
-            ids: (0..100)
-                .map(|i| format!("b{i}"))
-                .chain((0..50).map(|i| format!("s{i}")))
-                .collect(),
-            with_vectors: true,
-            with_inputs: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let got = get(
+        &mut items_client(server).await,
+        "s",
+        (0..100)
+            .map(|i| format!("b{i}"))
+            .chain((0..50).map(|i| format!("s{i}")))
+            .collect(),
+        true,
+    )
+    .await;
     assert_eq!(got.len(), 100, "no id of the stream remains");
     for (i, it) in got.iter().enumerate() {
         assert_eq!(it.id, format!("b{i}"));

@@ -21,7 +21,9 @@ pub async fn memory(ctx: &Ctx) -> Result<Daemon, String> {
     let empty = d.memory_kib()?;
     eprintln!("loading {} items for the memory figure", data.n());
     d.ingest(data, ctx.args.batch, ctx.args.writers).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Settle: the daemon gives free heap memory back once writes have been quiet for
+    // half a second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let full = d.memory_kib()?;
     let n = data.n().max(1) as f64;
     let per = |a: u64, b: u64| (a as f64 - b as f64) * 1024.0 / n;
