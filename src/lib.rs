@@ -15,6 +15,7 @@
 //!   write path and stream transactions, the catalogue with its label index, search and
 //!   the batched kNN the miner reads through; recovery; validation.
 //! - [`judge`]: classify, verify, calibrate, re-rank with a pair model.
+//! - [`mine`]: hard-negative mining; so far its strategies, as plain functions.
 //! - [`embed`]: the [`embed::Embedder`] trait and its handle; ONNX Runtime models
 //!   (embedders and pair models): manifests, image preprocessing, dynamic batching; a
 //!   fake embedder for tests.
@@ -40,6 +41,7 @@ pub mod grpc;
 pub mod index;
 pub mod judge;
 pub mod memory;
+pub mod mine;
 pub mod pool;
 pub mod rng;
 pub mod store;
