@@ -255,9 +255,9 @@ pub fn npy_header(rows: usize, dim: usize) -> Vec<u8> {
     out
 }
 
-/// Reads an N x H x W uint8 .npy (a stack of grey images) and PNG-encodes each image,
-/// as a client would send them (the committed Fashion-MNIST fixtures are such files).
-pub fn npy_images_as_png(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+/// Reads an N x H x W uint8 .npy (a stack of grey images): (height, width, the pixels
+/// of each image).
+pub fn npy_images(path: &Path) -> Result<(u32, u32, Vec<Vec<u8>>), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(format!("{}: not a .npy file", path.display()));
@@ -288,11 +288,22 @@ pub fn npy_images_as_png(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     if pixels.len() < n as usize * size {
         return Err(format!("{}: truncated data", path.display()));
     }
-    pixels
+    let images = pixels
         .chunks(size)
         .take(n as usize)
+        .map(<[u8]>::to_vec)
+        .collect();
+    Ok((h, w, images))
+}
+
+/// Reads an N x H x W uint8 .npy (a stack of grey images) and PNG-encodes each image,
+/// as a client would send them (the committed Fashion-MNIST fixtures are such files).
+pub fn npy_images_as_png(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let (h, w, images) = npy_images(path)?;
+    images
+        .into_iter()
         .map(|px| {
-            let img = image::GrayImage::from_raw(w, h, px.to_vec()).ok_or("bad image size")?;
+            let img = image::GrayImage::from_raw(w, h, px).ok_or("bad image size")?;
             let mut out = std::io::Cursor::new(Vec::new());
             img.write_to(&mut out, image::ImageFormat::Png)
                 .map_err(|e| e.to_string())?;

@@ -53,50 +53,6 @@ fn ort_library() -> PathBuf {
     PathBuf::from(env!("LIKENESS_ORT_DYLIB_DEFAULT"))
 }
 
-/// Grayscale images from a uint8 N x H x W .npy file: (height, width, pixels of each).
-fn npy_images(path: &Path) -> Result<(u32, u32, Vec<Vec<u8>>), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(format!("{}: not a .npy file", path.display()));
-    }
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(bytes.get(10..10 + header_len).ok_or("truncated header")?)
-        .map_err(|e| e.to_string())?;
-    if !header.contains("'|u1'") {
-        return Err(format!("{}: expected uint8 images", path.display()));
-    }
-    let dims: Vec<u32> = header
-        .split("'shape':")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .unwrap_or("")
-        .trim()
-        .trim_start_matches('(')
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let [n, h, w] = dims[..] else {
-        return Err(format!(
-            "{}: shape {dims:?}, need N x H x W",
-            path.display()
-        ));
-    };
-    let size = (h * w) as usize;
-    let pixels = &bytes[10 + header_len..];
-    if pixels.len() < n as usize * size {
-        return Err(format!("{}: truncated data", path.display()));
-    }
-    Ok((
-        h,
-        w,
-        pixels
-            .chunks(size)
-            .take(n as usize)
-            .map(<[u8]>::to_vec)
-            .collect(),
-    ))
-}
-
 fn png(h: u32, w: u32, px: &[u8]) -> Result<Vec<u8>, String> {
     let img = image::GrayImage::from_raw(w, h, px.to_vec()).ok_or("bad image size")?;
     let mut out = std::io::Cursor::new(Vec::new());
@@ -125,7 +81,7 @@ pub async fn run(
         .image
         .as_ref()
         .ok_or("the model's tower takes no images")?;
-    let (h, w, raw) = npy_images(images)?;
+    let (h, w, raw) = likeness::cli::load::npy_images(images)?;
     if spec.channels != 1 || (spec.height, spec.width) != (h, w) {
         return Err(format!(
             "the reference feeds {h}x{w} grayscale images unresized; the model wants {}x{}x{}",
