@@ -18,6 +18,7 @@ use crate::collections::{
 use crate::embed::{EmbedHandle, Input, InputData, ModelInfo};
 use crate::error::{Error, Field, Result};
 use crate::judge::{self, Calibration, Classification, RawInput, Verification};
+use crate::mine::Miner;
 use crate::pool::WorkPool;
 use crate::store::codec::encode_input;
 use crate::types::{Hit, ItemData, NewItem, Query, QueryTarget, SearchParams};
@@ -26,6 +27,7 @@ pub struct App {
     registry: Arc<Registry>,
     embedder: EmbedHandle,
     searches: Arc<WorkPool>,
+    miner: Miner,
 }
 
 /// An UpsertStream in progress (see [`StreamTxn`]): dropped before [`App::commit_stream`],
@@ -38,10 +40,16 @@ pub struct UpsertStream {
 impl App {
     pub fn new(registry: Arc<Registry>, embedder: EmbedHandle, searches: Arc<WorkPool>) -> Self {
         App {
+            miner: Miner::new(registry.clone(), searches.clone()),
             registry,
             embedder,
             searches,
         }
+    }
+
+    /// Mining jobs over the collections (on the search pool).
+    pub fn miner(&self) -> &Miner {
+        &self.miner
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

@@ -17,6 +17,7 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct WorkPool {
     tx: SyncSender<Job>,
     capacity: usize,
+    threads: usize,
 }
 
 impl WorkPool {
@@ -30,7 +31,16 @@ impl WorkPool {
                 .spawn(move || worker(&rx))
                 .expect("spawn pool thread");
         }
-        WorkPool { tx, capacity }
+        WorkPool {
+            tx,
+            capacity,
+            threads: threads.max(1),
+        }
+    }
+
+    /// How many jobs run at once.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Queues `f` now (or refuses at once when the queue is full); the returned future

@@ -132,6 +132,9 @@ pub struct ItemData {
     /// The raw input the vector was embedded from, encoded (kept when the collection
     /// keeps inputs).
     pub input: Option<Vec<u8>>,
+    /// Set by the writer: a trainer's step or model version (0 by default). Mining can
+    /// leave out vectors older than a bound.
+    pub generation: u64,
 }
 
 /// What a search is near to.

@@ -66,6 +66,7 @@ pub fn read(
                     metadata: HashMap::new(),
                     vector: values[i * dim..(i + 1) * dim].to_vec(),
                     input: None,
+                    generation: 0,
                 })
                 .collect())
         }
@@ -85,6 +86,7 @@ pub fn read(
                     metadata: row.metadata,
                     vector: row.vector,
                     input: None,
+                    generation: row.generation,
                 });
             }
             Ok(items)
@@ -105,6 +107,8 @@ struct JsonItem {
     #[serde(default)]
     metadata: HashMap<String, String>,
     vector: Vec<f32>,
+    #[serde(default)]
+    generation: u64,
 }
 
 /// `id,label,x0,x1,...` with a header row; no quoting (ids and labels without commas).
@@ -150,6 +154,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<pb::Item>, String> {
             metadata: HashMap::new(),
             vector,
             input: None,
+            generation: 0,
         });
     }
     Ok(items)

@@ -21,6 +21,8 @@ pub struct Catalogue {
     by_id: HashMap<Arc<str>, u64>,
     by_key: HashMap<u64, Entry, BuildKeyHasher>,
     labels: Labels,
+    /// Every key, densely, so that a uniform sample of the collection is one index.
+    all: Vec<u64>,
     /// The store's mutation counter as of the last write published here.
     seq: u64,
 }
@@ -31,6 +33,10 @@ pub struct Entry {
     pub label: LabelId,
     /// This key's position in its label's member list.
     slot: u32,
+    /// This key's position in the dense list of every key.
+    all_slot: u32,
+    /// The writer's generation for this item (a trainer's step or model version).
+    pub generation: u64,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -44,7 +50,14 @@ struct Labels {
 
 impl Catalogue {
     /// Publishes `key` for `id`; the id's previous key, if any, leaves the catalogue.
-    pub fn insert(&mut self, key: u64, id: &str, label: &str, metadata: BTreeMap<String, String>) {
+    pub fn insert(
+        &mut self,
+        key: u64,
+        id: &str,
+        label: &str,
+        generation: u64,
+        metadata: BTreeMap<String, String>,
+    ) {
         if let Some(old) = self.by_id.get(id).copied() {
             self.drop_key(old);
         }
@@ -53,12 +66,16 @@ impl Catalogue {
         let members = &mut self.labels.members[label as usize];
         let slot = members.len() as u32;
         members.push(key);
+        let all_slot = self.all.len() as u32;
+        self.all.push(key);
         self.by_key.insert(
             key,
             Entry {
                 id: id.clone(),
                 label,
                 slot,
+                all_slot,
+                generation,
                 metadata,
             },
         );
@@ -84,6 +101,13 @@ impl Catalogue {
                 .expect("member is catalogued")
                 .slot = e.slot;
         }
+        self.all.swap_remove(e.all_slot as usize);
+        if let Some(&moved) = self.all.get(e.all_slot as usize) {
+            self.by_key
+                .get_mut(&moved)
+                .expect("key is catalogued")
+                .all_slot = e.all_slot;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -108,7 +132,12 @@ impl Catalogue {
     }
 
     pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.by_key.keys().copied()
+        self.all.iter().copied()
+    }
+
+    /// Every key, as one slice in no particular order (index it to sample uniformly).
+    pub fn all_keys(&self) -> &[u64] {
+        &self.all
     }
 
     pub fn label_name(&self, label: LabelId) -> &str {
@@ -162,9 +191,9 @@ impl Catalogue {
 }
 
 /// The catalogue's own file beside an index snapshot, so that a clean restart needs no
-/// scan of the store: magic, entry count, then per entry its key, id, label and metadata
+/// scan of the store: magic, entry count, then per entry its key, id, label, generation and metadata
 /// (length-prefixed, little-endian), then an FNV-1a checksum of all that.
-const MAGIC: &[u8; 8] = b"LKCAT001";
+const MAGIC: &[u8; 8] = b"LKCAT002";
 
 impl Catalogue {
     /// The catalogue as bytes (see [`MAGIC`]).
@@ -180,6 +209,7 @@ impl Catalogue {
             out.extend_from_slice(&key.to_le_bytes());
             put(&mut out, e.id.as_bytes());
             put(&mut out, self.label_name(e.label).as_bytes());
+            out.extend_from_slice(&e.generation.to_le_bytes());
             out.extend_from_slice(&(e.metadata.len() as u32).to_le_bytes());
             for (k, v) in &e.metadata {
                 put(&mut out, k.as_bytes());
@@ -207,13 +237,14 @@ impl Catalogue {
             let key = r.u64()?;
             let id = r.string()?;
             let label = r.string()?;
+            let generation = r.u64()?;
             let n = r.u32()? as usize;
             let mut metadata = BTreeMap::new();
             for _ in 0..n {
                 let k = r.string()?;
                 metadata.insert(k, r.string()?);
             }
-            c.insert(key, &id, &label, metadata);
+            c.insert(key, &id, &label, generation, metadata);
         }
         let r = r.0;
         (c.len() == count && r.is_empty()).then(|| {
@@ -336,11 +367,11 @@ mod tests {
     fn label_index_follows_inserts_replacements_and_removals() {
         let mut c = Catalogue::default();
         for (key, id, label) in [(0, "a", "x"), (1, "b", "x"), (2, "c", "y"), (3, "d", "x")] {
-            c.insert(key, id, label, BTreeMap::new());
+            c.insert(key, id, label, 0, BTreeMap::new());
         }
         assert_eq!(members(&c, "x"), vec![0, 1, 3]);
         // Replacing "a" with a new key and label moves it between lists.
-        c.insert(4, "a", "y", BTreeMap::new());
+        c.insert(4, "a", "y", 0, BTreeMap::new());
         assert_eq!(members(&c, "x"), vec![1, 3]);
         assert_eq!(members(&c, "y"), vec![2, 4]);
         assert!(c.get(0).is_none());
@@ -368,7 +399,7 @@ mod tests {
         // The snapshot file round-trips, and a flipped byte is refused.
         let mut meta = BTreeMap::new();
         meta.insert("cam".to_string(), "3".to_string());
-        c.insert(9, "e", "x", meta);
+        c.insert(9, "e", "x", 7, meta);
         let bytes = c.encode();
         let d = Catalogue::decode(&bytes, 42).unwrap();
         assert_eq!(d.len(), c.len());

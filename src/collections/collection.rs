@@ -149,7 +149,7 @@ impl Collection {
         for rec in items.scan(false) {
             let (key, item) = rec?;
             state.next_key = state.next_key.max(key + 1);
-            catalogue.insert(key, &item.id, &item.label, item.metadata);
+            catalogue.insert(key, &item.id, &item.label, item.generation, item.metadata);
         }
         catalogue.set_seq(state.seq);
         let keys = items.key_count();

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+pub use catalogue::{Catalogue, LabelId};
 pub use collection::{Collection, IndexAudit, SearchStats};
 pub use search::{KnnOptions, KnnQuery, KnnResult, Neighbour, knn_parallel};
 pub use write::StreamTxn;

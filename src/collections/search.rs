@@ -33,6 +33,9 @@ pub struct KnnQuery {
     pub exclude_key: Option<u64>,
     /// A label never to return (the anchor's own, when mining negatives).
     pub exclude_label: Option<LabelId>,
+    /// This query's own lower bound on distance (with the options' one, the larger
+    /// holds): SEMI_HARD's second look beyond d_ap.
+    pub min_distance: Option<f32>,
 }
 
 /// What every query of a batched kNN shares.
@@ -48,6 +51,8 @@ pub struct KnnOptions {
     pub min_distance: Option<f32>,
     /// ...and at most this far.
     pub max_distance: Option<f32>,
+    /// Leave out items written with an older generation.
+    pub min_generation: u64,
 }
 
 /// A neighbour found by a batched kNN.
@@ -230,11 +235,17 @@ impl Collection {
                 Some(key) != q.exclude_key
                     && !opts.exclude_keys.contains(&key)
                     && c.get(key).is_some_and(|e| {
-                        Some(e.label) != q.exclude_label && !opts.exclude_labels.contains(&e.label)
+                        Some(e.label) != q.exclude_label
+                            && e.generation >= opts.min_generation
+                            && !opts.exclude_labels.contains(&e.label)
                     })
             };
+            let min_distance = match (opts.min_distance, q.min_distance) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
             let within = |d: f32| {
-                opts.min_distance.is_none_or(|m| d >= m) && opts.max_distance.is_none_or(|m| d <= m)
+                min_distance.is_none_or(|m| d >= m) && opts.max_distance.is_none_or(|m| d <= m)
             };
             // How many keys could pass at most: the label index makes this cheap.
             let mut labels: Vec<LabelId> = opts.exclude_labels.clone();

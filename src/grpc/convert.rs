@@ -124,6 +124,7 @@ pub fn item_from(field: Field, item: pb::Item) -> Result<NewItem> {
         metadata,
         vector,
         input,
+        generation,
     } = item;
     let input = input
         .map(|i| input_from(field.field("input"), i))
@@ -135,6 +136,7 @@ pub fn item_from(field: Field, item: pb::Item) -> Result<NewItem> {
             metadata: metadata.into_iter().collect(),
             vector,
             input: None,
+            generation,
         },
         input,
     })
@@ -147,6 +149,7 @@ pub fn item_to(item: ItemData) -> pb::Item {
         metadata,
         vector,
         input,
+        generation,
     } = item;
     pb::Item {
         id,
@@ -154,6 +157,7 @@ pub fn item_to(item: ItemData) -> pb::Item {
         metadata: metadata.into_iter().collect(),
         vector,
         input: input.as_deref().and_then(decode_input).map(input_to),
+        generation,
     }
 }
 

@@ -5,6 +5,7 @@ mod collections;
 pub mod convert;
 mod embedder;
 mod items;
+mod miner;
 mod status;
 
 use std::future::Future;
@@ -27,6 +28,7 @@ use crate::pool::WorkPool;
 use collections::CollectionsService;
 use embedder::{EmbedderService, ModelsService};
 use items::ItemsService;
+use miner::MinerService;
 
 /// The encoded descriptor set of likeness.v1, served by reflection.
 pub const DESCRIPTOR_SET: &[u8] =
@@ -96,6 +98,9 @@ pub async fn serve_with(
     reporter
         .set_not_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
         .await;
+    reporter
+        .set_not_serving::<pb::miner_server::MinerServer<MinerService>>()
+        .await;
     // The models are loaded by now: inference serves while the core recovers.
     reporter
         .set_serving::<pb::embedder_server::EmbedderServer<EmbedderService>>()
@@ -161,6 +166,9 @@ pub async fn serve_with(
                     reporter
                         .set_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
                         .await;
+                    reporter
+                        .set_serving::<pb::miner_server::MinerServer<MinerService>>()
+                        .await;
                     tracing::info!(
                         collections = report.len(),
                         took_ms = started.elapsed().as_millis() as u64,
@@ -191,6 +199,9 @@ pub async fn serve_with(
     let embedder = pb::embedder_server::EmbedderServer::new(EmbedderService { app: app.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let miner = pb::miner_server::MinerServer::new(MinerService { app: app.clone() })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
     let models_svc = pb::models_server::ModelsServer::new(ModelsService { app });
 
     // Shutdown starts on the caller's signal or on a failed recovery.
@@ -218,6 +229,7 @@ pub async fn serve_with(
         .add_service(items)
         .add_service(embedder)
         .add_service(models_svc)
+        .add_service(miner)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping.wait_for(|s| *s).await;
         });

@@ -1,7 +1,18 @@
-//! Hard-negative mining (work in progress: the strategies are here; the Miner service
-//! that streams them, built on the collections' read view, is not yet).
+//! Hard-negative mining over a whole collection, streamed to training jobs.
 //!
-//! - [`strategy`]: the strategies of ../shared/MINING.md as plain functions over
-//!   distances.
+//! - [`strategy`]: the strategies of docs/mining.md as plain functions over distances.
+//! - [`spec`]: a mining request, validated, with its defaults.
+//! - [`job`]: mining a chunk of anchors: positives from the label index, negatives from
+//!   the batched kNN, the strategy's choice, ids and items resolved.
+//! - [`stream`]: the job that orders the anchors, mines batch by batch on the search
+//!   pool and hands batches over a channel of a few slots (flow control,
+//!   cancellation), and the Session loop.
 
+pub mod job;
+pub mod spec;
 pub mod strategy;
+pub mod stream;
+
+pub use job::{MinedItem, Mode, Pair, Stats, Triplet};
+pub use spec::{Anchors, MineSpec, RawSpec, Shard, Strategy};
+pub use stream::{Batch, Counters, Miner, Step, StepAnchor};

@@ -61,19 +61,37 @@ pub fn distance_weighted(
     cutoff: f64,
     no_loss: f64,
 ) -> Vec<f64> {
+    distance_weighted_scaled(dim, distances, &vec![0.0; distances.len()], lambda, cutoff, no_loss)
+}
+
+/// [`distance_weighted`] where candidate i also stands for exp(log_scale[i]) items (a
+/// uniform sample of m out of M carries ln(M / m) each), so that a pool of the nearest
+/// candidates plus a sample of the rest draws as the whole collection would.
+pub fn distance_weighted_scaled(
+    dim: usize,
+    distances: &[f32],
+    log_scale: &[f64],
+    lambda: Option<f64>,
+    cutoff: f64,
+    no_loss: f64,
+) -> Vec<f64> {
     let log_w: Vec<Option<f64>> = distances
         .iter()
-        .map(|&d| {
+        .zip(log_scale)
+        .map(|(&d, &scale)| {
             // Compared as the f32 the distance is, so that 1.4f32 counts as 1.4.
             if d >= no_loss as f32 {
                 return None;
             }
             let d = f64::from(d);
             let w = -log_sphere_density(dim, d.max(cutoff));
-            Some(match lambda {
-                Some(l) => w.min(l.ln()),
-                None => w,
-            })
+            Some(
+                scale
+                    + match lambda {
+                        Some(l) => w.min(l.ln()),
+                        None => w,
+                    },
+            )
         })
         .collect();
     let Some(max) = log_w.iter().flatten().copied().reduce(f64::max) else {

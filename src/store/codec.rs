@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 use crate::types::{InputData, ItemData};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Records written before items had a generation; read as generation 0.
+const VERSION_1: u8 = 1;
 
 /// Encodes an item and the ANN key it currently has.
 pub fn encode_item(key: u64, item: &ItemData) -> Vec<u8> {
@@ -14,6 +16,7 @@ pub fn encode_item(key: u64, item: &ItemData) -> Vec<u8> {
     );
     out.push(VERSION);
     out.extend_from_slice(&key.to_le_bytes());
+    out.extend_from_slice(&item.generation.to_le_bytes());
     put_str(&mut out, &item.label);
     out.extend_from_slice(&(item.metadata.len() as u32).to_le_bytes());
     for (k, v) in &item.metadata {
@@ -31,12 +34,17 @@ pub fn encode_item(key: u64, item: &ItemData) -> Vec<u8> {
 pub fn decode_item(id: &str, bytes: &[u8], with_vector: bool) -> Result<(u64, ItemData)> {
     let mut r = Reader { bytes, pos: 0, id };
     let version = r.take(1)?[0];
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(Error::Corrupt(format!(
             "item {id}: unknown record version {version}"
         )));
     }
     let key = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+    let generation = if version == VERSION_1 {
+        0
+    } else {
+        u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"))
+    };
     let label = r.string()?;
     let n = r.u32()? as usize;
     let mut metadata = BTreeMap::new();
@@ -62,6 +70,7 @@ pub fn decode_item(id: &str, bytes: &[u8], with_vector: bool) -> Result<(u64, It
             metadata,
             vector,
             input: None,
+            generation,
         },
     ))
 }
@@ -164,6 +173,7 @@ mod tests {
             metadata: [("k".to_string(), "v".to_string())].into_iter().collect(),
             vector: vec![1.5, -2.0, f32::MIN_POSITIVE],
             input: None,
+            generation: 9,
         };
         let bytes = encode_item(42, &item);
         let (key, back) = decode_item("a/1", &bytes, true).unwrap();
@@ -171,6 +181,20 @@ mod tests {
         assert_eq!(back, item);
         let (_, no_vec) = decode_item("a/1", &bytes, false).unwrap();
         assert!(no_vec.vector.is_empty());
+    }
+
+    #[test]
+    fn version_1_records_read_as_generation_0() {
+        // A version-1 record: version, key, label, metadata count, dimension, vector.
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&7u64.to_le_bytes());
+        put_str(&mut v1, "cat");
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&2.5f32.to_le_bytes());
+        let (key, item) = decode_item("old", &v1, true).unwrap();
+        assert_eq!((key, item.label.as_str(), item.generation), (7, "cat", 0));
+        assert_eq!(item.vector, vec![2.5]);
     }
 
     #[test]

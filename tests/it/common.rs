@@ -290,6 +290,7 @@ pub fn item(id: &str, label: &str, vector: Vec<f32>) -> pb::Item {
         metadata: Default::default(),
         vector,
         input: None,
+        generation: 0,
     }
 }
 

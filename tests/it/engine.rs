@@ -204,6 +204,7 @@ fn the_read_view_serves_labels_vectors_and_batched_knn() {
                     vector: data[*a].vector.clone(),
                     exclude_key: Some(key),
                     exclude_label: Some(c.get(key).unwrap().label),
+                    min_distance: None,
                 }
             })
             .collect()
@@ -380,6 +381,7 @@ async fn parallel_knn_matches_the_sequential_batch() {
                     vector: data[i * 11].vector.clone(),
                     exclude_key: Some(key),
                     exclude_label: Some(c.get(key).unwrap().label),
+                    min_distance: None,
                 }
             })
             .collect()

@@ -46,6 +46,7 @@ pub fn search_qps(
                 metadata: Default::default(),
                 vector: it.vector.clone(),
                 input: None,
+                generation: 0,
             })
             .collect();
         registry.upsert(&coll, &batch).map_err(|e| e.to_string())?;

@@ -1,0 +1,576 @@
+//! The mining job: resolves and orders the anchors, mines them batch by batch on the
+//! search pool, and hands the batches to the caller through a channel of a few slots.
+//!
+//! Flow control is the channel: the job waits for a free slot before it mines the next
+//! batch, so a slow reader keeps the job (and the server's memory) still, and a reader
+//! that goes away stops it: the job watches the channel while a batch is being mined and
+//! raises a flag that every chunk checks between anchors.
+//!
+//! Order: the anchors' ids sorted, then shuffled by the seed; each anchor draws from its
+//! own generator (seed and id), so a seed gives the same stream on the same data
+//! however the batch was split among threads.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::job::{self, AnchorIn, ChunkOut, MinedItem, Mode, Pair, Rules, Stats, Triplet};
+use super::spec::{Anchors, MineSpec, RawSpec};
+use crate::collections::{Collection, Registry, validate};
+use crate::error::{Error, Field, Result};
+use crate::pool::WorkPool;
+use crate::rng::Rng;
+
+/// Batches a job may run ahead of its reader.
+const AHEAD: usize = 2;
+/// Anchors below which a batch is not split among threads.
+const MIN_CHUNK: usize = 16;
+
+/// One message of a mining stream.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub triplets: Vec<Triplet>,
+    pub pairs: Vec<Pair>,
+    pub items: Vec<MinedItem>,
+    /// Oldest and newest item generation used.
+    pub generations: Option<(u64, u64)>,
+    /// Session: the step this answers.
+    pub step: u64,
+    /// On the last message of a stream, and on every Session answer.
+    pub stats: Option<Stats>,
+    pub last: bool,
+}
+
+/// One step of a Session, converted.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub step: u64,
+    pub request: Option<RawSpec>,
+    pub anchors: Vec<StepAnchor>,
+}
+
+/// An anchor of a Session step: a stored id (with or without a fresh vector), or a new
+/// id with a label and a vector.
+#[derive(Debug, Default, Clone)]
+pub struct StepAnchor {
+    pub id: String,
+    pub label: String,
+    pub vector: Vec<f32>,
+}
+
+/// Mining across all jobs, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Jobs running now.
+    pub active: AtomicU64,
+    /// Messages handed to readers.
+    pub batches: AtomicU64,
+    pub anchors: AtomicU64,
+    pub triplets: AtomicU64,
+}
+
+/// Starts mining jobs against the registry's collections.
+pub struct Miner {
+    registry: Arc<Registry>,
+    pool: Arc<WorkPool>,
+    counters: Arc<Counters>,
+}
+
+/// A collection made ready for one request.
+struct Prepared {
+    coll: Arc<Collection>,
+    spec: Arc<MineSpec>,
+    exclude: Arc<HashSet<u64>>,
+    unlabelled: Option<u32>,
+}
+
+impl Miner {
+    pub fn new(registry: Arc<Registry>, pool: Arc<WorkPool>) -> Self {
+        Miner {
+            registry,
+            pool,
+            counters: Arc::default(),
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Checks the request against its collection and starts the job. Errors in the
+    /// request come back here, before any message.
+    pub async fn mine(&self, raw: RawSpec, mode: Mode) -> Result<mpsc::Receiver<Result<Batch>>> {
+        let spec = raw.validate(&Field::default())?;
+        let coll = self
+            .registry
+            .collection(&spec.collection)
+            .map_err(|e| e.under(&Field::name("collection")))?;
+        let (prepared, ids) = tokio::task::spawn_blocking(move || {
+            let prepared = prepare(coll, spec, &Field::default())?;
+            let ids = anchor_ids(&prepared)?;
+            Ok::<_, Error>((prepared, ids))
+        })
+        .await
+        .map_err(|e| Error::Worker(format!("mining set-up: {e}")))??;
+        let (tx, rx) = mpsc::channel(AHEAD);
+        let pool = self.pool.clone();
+        let counters = self.counters.clone();
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            run(prepared, ids, mode, pool, &counters, tx).await;
+            counters.active.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(rx)
+    }
+
+    /// A Session: one answer per step, in step order, each mined against the
+    /// collection as it stands when the step arrives.
+    pub fn session(&self, mut steps: mpsc::Receiver<Result<Step>>) -> mpsc::Receiver<Result<Batch>> {
+        let (tx, rx) = mpsc::channel(AHEAD);
+        let registry = self.registry.clone();
+        let pool = self.pool.clone();
+        let counters = self.counters.clone();
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut current: Option<Prepared> = None;
+            let mut n = 0usize;
+            while let Some(step) = steps.recv().await {
+                let root = Field::name("steps").at(n);
+                n += 1;
+                let answer = match step {
+                    Ok(step) => session_step(&registry, &pool, &mut current, step, &root, &counters, &tx).await,
+                    Err(e) => Err(e),
+                };
+                let fail = answer.is_err();
+                let sent = match answer {
+                    Ok(batch) => tx.send(Ok(batch)).await,
+                    Err(e) => tx.send(Err(e)).await,
+                };
+                if sent.is_err() || fail {
+                    break;
+                }
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            counters.active.fetch_sub(1, Ordering::Relaxed);
+        });
+        rx
+    }
+}
+
+/// Resolves the collection-dependent parts of a request: the collection must have two
+/// labels at least; excluded ids become keys.
+fn prepare(coll: Arc<Collection>, spec: MineSpec, root: &Field) -> Result<Prepared> {
+    let c = coll.catalogue();
+    let unlabelled = c.label_id("");
+    let labels = c.labels().filter(|l| Some(*l) != unlabelled).take(2).count();
+    if labels < 2 {
+        return Err(Error::invalid(
+            Field::name("collection").under(root),
+            format!(
+                "collection {:?} has {} labelled classes; mining needs items of two labels at least",
+                spec.collection, labels
+            ),
+        ));
+    }
+    let exclude: HashSet<u64> = spec.exclude_ids.iter().filter_map(|id| c.key_of(id)).collect();
+    drop(c);
+    Ok(Prepared {
+        coll,
+        spec: Arc::new(spec),
+        exclude: Arc::new(exclude),
+        unlabelled,
+    })
+}
+
+/// The anchors' ids for a whole pass: labelled, not excluded, fresh enough, in the
+/// shard; sorted, then shuffled by the seed.
+fn anchor_ids(p: &Prepared) -> Result<Vec<Arc<str>>> {
+    let spec = &p.spec;
+    let c = p.coll.catalogue();
+    let usable = |key: u64| {
+        c.get(key).is_some_and(|e| {
+            Some(e.label) != p.unlabelled
+                && e.generation >= spec.min_generation
+                && !p.exclude.contains(&key)
+                && spec.shard.contains(&e.id)
+        })
+    };
+    let mut ids: Vec<Arc<str>> = match &spec.anchors {
+        Anchors::All => c
+            .all_keys()
+            .iter()
+            .filter(|k| usable(**k))
+            .filter_map(|k| c.get(*k).map(|e| e.id.clone()))
+            .collect(),
+        Anchors::Ids(given) => {
+            let mut out = Vec::with_capacity(given.len());
+            for (i, id) in given.iter().enumerate() {
+                let Some(key) = c.key_of(id) else {
+                    return Err(Error::invalid(
+                        Field::name("anchors").field("ids").at(i),
+                        format!("no item {id:?} in collection {:?}", spec.collection),
+                    ));
+                };
+                if usable(key) {
+                    out.push(c.get(key).expect("catalogued").id.clone());
+                }
+            }
+            out
+        }
+        Anchors::Labels(labels) => {
+            let mut out = Vec::new();
+            for (i, name) in labels.iter().enumerate() {
+                let members = c.label_id(name).map(|l| c.members(l)).unwrap_or_default();
+                if members.is_empty() {
+                    return Err(Error::invalid(
+                        Field::name("anchors").field("labels").at(i),
+                        format!("no item has label {name:?} in collection {:?}", spec.collection),
+                    ));
+                }
+                out.extend(
+                    members
+                        .iter()
+                        .filter(|k| usable(**k))
+                        .filter_map(|k| c.get(*k).map(|e| e.id.clone())),
+                );
+            }
+            out
+        }
+    };
+    drop(c);
+    ids.sort_unstable();
+    ids.dedup();
+    let mut rng = Rng::new(spec.seed);
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
+    }
+    Ok(ids)
+}
+
+/// The stored anchors of `ids` as they are now (an id deleted meanwhile is skipped).
+fn stored_anchors(coll: &Collection, ids: &[Arc<str>]) -> Result<Vec<AnchorIn>> {
+    let found: Vec<(Arc<str>, u64, u32, Arc<str>, u64)> = {
+        let c = coll.catalogue();
+        ids.iter()
+            .filter_map(|id| {
+                let key = c.key_of(id)?;
+                let e = c.get(key)?;
+                Some((e.id.clone(), key, e.label, Arc::from(c.label_name(e.label)), e.generation))
+            })
+            .collect()
+    };
+    let mut out = Vec::with_capacity(found.len());
+    for (id, key, label, label_name, generation) in found {
+        if let Some(vector) = coll.vector(key)? {
+            out.push(AnchorIn {
+                id,
+                key: Some(key),
+                label: Some(label),
+                label_name,
+                vector,
+                generation,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Where the anchors of one batch come from.
+#[derive(Clone)]
+enum Source {
+    /// Stored ids: resolved (key, label, vector) on the pool thread that mines them.
+    Ids(Vec<Arc<str>>),
+    /// Already resolved (a Session step's).
+    Resolved(Vec<AnchorIn>),
+}
+
+/// Mines one batch: split into chunks, run in parallel on the pool, joined in order.
+/// Returns None when the reader went away meanwhile.
+async fn mine_batch(
+    p: &Prepared,
+    mode: Mode,
+    source: Source,
+    pool: &WorkPool,
+    tx: &mpsc::Sender<Result<Batch>>,
+) -> Option<Result<ChunkOut>> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let len = match &source {
+        Source::Ids(v) => v.len(),
+        Source::Resolved(v) => v.len(),
+    };
+    let chunks = pool.threads().min(len.div_ceil(MIN_CHUNK)).max(1);
+    let per = len.div_ceil(chunks).max(1);
+    let mut parts: Vec<Source> = Vec::with_capacity(chunks);
+    match source {
+        Source::Ids(v) => parts.extend(v.chunks(per).map(|c| Source::Ids(c.to_vec()))),
+        Source::Resolved(v) => parts.extend(v.chunks(per).map(|c| Source::Resolved(c.to_vec()))),
+    }
+    let mut pending = Vec::with_capacity(parts.len());
+    for part in parts {
+        let (coll, spec, exclude, unlabelled, cancel) = (
+            p.coll.clone(),
+            p.spec.clone(),
+            p.exclude.clone(),
+            p.unlabelled,
+            cancel.clone(),
+        );
+        let job = move || {
+            let anchors = match part {
+                Source::Ids(ids) => stored_anchors(&coll, &ids)?,
+                Source::Resolved(a) => a,
+            };
+            let rules = Rules {
+                spec: &spec,
+                mode,
+                exclude,
+                unlabelled,
+                cancel: &cancel,
+            };
+            job::mine_chunk(&coll, &anchors, &rules)
+        };
+        pending.push(submit(pool, job));
+    }
+    let joined = async {
+        let mut out = ChunkOut::default();
+        for p in pending {
+            let part = p.await?;
+            out.triplets.extend(part.triplets);
+            out.pairs.extend(part.pairs);
+            let mut seen: HashSet<Arc<str>> = out.items.iter().map(|i| i.id.clone()).collect();
+            out.items
+                .extend(part.items.into_iter().filter(|i| seen.insert(i.id.clone())));
+            out.generations = match (out.generations, part.generations) {
+                (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+                (a, b) => a.or(b),
+            };
+            out.stats.merge(&part.stats);
+        }
+        Ok(out)
+    };
+    tokio::select! {
+        r = joined => Some(r),
+        _ = tx.closed() => {
+            cancel.store(true, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Queues a job on the search pool, waiting (briefly, repeatedly) while the pool is
+/// full: a mining stream is a long job that should yield to searches, not fail.
+async fn submit<T: Send + 'static>(
+    pool: &WorkPool,
+    job: impl FnOnce() -> Result<T> + Send + Clone + 'static,
+) -> Result<T> {
+    loop {
+        match pool.run(job.clone()).await {
+            Err(Error::ResourceExhausted(_)) => tokio::time::sleep(Duration::from_millis(2)).await,
+            other => return other,
+        }
+    }
+}
+
+/// A whole pass: batches until the anchors or `max_triplets` run out, then the stats.
+async fn run(
+    p: Prepared,
+    ids: Vec<Arc<str>>,
+    mode: Mode,
+    pool: Arc<WorkPool>,
+    counters: &Counters,
+    tx: mpsc::Sender<Result<Batch>>,
+) {
+    let started = Instant::now();
+    let mut stats = Stats::default();
+    let limit = p.spec.max_triplets;
+    let mut emitted = 0u64;
+    for chunk in ids.chunks(p.spec.batch_size) {
+        // Wait for a free slot before mining: the reader sets the pace.
+        let permit = match tx.reserve().await {
+            Ok(permit) => permit,
+            Err(_) => return,
+        };
+        drop(permit);
+        let Some(r) = mine_batch(&p, mode, Source::Ids(chunk.to_vec()), &pool, &tx).await else {
+            return;
+        };
+        let mut out = match r {
+            Ok(out) => out,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        if limit > 0 {
+            let left = (limit - emitted) as usize;
+            out.triplets.truncate(left);
+            out.pairs.truncate(left);
+        }
+        let made = (out.triplets.len() + out.pairs.len()) as u64;
+        emitted += made;
+        stats.merge(&out.stats);
+        counters.anchors.fetch_add(out.stats.anchors, Ordering::Relaxed);
+        counters.triplets.fetch_add(made, Ordering::Relaxed);
+        let batch = Batch {
+            triplets: out.triplets,
+            pairs: out.pairs,
+            items: out.items,
+            generations: out.generations,
+            ..Batch::default()
+        };
+        if tx.send(Ok(batch)).await.is_err() {
+            return;
+        }
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        if limit > 0 && emitted >= limit {
+            break;
+        }
+    }
+    stats.triplets = stats.triplets.min(emitted);
+    if mode == Mode::Pairs {
+        stats.pairs = emitted;
+    } else {
+        stats.triplets = emitted;
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    let _ = tx
+        .send(Ok(Batch {
+            stats: Some(stats),
+            last: true,
+            ..Batch::default()
+        }))
+        .await;
+}
+
+/// One Session step: (re)prepares on a new request, resolves the step's anchors, mines.
+async fn session_step(
+    registry: &Registry,
+    pool: &WorkPool,
+    current: &mut Option<Prepared>,
+    step: Step,
+    root: &Field,
+    counters: &Counters,
+    tx: &mpsc::Sender<Result<Batch>>,
+) -> Result<Batch> {
+    let started = Instant::now();
+    if let Some(raw) = step.request {
+        let request = Field::name("request").under(root);
+        let spec = raw.validate(&request)?;
+        let coll = registry
+            .collection(&spec.collection)
+            .map_err(|e| e.under(&Field::name("collection").under(&request)))?;
+        let req = request.clone();
+        *current = Some(
+            tokio::task::spawn_blocking(move || prepare(coll, spec, &req))
+                .await
+                .map_err(|e| Error::Worker(format!("session set-up: {e}")))??,
+        );
+    }
+    let Some(p) = current.as_ref() else {
+        return Err(Error::invalid(
+            Field::name("request").under(root),
+            "the first step must carry the request",
+        ));
+    };
+    if step.anchors.is_empty() {
+        return Err(Error::invalid(
+            Field::name("anchors").under(root),
+            "must not be empty",
+        ));
+    }
+    if step.anchors.len() > super::spec::MAX_BATCH {
+        return Err(Error::invalid(
+            Field::name("anchors").under(root),
+            format!("{} anchors, at most {} per step", step.anchors.len(), super::spec::MAX_BATCH),
+        ));
+    }
+    let anchors = step_anchors(&p.coll, step.anchors, root)?;
+    let Some(r) = mine_batch(p, Mode::Triplets, Source::Resolved(anchors), pool, tx).await else {
+        return Err(Error::Unavailable("the session's reader went away".into()));
+    };
+    let mut out = r?;
+    out.stats.seconds = started.elapsed().as_secs_f64();
+    counters.anchors.fetch_add(out.stats.anchors, Ordering::Relaxed);
+    counters
+        .triplets
+        .fetch_add(out.triplets.len() as u64, Ordering::Relaxed);
+    Ok(Batch {
+        triplets: out.triplets,
+        pairs: Vec::new(),
+        items: out.items,
+        generations: out.generations,
+        step: step.step,
+        stats: Some(out.stats),
+        last: false,
+    })
+}
+
+/// Resolves a step's anchors: a stored id keeps its label and uses the fresh vector
+/// when one is given; a new id needs a label and a vector.
+fn step_anchors(coll: &Collection, given: Vec<StepAnchor>, root: &Field) -> Result<Vec<AnchorIn>> {
+    let spec = coll.spec();
+    let mut out = Vec::with_capacity(given.len());
+    for (j, a) in given.into_iter().enumerate() {
+        let at = Field::name("anchors").at(j).under(root);
+        if a.id.is_empty() {
+            return Err(Error::invalid(at.field("id"), "must not be empty"));
+        }
+        if !a.vector.is_empty() {
+            validate::vector(&at.clone().field("vector"), "", &a.vector, spec)?;
+        }
+        let stored = {
+            let c = coll.catalogue();
+            c.key_of(&a.id).and_then(|key| {
+                c.get(key).map(|e| {
+                    (key, e.label, Arc::<str>::from(c.label_name(e.label)), e.generation, e.id.clone())
+                })
+            })
+        };
+        match stored {
+            Some((key, label, label_name, generation, id)) => {
+                let vector = if a.vector.is_empty() {
+                    match coll.vector(key)? {
+                        Some(v) => v,
+                        None => continue,
+                    }
+                } else {
+                    a.vector
+                };
+                out.push(AnchorIn {
+                    id,
+                    key: Some(key),
+                    label: Some(label),
+                    label_name,
+                    vector,
+                    generation,
+                });
+            }
+            None => {
+                if a.label.is_empty() {
+                    return Err(Error::invalid(
+                        at.field("label"),
+                        format!("no item {:?} is stored, so the anchor needs its label", a.id),
+                    ));
+                }
+                if a.vector.is_empty() {
+                    return Err(Error::invalid(
+                        at.field("vector"),
+                        format!("no item {:?} is stored, so the anchor needs its vector", a.id),
+                    ));
+                }
+                let label = coll.catalogue().label_id(&a.label);
+                out.push(AnchorIn {
+                    id: Arc::from(a.id),
+                    key: None,
+                    label,
+                    label_name: Arc::from(a.label),
+                    vector: a.vector,
+                    generation: 0,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
