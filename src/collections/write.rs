@@ -168,7 +168,13 @@ impl Collection {
         {
             let mut c = self.catalogue.write().expect("catalogue lock");
             for (key, item) in keys.iter().zip(items) {
-                c.insert(*key, &item.id, &item.label, item.generation, item.metadata.clone());
+                c.insert(
+                    *key,
+                    &item.id,
+                    &item.label,
+                    item.generation,
+                    item.metadata.clone(),
+                );
             }
             c.set_seq(seq);
         }

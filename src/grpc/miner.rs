@@ -227,15 +227,27 @@ fn stats_to(s: Stats) -> pb::MineStats {
         fallbacks,
         seconds,
     } = s;
-    let rate = |n: u64| if seconds > 0.0 { n as f64 / seconds } else { 0.0 };
+    let rate = |n: u64| {
+        if seconds > 0.0 {
+            n as f64 / seconds
+        } else {
+            0.0
+        }
+    };
     pb::MineStats {
         anchors,
         anchors_without_triplet,
         triplets,
         pairs,
         candidates_examined,
-        rejections: rejections.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        fallbacks: fallbacks.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        rejections: rejections
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        fallbacks: fallbacks
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         seconds,
         anchors_per_second: rate(anchors),
         triplets_per_second: rate(triplets.max(pairs)),

@@ -209,7 +209,8 @@ pub fn mine_chunk(coll: &Collection, anchors: &[AnchorIn], rules: &Rules) -> Res
             Some(n) => {
                 let n = &n[i];
                 out.stats.candidates_examined += n.len() as u64;
-                out.stats.reject("skip_nearest", n.len().min(spec.skip_nearest));
+                out.stats
+                    .reject("skip_nearest", n.len().min(spec.skip_nearest));
                 n.iter().skip(spec.skip_nearest).map(near).collect()
             }
             None => Vec::new(),
@@ -408,21 +409,14 @@ fn choose(
             })
             .collect()
     };
-    let pick = |v: &[Near], cs: &[Candidate]| -> Vec<Near> { cs.iter().map(|c| v[c.index]).collect() };
+    let pick =
+        |v: &[Near], cs: &[Candidate]| -> Vec<Near> { cs.iter().map(|c| v[c.index]).collect() };
     let mut chosen = Vec::new();
     match spec.strategy {
         Strategy::Random => {
             for p in positives {
-                let negs = random_negatives(
-                    coll,
-                    anchor,
-                    rules,
-                    n,
-                    &HashSet::new(),
-                    metric,
-                    rng,
-                    stats,
-                )?;
+                let negs =
+                    random_negatives(coll, anchor, rules, n, &HashSet::new(), metric, rng, stats)?;
                 if !negs.is_empty() {
                     chosen.push(Chosen {
                         positive: *p,
@@ -468,7 +462,9 @@ fn choose(
                 } else {
                     let inside = pool
                         .iter()
-                        .filter(|c| c.distance > p.distance && c.distance < p.distance + spec.margin)
+                        .filter(|c| {
+                            c.distance > p.distance && c.distance < p.distance + spec.margin
+                        })
                         .count();
                     stats.reject("semi_hard_window", pool.len() - inside);
                 }
@@ -502,17 +498,15 @@ fn choose(
             };
             let mut all: Vec<Near> = pool.to_vec();
             all.extend(sample.iter().copied());
-            let distances: Vec<f32> = all.iter().map(|c| sphere_distance(metric, c.distance)).collect();
+            let distances: Vec<f32> = all
+                .iter()
+                .map(|c| sphere_distance(metric, c.distance))
+                .collect();
             let log_scale: Vec<f64> = (0..all.len())
                 .map(|j| if j < pool.len() { 0.0 } else { scale })
                 .collect();
             let probs = strategy::distance_weighted_scaled(
-                dim,
-                &distances,
-                &log_scale,
-                None,
-                DW_CUTOFF,
-                DW_NO_LOSS,
+                dim, &distances, &log_scale, None, DW_CUTOFF, DW_NO_LOSS,
             );
             stats.reject("no_loss", probs.iter().filter(|p| **p == 0.0).count());
             for p in positives {
@@ -542,8 +536,12 @@ fn choose(
             }
         }
         Strategy::MultiSimilarity => {
-            let (kp, kn) = strategy::multi_similarity(&as_cands(positives), &as_cands(pool), MS_EPSILON);
-            stats.reject("multi_similarity", positives.len() - kp.len() + pool.len() - kn.len());
+            let (kp, kn) =
+                strategy::multi_similarity(&as_cands(positives), &as_cands(pool), MS_EPSILON);
+            stats.reject(
+                "multi_similarity",
+                positives.len() - kp.len() + pool.len() - kn.len(),
+            );
             let mut kp = pick(positives, &kp);
             // Hardest positives first: the farthest.
             kp.sort_by(|a, b| b.distance.total_cmp(&a.distance));
@@ -636,7 +634,9 @@ fn resolve(
             match rules.mode {
                 Mode::Triplets => {
                     for ch in picks {
-                        let Some(positive) = id_of(ch.positive.key) else { continue };
+                        let Some(positive) = id_of(ch.positive.key) else {
+                            continue;
+                        };
                         let mut negatives = Vec::with_capacity(ch.negatives.len());
                         let mut d_an = Vec::with_capacity(ch.negatives.len());
                         for n in &ch.negatives {

@@ -147,7 +147,10 @@ impl RawSpec {
         };
         let margin = finite("margin", self.margin)?.unwrap_or(DEFAULT_MARGIN);
         if margin < 0.0 {
-            return Err(Error::invalid(at("margin"), format!("{margin} is negative")));
+            return Err(Error::invalid(
+                at("margin"),
+                format!("{margin} is negative"),
+            ));
         }
         let per_anchor = |name: &'static str, n: u32| {
             let n = (n as usize).max(1);

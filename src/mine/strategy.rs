@@ -61,7 +61,14 @@ pub fn distance_weighted(
     cutoff: f64,
     no_loss: f64,
 ) -> Vec<f64> {
-    distance_weighted_scaled(dim, distances, &vec![0.0; distances.len()], lambda, cutoff, no_loss)
+    distance_weighted_scaled(
+        dim,
+        distances,
+        &vec![0.0; distances.len()],
+        lambda,
+        cutoff,
+        no_loss,
+    )
 }
 
 /// [`distance_weighted`] where candidate i also stands for exp(log_scale[i]) items (a

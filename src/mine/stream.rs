@@ -128,7 +128,10 @@ impl Miner {
 
     /// A Session: one answer per step, in step order, each mined against the
     /// collection as it stands when the step arrives.
-    pub fn session(&self, mut steps: mpsc::Receiver<Result<Step>>) -> mpsc::Receiver<Result<Batch>> {
+    pub fn session(
+        &self,
+        mut steps: mpsc::Receiver<Result<Step>>,
+    ) -> mpsc::Receiver<Result<Batch>> {
         let (tx, rx) = mpsc::channel(AHEAD);
         let registry = self.registry.clone();
         let pool = self.pool.clone();
@@ -141,7 +144,10 @@ impl Miner {
                 let root = Field::name("steps").at(n);
                 n += 1;
                 let answer = match step {
-                    Ok(step) => session_step(&registry, &pool, &mut current, step, &root, &counters, &tx).await,
+                    Ok(step) => {
+                        session_step(&registry, &pool, &mut current, step, &root, &counters, &tx)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 let fail = answer.is_err();
@@ -165,7 +171,11 @@ impl Miner {
 fn prepare(coll: Arc<Collection>, spec: MineSpec, root: &Field) -> Result<Prepared> {
     let c = coll.catalogue();
     let unlabelled = c.label_id("");
-    let labels = c.labels().filter(|l| Some(*l) != unlabelled).take(2).count();
+    let labels = c
+        .labels()
+        .filter(|l| Some(*l) != unlabelled)
+        .take(2)
+        .count();
     if labels < 2 {
         return Err(Error::invalid(
             Field::name("collection").under(root),
@@ -175,7 +185,11 @@ fn prepare(coll: Arc<Collection>, spec: MineSpec, root: &Field) -> Result<Prepar
             ),
         ));
     }
-    let exclude: HashSet<u64> = spec.exclude_ids.iter().filter_map(|id| c.key_of(id)).collect();
+    let exclude: HashSet<u64> = spec
+        .exclude_ids
+        .iter()
+        .filter_map(|id| c.key_of(id))
+        .collect();
     drop(c);
     Ok(Prepared {
         coll,
@@ -227,7 +241,10 @@ fn anchor_ids(p: &Prepared) -> Result<Vec<Arc<str>>> {
                 if members.is_empty() {
                     return Err(Error::invalid(
                         Field::name("anchors").field("labels").at(i),
-                        format!("no item has label {name:?} in collection {:?}", spec.collection),
+                        format!(
+                            "no item has label {name:?} in collection {:?}",
+                            spec.collection
+                        ),
                     ));
                 }
                 out.extend(
@@ -258,7 +275,13 @@ fn stored_anchors(coll: &Collection, ids: &[Arc<str>]) -> Result<Vec<AnchorIn>> 
             .filter_map(|id| {
                 let key = c.key_of(id)?;
                 let e = c.get(key)?;
-                Some((e.id.clone(), key, e.label, Arc::from(c.label_name(e.label)), e.generation))
+                Some((
+                    e.id.clone(),
+                    key,
+                    e.label,
+                    Arc::from(c.label_name(e.label)),
+                    e.generation,
+                ))
             })
             .collect()
     };
@@ -411,7 +434,9 @@ async fn run(
         let made = (out.triplets.len() + out.pairs.len()) as u64;
         emitted += made;
         stats.merge(&out.stats);
-        counters.anchors.fetch_add(out.stats.anchors, Ordering::Relaxed);
+        counters
+            .anchors
+            .fetch_add(out.stats.anchors, Ordering::Relaxed);
         counters.triplets.fetch_add(made, Ordering::Relaxed);
         let batch = Batch {
             triplets: out.triplets,
@@ -483,7 +508,11 @@ async fn session_step(
     if step.anchors.len() > super::spec::MAX_BATCH {
         return Err(Error::invalid(
             Field::name("anchors").under(root),
-            format!("{} anchors, at most {} per step", step.anchors.len(), super::spec::MAX_BATCH),
+            format!(
+                "{} anchors, at most {} per step",
+                step.anchors.len(),
+                super::spec::MAX_BATCH
+            ),
         ));
     }
     let anchors = step_anchors(&p.coll, step.anchors, root)?;
@@ -492,7 +521,9 @@ async fn session_step(
     };
     let mut out = r?;
     out.stats.seconds = started.elapsed().as_secs_f64();
-    counters.anchors.fetch_add(out.stats.anchors, Ordering::Relaxed);
+    counters
+        .anchors
+        .fetch_add(out.stats.anchors, Ordering::Relaxed);
     counters
         .triplets
         .fetch_add(out.triplets.len() as u64, Ordering::Relaxed);
@@ -524,7 +555,13 @@ fn step_anchors(coll: &Collection, given: Vec<StepAnchor>, root: &Field) -> Resu
             let c = coll.catalogue();
             c.key_of(&a.id).and_then(|key| {
                 c.get(key).map(|e| {
-                    (key, e.label, Arc::<str>::from(c.label_name(e.label)), e.generation, e.id.clone())
+                    (
+                        key,
+                        e.label,
+                        Arc::<str>::from(c.label_name(e.label)),
+                        e.generation,
+                        e.id.clone(),
+                    )
                 })
             })
         };
@@ -551,13 +588,19 @@ fn step_anchors(coll: &Collection, given: Vec<StepAnchor>, root: &Field) -> Resu
                 if a.label.is_empty() {
                     return Err(Error::invalid(
                         at.field("label"),
-                        format!("no item {:?} is stored, so the anchor needs its label", a.id),
+                        format!(
+                            "no item {:?} is stored, so the anchor needs its label",
+                            a.id
+                        ),
                     ));
                 }
                 if a.vector.is_empty() {
                     return Err(Error::invalid(
                         at.field("vector"),
-                        format!("no item {:?} is stored, so the anchor needs its vector", a.id),
+                        format!(
+                            "no item {:?} is stored, so the anchor needs its vector",
+                            a.id
+                        ),
                     ));
                 }
                 let label = coll.catalogue().label_id(&a.label);

@@ -12,6 +12,7 @@ mod embed;
 mod engine;
 mod identify;
 mod manifest;
+mod mine;
 mod pair;
 mod recall;
 mod recovery;
