@@ -1,8 +1,9 @@
 //! The client side of the binary: `likeness collections|upsert|search|get|delete` and
-//! `embed|classify|verify` talk to a running daemon at `--addr`.
+//! `embed|classify|verify` and `mine` talk to a running daemon at `--addr`.
 
 pub mod infer;
 pub mod load;
+pub mod mine;
 
 use std::time::Instant;
 
@@ -54,6 +55,8 @@ pub enum Command {
     Classify(infer::ClassifyArgs),
     /// Are two images (or stored items) the same? Distance, probability, decision (JSON).
     Verify(infer::VerifyArgs),
+    /// Mine triplets (or pairs) from a collection: JSON lines, then the stream's stats.
+    Mine(mine::MineArgs),
     /// Write a copy of a model's .onnx that carries its TOML manifest in the ONNX
     /// metadata_props, so that `--model NAME=FILE.onnx` needs no TOML beside it.
     Pack(PackArgs),
@@ -214,6 +217,7 @@ pub async fn run(addr: String, command: Command) -> Result<(), String> {
         Command::Embed(args) => infer::embed(&addr, args).await,
         Command::Classify(args) => infer::classify(&addr, args).await,
         Command::Verify(args) => infer::verify(&addr, args).await,
+        Command::Mine(args) => mine::mine(&addr, args).await,
     }
 }
 
@@ -232,7 +236,7 @@ fn items_client(ch: Channel) -> ItemsClient<Channel> {
         .max_encoding_message_size(64 << 20)
 }
 
-fn status(s: crate::grpc::client::Status) -> String {
+pub(crate) fn status(s: crate::grpc::client::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 

@@ -453,7 +453,6 @@ async fn run(
             break;
         }
     }
-    stats.triplets = stats.triplets.min(emitted);
     if mode == Mode::Pairs {
         stats.pairs = emitted;
     } else {

@@ -559,3 +559,98 @@ async fn classify_verify_and_list_a_model_collection() {
     assert!(err.contains("missing.png"), "{err}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mine_writes_triplets_and_pairs_as_json_lines_with_stats() {
+    let (server, dir) = TestServer::light().await;
+    let url = server.url();
+    let mut colls = server.collections().await;
+    create(&mut colls, "m", 8, pb::Metric::Cosine).await;
+    let mut rng = likeness::rng::Rng::new(5);
+    server
+        .items()
+        .await
+        .upsert(pb::UpsertRequest {
+            collection: "m".into(),
+            items: (0..500)
+                .map(|i| {
+                    item(
+                        &format!("i{i}"),
+                        &format!("c{}", i % 5),
+                        (0..8).map(|_| rng.normal()).collect(),
+                    )
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    let out = dir.path().join("triplets.jsonl");
+    let (ok, _, err) = cli(
+        &url,
+        &[
+            "mine",
+            "-c",
+            "m",
+            "--strategy",
+            "semi-hard",
+            "--margin",
+            "0.2",
+            "-n",
+            "120",
+            "--batch",
+            "32",
+            "--out",
+            path_str(&out),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let lines = json_lines(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(lines.len(), 120);
+    let label = |id: &serde_json::Value| id.as_str().unwrap()[1..].parse::<usize>().unwrap() % 5;
+    for l in &lines {
+        assert_eq!(label(&l["anchor"]), label(&l["positive"]), "{l}");
+        for n in l["negatives"].as_array().unwrap() {
+            assert_ne!(label(&l["anchor"]), label(n), "{l}");
+        }
+        assert!(l["d_ap"].is_number() && l["fallback"].is_boolean());
+    }
+    assert!(err.contains("mined 120 triplets"), "{err}");
+
+    // Pairs on standard output, one shard of two.
+    let (ok, stdout, err) = cli(
+        &url,
+        &[
+            "mine",
+            "-c",
+            "m",
+            "--strategy",
+            "hard",
+            "--pairs",
+            "--negatives",
+            "2",
+            "--shard",
+            "1/2",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let pairs = json_lines(&stdout);
+    assert!(!pairs.is_empty());
+    for p in &pairs {
+        assert_eq!(
+            p["same"].as_bool().unwrap(),
+            label(&p["a"]) == label(&p["b"]),
+            "{p}"
+        );
+    }
+    assert!(err.contains("pairs from"), "{err}");
+
+    // A bad request is the server's status, named.
+    let (ok, _, err) = cli(&url, &["mine", "-c", "m", "--margin", "-1"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("margin"),
+        "{err}"
+    );
+}
