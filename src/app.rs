@@ -28,6 +28,7 @@ pub struct App {
     embedder: EmbedHandle,
     searches: Arc<WorkPool>,
     miner: Miner,
+    metrics: Arc<crate::metrics::Registry>,
 }
 
 /// An UpsertStream in progress (see [`StreamTxn`]): dropped before [`App::commit_stream`],
@@ -41,10 +42,17 @@ impl App {
     pub fn new(registry: Arc<Registry>, embedder: EmbedHandle, searches: Arc<WorkPool>) -> Self {
         App {
             miner: Miner::new(registry.clone(), searches.clone()),
+            metrics: Arc::default(),
             registry,
             embedder,
             searches,
         }
+    }
+
+    /// The daemon's own metrics (per-RPC counts and latency, recovery time, the metrics
+    /// port once bound).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Registry> {
+        &self.metrics
     }
 
     /// Mining jobs over the collections (on the search pool).

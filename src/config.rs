@@ -28,6 +28,10 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:50051].
     #[arg(long, env = "LIKENESS_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Where Prometheus metrics are served (GET /metrics), or `off`
+    /// [default: 127.0.0.1:9090].
+    #[arg(long, env = "LIKENESS_METRICS_LISTEN", value_parser = parse_optional_addr)]
+    pub metrics_listen: Option<OptionalAddr>,
     /// Directory for the store and index snapshots [default: ./likeness-data].
     #[arg(long, env = "LIKENESS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -88,6 +92,27 @@ pub struct ServeArgs {
     pub embed_spin: Option<bool>,
 }
 
+/// An address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl TryFrom<String> for OptionalAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_optional_addr(&s)
+    }
+}
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse::<SocketAddr>()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an address such as 127.0.0.1:9090, or off)"))
+}
+
 fn parse_model(s: &str) -> Result<(String, PathBuf), String> {
     s.split_once('=')
         .filter(|(n, p)| !n.is_empty() && !p.is_empty())
@@ -100,6 +125,7 @@ fn parse_model(s: &str) -> Result<(String, PathBuf), String> {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<OptionalAddr>,
     pub data_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
@@ -125,6 +151,8 @@ pub struct FileConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// None: no metrics port.
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
     pub log: String,
@@ -144,6 +172,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:50051".parse().expect("valid address"),
+            metrics_listen: Some("127.0.0.1:9090".parse().expect("valid address")),
             data_dir: PathBuf::from("./likeness-data"),
             log_format: LogFormat::Human,
             log: "info,ort=warn".into(),
@@ -169,10 +198,12 @@ impl Default for Config {
 }
 
 impl Config {
-    /// A config with defaults and the given data dir (what tests use).
+    /// A config with defaults and the given data dir (what tests use; no metrics port,
+    /// since many run at once).
     pub fn with_data_dir(dir: impl Into<PathBuf>) -> Self {
         Config {
             data_dir: dir.into(),
+            metrics_listen: None,
             ..Config::default()
         }
     }
@@ -186,6 +217,10 @@ impl Config {
         let d = Config::default();
         let cfg = Config {
             listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            metrics_listen: args
+                .metrics_listen
+                .or(file.metrics_listen)
+                .map_or(d.metrics_listen, |a| a.0),
             data_dir: args
                 .data_dir
                 .clone()

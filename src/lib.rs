@@ -41,6 +41,7 @@ pub mod grpc;
 pub mod index;
 pub mod judge;
 pub mod memory;
+pub mod metrics;
 pub mod mine;
 pub mod pool;
 pub mod rng;

@@ -174,6 +174,11 @@ impl Registry {
         self.store.flushes()
     }
 
+    /// Group-commit flush latency.
+    pub fn flush_latency(&self) -> &crate::metrics::Histogram {
+        self.store.flush_latency()
+    }
+
     fn check_ready(&self) -> Result<()> {
         if self.is_ready() {
             Ok(())

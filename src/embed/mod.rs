@@ -194,10 +194,28 @@ struct Batcher {
 
 /// What a graph's batch worker has done: batches run and the jobs (inputs or pairs)
 /// they held, so jobs / batches is the mean batch size.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BatchStats {
     pub batches: std::sync::atomic::AtomicU64,
     pub jobs: std::sync::atomic::AtomicU64,
+    /// Inputs per batch run.
+    pub sizes: crate::metrics::Histogram,
+    /// Seconds per batch run.
+    pub inference: crate::metrics::Histogram,
+    /// Inputs admitted and not yet answered (the queue's depth).
+    pub queued: std::sync::atomic::AtomicI64,
+}
+
+impl Default for BatchStats {
+    fn default() -> Self {
+        BatchStats {
+            batches: Default::default(),
+            jobs: Default::default(),
+            sizes: crate::metrics::Histogram::new(crate::metrics::SIZES),
+            inference: crate::metrics::Histogram::seconds(),
+            queued: Default::default(),
+        }
+    }
 }
 
 /// What a batch worker feeds its graph and reads back.
@@ -298,6 +316,9 @@ impl Batcher {
         permit: &Arc<OwnedSemaphorePermit>,
     ) -> Result<Reply> {
         let (reply, rx) = oneshot::channel();
+        self.stats
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.queue
             .send(Job {
                 values,
@@ -720,7 +741,14 @@ fn worker(
                 span.follows_from(&job.span);
             }
             let _enter = span.enter();
-            match run(&mut session, graph, &jobs) {
+            stats.sizes.observe(n as f64);
+            let started = Instant::now();
+            let result = run(&mut session, graph, &jobs);
+            stats.inference.observe_duration(started.elapsed());
+            stats
+                .queued
+                .fetch_sub(n as i64, std::sync::atomic::Ordering::Relaxed);
+            match result {
                 Ok(rows) => {
                     for (job, row) in jobs.into_iter().zip(rows) {
                         let _ = job.reply.send(Ok(row));

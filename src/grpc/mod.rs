@@ -5,6 +5,7 @@ mod collections;
 pub mod convert;
 mod embedder;
 mod items;
+mod metrics;
 mod miner;
 mod status;
 
@@ -149,6 +150,27 @@ pub async fn serve_with(
     ));
     let app = Arc::new(App::new(db.clone(), embedder, searches));
 
+    // Prometheus metrics on their own port, scraped from the core on demand.
+    let exporter = match config.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("metrics listener on {addr}: {e}"),
+                ))
+            })?;
+            let bound = l.local_addr()?;
+            let _ = app.metrics().address.set(bound);
+            tracing::info!(addr = %bound, "metrics at GET /metrics");
+            let app = app.clone();
+            Some(tokio::spawn(crate::metrics::serve(
+                l,
+                Arc::new(move || crate::metrics::render(&app)),
+            )))
+        }
+        None => None,
+    };
+
     // Recovery runs beside the server; a failure stops the daemon.
     let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<Error>();
     let recovery = {
@@ -174,6 +196,7 @@ pub async fn serve_with(
                         took_ms = started.elapsed().as_millis() as u64,
                         "recovery complete; SERVING"
                     );
+                    app.metrics().set_recovery(started.elapsed());
                     if let Some(f) = on_serving {
                         f(app);
                     }
@@ -202,6 +225,7 @@ pub async fn serve_with(
     let miner = pb::miner_server::MinerServer::new(MinerService { app: app.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let app_metrics = app.metrics().clone();
     let models_svc = pb::models_server::ModelsServer::new(ModelsService { app });
 
     // Shutdown starts on the caller's signal or on a failed recovery.
@@ -221,6 +245,9 @@ pub async fn serve_with(
     // Small responses must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
+        .layer(metrics::RpcMetricsLayer {
+            registry: app_metrics,
+        })
         .layer(tower::util::MapResponseLayer::new(oversize_response))
         .add_service(health)
         .add_service(reflection)
@@ -246,6 +273,9 @@ pub async fn serve_with(
     }
     recovery.abort();
     trimmer.abort();
+    if let Some(e) = exporter {
+        e.abort();
+    }
     if let Some(e) = fatal.lock().expect("fatal lock").take() {
         return Err(e);
     }

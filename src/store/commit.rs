@@ -24,6 +24,8 @@ pub struct GroupCommit {
     state: Mutex<State>,
     done: Condvar,
     flushes: AtomicU64,
+    /// How long each flush took (metrics).
+    pub latency: crate::metrics::Histogram,
 }
 
 impl GroupCommit {
@@ -40,6 +42,7 @@ impl GroupCommit {
             state: Mutex::new(State::default()),
             done: Condvar::new(),
             flushes: AtomicU64::new(0),
+            latency: crate::metrics::Histogram::seconds(),
         }
     }
 
@@ -59,7 +62,9 @@ impl GroupCommit {
             st.flushing = true;
             let target = st.issued;
             drop(st);
+            let started = std::time::Instant::now();
             let result = (self.flush)();
+            self.latency.observe_duration(started.elapsed());
             self.flushes.fetch_add(1, Ordering::Relaxed);
             st = self.state.lock().expect("commit lock");
             st.flushing = false;

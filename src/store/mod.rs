@@ -116,6 +116,11 @@ impl Store {
         self.commit.flushes()
     }
 
+    /// Group-commit flush latency.
+    pub fn flush_latency(&self) -> &crate::metrics::Histogram {
+        &self.commit.latency
+    }
+
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
