@@ -9,6 +9,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod embed;
+mod embed_only;
 mod engine;
 mod identify;
 mod manifest;
