@@ -20,56 +20,12 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{Daemon, channel, fixture_pngs, health, image_input, spawn_daemon};
+use crate::common::{
+    channel, check_health as check, fixture_pngs, health, health_addr, image_input, spawn_daemon,
+    wait_for_service as wait_for,
+};
 
 const SERVING: i32 = ServingStatus::Serving as i32;
-
-/// The address the daemon logged for its health port.
-fn health_addr(daemon: &Daemon) -> SocketAddr {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let found = daemon.log.lock().unwrap().iter().find_map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            let message = v["fields"]["message"].as_str()?;
-            message
-                .starts_with("health listening")
-                .then(|| v["fields"]["addr"].as_str()?.parse().ok())?
-        });
-        if let Some(addr) = found {
-            return addr;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon never logged its health port"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Health's Check, as a status code on failure.
-async fn check(url: &str, service: &str) -> Result<i32, Code> {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    HealthClient::new(channel(url).await)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .map(|r| r.into_inner().status)
-        .map_err(|s| s.code())
-}
-
-/// Waits until `service` is SERVING at `url` (60 s at most).
-async fn wait_for(url: &str, service: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while check(url, service).await != Ok(SERVING) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{service} at {url} never became SERVING"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test]
 async fn embed_only_daemon_serves_models_and_opens_no_store() {

@@ -8,6 +8,7 @@ mod api;
 mod bad_input;
 mod cli;
 mod crash;
+mod deploy;
 mod embed;
 mod embed_only;
 mod engine;
