@@ -203,9 +203,11 @@ async fn replica() -> (
     tokio::sync::oneshot::Sender<()>,
 ) {
     let calls = Arc::new(AtomicUsize::new(0));
-    let mut config = likeness::Config::default();
-    config.embed_only = true;
-    config.shutdown_grace_secs = 1;
+    let config = likeness::Config {
+        embed_only: true,
+        shutdown_grace_secs: 1,
+        ..Default::default()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
