@@ -56,8 +56,7 @@ pub(super) async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let health_port =
-        health_listener.map(|l| super::health::spawn(l, health.clone(), stop_rx.clone()));
+    let health_port = health_listener.map(|l| super::health::spawn(l, health.clone()));
     let mut stopping = stop_rx.clone();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -26,12 +25,10 @@ pub(super) async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>
     Ok(Some(listener))
 }
 
-/// Serves `health` on `listener` until `stop` turns true.
-pub(super) fn spawn<H: Health>(
-    listener: TcpListener,
-    health: HealthServer<H>,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+/// Serves `health` on `listener` until the returned task is aborted. The daemon aborts
+/// it last, so the port keeps answering while in-flight RPCs drain (a liveness probe
+/// then still passes) and closes only when the daemon is done.
+pub(super) fn spawn<H: Health>(listener: TcpListener, health: HealthServer<H>) -> JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, "health listening (plaintext, grpc.health.v1 only)");
     }
@@ -39,9 +36,7 @@ pub(super) fn spawn<H: Health>(
     tokio::spawn(async move {
         let served = Server::builder()
             .add_service(health)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            .serve_with_incoming(incoming)
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "health port failed");

@@ -210,7 +210,7 @@ pub async fn serve_with(
             let _ = stop_tx.send(true);
         });
     }
-    let health_port = health_listener.map(|l| health::spawn(l, health.clone(), stop_rx.clone()));
+    let health_port = health_listener.map(|l| health::spawn(l, health.clone()));
     let mut stopping = stop_rx.clone();
     // Small responses must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -254,7 +254,6 @@ pub async fn serve_with(
 
 /// Both reflection protocols: grpcurl speaks v1; Python's grpc_reflection and many older
 /// tools speak only v1alpha.
-#[allow(clippy::type_complexity)]
 fn reflection() -> Result<(
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
