@@ -19,6 +19,8 @@ TOOLS=${LIKENESS_TOOLS:-${HOME:-.}/.cache/likeness/deploy-tools}
 [[ -d $TOOLS/bin ]] && PATH="$TOOLS/bin:$PATH"
 # Kubernetes versions the manifests must be valid for (preStop's sleep action: 1.30).
 K8S_VERSIONS=(1.30.0 1.37.0)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 
 need() {
     local tool
@@ -80,8 +82,8 @@ k8s() {
     local dir=${1:-$ROOT/deploy/k8s} out overlay version ok failed=0
     need kubectl kubernetes-validate yamllint
     yamllint --strict -c "$ROOT/deploy/k8s/.yamllint" "$dir" || failed=1
-    out=$(mktemp -d)
-    trap 'rm -rf "$out"' RETURN
+    out=$WORK/rendered
+    mkdir -p "$out"
     for overlay in "$dir"/overlays/*/; do
         overlay=$(basename "$overlay")
         if ! render "$overlay" "$dir" >"$out/$overlay.yaml"; then

@@ -17,6 +17,9 @@ ORT_CPU_SHA256=fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3
 # picks on CPython 3.11 (the images' python stage). Built for CUDA 13 and cuDNN 9.
 ORT_GPU_WHEEL_SHA256=e26c475fe361b2015f45b4b824bd13f0bb20204e59b62814e6f0acd5f3d491a6
 
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
 die() {
     echo "image.sh: $*" >&2
     exit 1
@@ -28,8 +31,8 @@ ort() {
         onnxruntime | onnxruntime-gpu) ;;
         *) die "ort: unknown package $package (onnxruntime or onnxruntime-gpu)" ;;
     esac
-    wheels=$(mktemp -d)
-    trap 'rm -rf "$wheels"' RETURN
+    wheels=$WORK/wheels
+    mkdir -p "$wheels"
     local pin=()
     if [[ $package == onnxruntime-gpu ]]; then
         # pip checks the wheel itself; the CPU library is checked after extraction.
