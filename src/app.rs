@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::collections::{
     Collection, CollectionInfo, CreateCollection, Registry, StreamTxn, validate,
 };
-use crate::embed::{EmbedHandle, Input, InputData, ModelInfo};
+use crate::embed::{EmbedHandle, Input, InputData};
 use crate::error::{Error, Field, Result};
 use crate::judge::{self, Calibration, Classification, RawInput, Verification};
 use crate::mine::Miner;
@@ -575,32 +575,6 @@ impl App {
         let registry = self.registry.clone();
         blocking(move || registry.store_calibration(&coll, &cal)).await?;
         Ok(cal)
-    }
-
-    // Models.
-
-    /// Embeds inputs with a model (the Embedder service).
-    pub async fn embed(
-        &self,
-        model: &str,
-        inputs: Vec<Input>,
-        wait: bool,
-    ) -> Result<Vec<Vec<f32>>> {
-        if inputs.is_empty() {
-            return Err(Error::invalid("inputs", "must not be empty"));
-        }
-        self.embedder
-            .embed(model, inputs, wait)
-            .await
-            .map_err(|e| e.rebase(|i| Field::name("inputs").at(i)))
-    }
-
-    pub fn models(&self) -> Vec<ModelInfo> {
-        self.embedder.list()
-    }
-
-    pub fn model(&self, name: &str) -> Result<ModelInfo> {
-        self.embedder.info(name)
     }
 }
 

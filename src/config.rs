@@ -35,6 +35,16 @@ pub struct ServeArgs {
     /// Directory for the store and index snapshots [default: ./likeness-data].
     #[arg(long, env = "LIKENESS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Serve inference only: Embedder and Models (with health and reflection), no store.
+    /// The data dir is then neither opened nor created, whatever it is set to; Items
+    /// and Collections answer UNIMPLEMENTED. For a tier of stateless embedding replicas
+    /// [default: false].
+    #[arg(long, env = "LIKENESS_EMBED_ONLY", num_args = 0..=1, default_missing_value = "true")]
+    pub embed_only: Option<bool>,
+    /// Also serve grpc.health.v1, and nothing else, in plaintext on this address (for
+    /// Kubernetes' gRPC probes, which cannot speak TLS) [default: off].
+    #[arg(long, env = "LIKENESS_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Log format [default: human].
     #[arg(long, env = "LIKENESS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -127,6 +137,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<OptionalAddr>,
     pub data_dir: Option<PathBuf>,
+    pub embed_only: Option<bool>,
+    pub health_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
     pub max_k: Option<usize>,
@@ -154,6 +166,10 @@ pub struct Config {
     /// None: no metrics port.
     pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
+    /// No store: serve Embedder and Models only (`data_dir` is not used).
+    pub embed_only: bool,
+    /// A second, plaintext listener with grpc.health.v1 only.
+    pub health_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log: String,
     pub max_message_bytes: usize,
@@ -174,6 +190,8 @@ impl Default for Config {
             listen: "127.0.0.1:50051".parse().expect("valid address"),
             metrics_listen: Some("127.0.0.1:9090".parse().expect("valid address")),
             data_dir: PathBuf::from("./likeness-data"),
+            embed_only: false,
+            health_listen: None,
             log_format: LogFormat::Human,
             log: "info,ort=warn".into(),
             max_message_bytes: 64 << 20,
@@ -226,6 +244,11 @@ impl Config {
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or(d.data_dir),
+            embed_only: args.embed_only.or(file.embed_only).unwrap_or(d.embed_only),
+            health_listen: args
+                .health_listen
+                .or(file.health_listen)
+                .or(d.health_listen),
             log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
             log: args.log.clone().or(file.log).unwrap_or(d.log),
             max_message_bytes: args
@@ -304,6 +327,16 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             return Err("max_message_bytes must be at least 1024".into());
+        }
+        if self.embed_only && self.models.is_empty() {
+            return Err("embed_only serves models only, and none is configured (--model)".into());
+        }
+        // Port 0 (any free port) may well appear on both.
+        if self.health_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(format!(
+                "health_listen {} is the listen address; give the health port its own",
+                self.listen
+            ));
         }
         Ok(())
     }
@@ -386,5 +419,26 @@ mod tests {
         };
         let err = Config::resolve(&args).unwrap_err();
         assert!(err.contains("max_kk"), "{err}");
+    }
+
+    #[test]
+    fn embed_only_needs_a_model_and_health_needs_its_own_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "embed_only = true\n[models]\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        assert!(err.contains("embed_only"), "{err}");
+
+        let args = ServeArgs {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            health_listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        assert!(err.contains("health_listen"), "{err}");
     }
 }

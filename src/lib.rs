@@ -24,7 +24,8 @@
 //! - [`pool`]: the fixed thread pool that runs searches, with admission control.
 //! - [`memory`]: glibc's malloc arenas limited, and free memory given back when quiet.
 //! - [`grpc`]: tonic services (convert -> app -> convert), the one Error -> Status map,
-//!   health, reflection, [`serve`].
+//!   health (also alone on a plaintext port), reflection, [`serve`] and its embed-only
+//!   mode (Embedder and Models, no store).
 //! - [`cli`]: the client subcommands.
 //! - [`rng`], [`synth`]: a seedable PRNG; synthetic data for tests and benchmarks.
 //!

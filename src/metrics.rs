@@ -429,49 +429,7 @@ pub fn render(app: &crate::app::App) -> String {
         registry.flush_latency(),
     );
 
-    let models = app.embedder().batch_stats();
-    header(
-        &mut out,
-        "likeness_embed_queue_depth",
-        "gauge",
-        "Inputs admitted to a model's queue and not yet answered.",
-    );
-    for (name, s) in &models {
-        sample(
-            &mut out,
-            "likeness_embed_queue_depth",
-            &[("model", name)],
-            s.queued.load(Relaxed).max(0) as f64,
-        );
-    }
-    header(
-        &mut out,
-        "likeness_embed_batch_size",
-        "histogram",
-        "Inputs per inference batch.",
-    );
-    for (name, s) in &models {
-        histogram(
-            &mut out,
-            "likeness_embed_batch_size",
-            &[("model", name)],
-            &s.sizes,
-        );
-    }
-    header(
-        &mut out,
-        "likeness_embed_inference_seconds",
-        "histogram",
-        "Time per inference batch.",
-    );
-    for (name, s) in &models {
-        histogram(
-            &mut out,
-            "likeness_embed_inference_seconds",
-            &[("model", name)],
-            &s.inference,
-        );
-    }
+    render_embedders(&mut out, app.embedder());
 
     let m = app.miner().counters();
     header(
@@ -523,4 +481,82 @@ pub fn render(app: &crate::app::App) -> String {
         m.batches.load(Relaxed) as f64,
     );
     out
+}
+
+/// The embedders' families: queue depth, batch sizes, inference time per model.
+fn render_embedders(out: &mut String, embedder: &crate::embed::EmbedHandle) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let models = embedder.batch_stats();
+    header(
+        out,
+        "likeness_embed_queue_depth",
+        "gauge",
+        "Inputs admitted to a model's queue and not yet answered.",
+    );
+    for (name, s) in &models {
+        sample(
+            out,
+            "likeness_embed_queue_depth",
+            &[("model", name)],
+            s.queued.load(Relaxed).max(0) as f64,
+        );
+    }
+    header(
+        out,
+        "likeness_embed_batch_size",
+        "histogram",
+        "Inputs per inference batch.",
+    );
+    for (name, s) in &models {
+        histogram(
+            out,
+            "likeness_embed_batch_size",
+            &[("model", name)],
+            &s.sizes,
+        );
+    }
+    header(
+        out,
+        "likeness_embed_inference_seconds",
+        "histogram",
+        "Time per inference batch.",
+    );
+    for (name, s) in &models {
+        histogram(
+            out,
+            "likeness_embed_inference_seconds",
+            &[("model", name)],
+            &s.inference,
+        );
+    }
+}
+
+/// What an embed-only daemon has: its RPCs and its embedders.
+pub fn render_embed_only(own: &Registry, embedder: &crate::embed::EmbedHandle) -> String {
+    let mut out = String::with_capacity(4096);
+    own.render_own(&mut out);
+    render_embedders(&mut out, embedder);
+    out
+}
+
+/// Binds the metrics port (when configured) and serves `render` there; the bound
+/// address goes into `own`. A port that cannot be bound fails the start.
+pub async fn start(
+    addr: Option<std::net::SocketAddr>,
+    own: &Registry,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> crate::error::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let l = TcpListener::bind(addr).await.map_err(|e| {
+        crate::error::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("metrics listener on {addr}: {e}"),
+        ))
+    })?;
+    let bound = l.local_addr()?;
+    let _ = own.address.set(bound);
+    tracing::info!(addr = %bound, "metrics at GET /metrics");
+    Ok(Some(tokio::spawn(serve(l, render))))
 }

@@ -37,7 +37,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
-    Serve(ServeArgs),
+    // Boxed: the flags outweigh every client subcommand.
+    Serve(Box<ServeArgs>),
     /// Create, list, inspect and delete collections.
     #[command(subcommand)]
     Collections(CollectionsCmd),

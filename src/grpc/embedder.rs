@@ -1,24 +1,23 @@
-//! likeness.v1.Embedder and likeness.v1.Models: convert -> [`App`] -> convert.
+//! likeness.v1.Embedder and likeness.v1.Models: convert -> embedder -> convert.
+//! They need the models only, not the store, so the embed-only mode serves them alone.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::oversize_to_exhausted;
-use crate::app::App;
 use crate::embed::manifest::{ImageSpec, PairSpec, TowerSpec};
-use crate::embed::{Input, ModelInfo};
-use crate::error::{Field, Result};
+use crate::embed::{EmbedHandle, Input, ModelInfo};
+use crate::error::{Error, Field, Result};
 use crate::pb;
 
 pub struct EmbedderService {
-    pub app: Arc<App>,
+    pub embedder: EmbedHandle,
 }
 
 pub struct ModelsService {
-    pub app: Arc<App>,
+    pub embedder: EmbedHandle,
 }
 
 fn inputs_from(inputs: Vec<pb::Input>) -> Result<Vec<Input>> {
@@ -29,10 +28,20 @@ fn inputs_from(inputs: Vec<pb::Input>) -> Result<Vec<Input>> {
         .collect()
 }
 
-async fn embed(app: &App, req: pb::EmbedRequest, wait: bool) -> Result<pb::EmbedResponse> {
+async fn embed(
+    embedder: &EmbedHandle,
+    req: pb::EmbedRequest,
+    wait: bool,
+) -> Result<pb::EmbedResponse> {
     let pb::EmbedRequest { model, inputs } = req;
+    if inputs.is_empty() {
+        return Err(Error::invalid("inputs", "must not be empty"));
+    }
     let inputs = inputs_from(inputs)?;
-    let vectors = app.embed(&model, inputs, wait).await?;
+    let vectors = embedder
+        .embed(&model, inputs, wait)
+        .await
+        .map_err(|e| e.rebase(|i| Field::name("inputs").at(i)))?;
     Ok(pb::EmbedResponse {
         embeddings: vectors
             .into_iter()
@@ -50,7 +59,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         Ok(Response::new(
-            embed(&self.app, request.into_inner(), false).await?,
+            embed(&self.embedder, request.into_inner(), false).await?,
         ))
     }
 
@@ -61,7 +70,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
         request: Request<Streaming<pb::EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStreamStream>, Status> {
         let mut stream = request.into_inner();
-        let app = self.app.clone();
+        let embedder = self.embedder.clone();
         // Requests are embedded one after another, so answers come in request order;
         // each request's inputs are batched with everyone else's.
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -76,7 +85,7 @@ impl pb::embedder_server::Embedder for EmbedderService {
                         return;
                     }
                 };
-                let result = embed(&app, msg, true)
+                let result = embed(&embedder, msg, true)
                     .await
                     .map_err(|e| Status::from(e.under(&Field::name("messages").at(index))));
                 let failed = result.is_err();
@@ -200,7 +209,7 @@ impl pb::models_server::Models for ModelsService {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let pb::ListModelsRequest {} = request.into_inner();
         Ok(Response::new(pb::ListModelsResponse {
-            models: self.app.models().into_iter().map(info_to).collect(),
+            models: self.embedder.list().into_iter().map(info_to).collect(),
         }))
     }
 
@@ -209,6 +218,6 @@ impl pb::models_server::Models for ModelsService {
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         let pb::GetModelRequest { name } = request.into_inner();
-        Ok(Response::new(info_to(self.app.model(&name)?)))
+        Ok(Response::new(info_to(self.embedder.info(&name)?)))
     }
 }

@@ -3,7 +3,9 @@
 pub mod client;
 mod collections;
 pub mod convert;
+mod embed_only;
 mod embedder;
+mod health;
 mod items;
 mod metrics;
 mod miner;
@@ -51,6 +53,8 @@ pub async fn serve(
 }
 
 /// What an embedding program (a test, a tool) may change about [`serve`].
+/// With `config.embed_only` there is no store: the embed-only mode serves Embedder and
+/// Models alone, and `on_serving` is never called.
 #[derive(Default)]
 pub struct ServeOptions {
     /// An embedder instead of the config's models (tests use
@@ -72,6 +76,11 @@ pub async fn serve_with(
         embedder,
         on_serving,
     } = options;
+    // The health port is bound first, so that a taken port fails the start at once.
+    let health_listener = health::bind(config.health_listen).await?;
+    if config.embed_only {
+        return embed_only::serve(listener, health_listener, config, embedder, shutdown).await;
+    }
     let local: SocketAddr = listener.local_addr()?;
     let db = {
         let settings = config.core();
@@ -109,16 +118,7 @@ pub async fn serve_with(
     reporter
         .set_serving::<pb::models_server::ModelsServer<ModelsService>>()
         .await;
-    // Both reflection protocols: grpcurl speaks v1; Python's grpc_reflection and many
-    // older tools speak only v1alpha.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    let (reflection, reflection_alpha) = reflection()?;
 
     // Once writes go quiet, free heap memory goes back to the system: an ingest leaves
     // tens of MB in malloc's free lists otherwise.
@@ -151,24 +151,14 @@ pub async fn serve_with(
     let app = Arc::new(App::new(db.clone(), embedder, searches));
 
     // Prometheus metrics on their own port, scraped from the core on demand.
-    let exporter = match config.metrics_listen {
-        Some(addr) => {
-            let l = TcpListener::bind(addr).await.map_err(|e| {
-                Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("metrics listener on {addr}: {e}"),
-                ))
-            })?;
-            let bound = l.local_addr()?;
-            let _ = app.metrics().address.set(bound);
-            tracing::info!(addr = %bound, "metrics at GET /metrics");
-            let app = app.clone();
-            Some(tokio::spawn(crate::metrics::serve(
-                l,
-                Arc::new(move || crate::metrics::render(&app)),
-            )))
-        }
-        None => None,
+    let exporter = {
+        let scraped = app.clone();
+        crate::metrics::start(
+            config.metrics_listen,
+            app.metrics(),
+            Arc::new(move || crate::metrics::render(&scraped)),
+        )
+        .await?
     };
 
     // Recovery runs beside the server; a failure stops the daemon.
@@ -219,14 +209,18 @@ pub async fn serve_with(
         pb::collections_server::CollectionsServer::new(CollectionsService { app: app.clone() })
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-    let embedder = pb::embedder_server::EmbedderServer::new(EmbedderService { app: app.clone() })
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let embedder = pb::embedder_server::EmbedderServer::new(EmbedderService {
+        embedder: app.embedder().clone(),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     let miner = pb::miner_server::MinerServer::new(MinerService { app: app.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let app_metrics = app.metrics().clone();
-    let models_svc = pb::models_server::ModelsServer::new(ModelsService { app });
+    let models_svc = pb::models_server::ModelsServer::new(ModelsService {
+        embedder: app.embedder().clone(),
+    });
 
     // Shutdown starts on the caller's signal or on a failed recovery.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -241,6 +235,7 @@ pub async fn serve_with(
             let _ = stop_tx.send(true);
         });
     }
+    let health_port = health_listener.map(|l| health::spawn(l, health.clone()));
     let mut stopping = stop_rx.clone();
     // Small responses must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -276,6 +271,9 @@ pub async fn serve_with(
     if let Some(e) = exporter {
         e.abort();
     }
+    if let Some(h) = health_port {
+        h.abort();
+    }
     if let Some(e) = fatal.lock().expect("fatal lock").take() {
         return Err(e);
     }
@@ -284,6 +282,27 @@ pub async fn serve_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Both reflection protocols: grpcurl speaks v1; Python's grpc_reflection and many older
+/// tools speak only v1alpha.
+fn reflection() -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    Ok((v1, v1alpha))
 }
 
 /// tonic answers an over-long message with OUT_OF_RANGE; gRPC's convention, and our

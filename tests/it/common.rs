@@ -148,20 +148,31 @@ impl Drop for Daemon {
 
 /// Starts the binary on `dir` with extra flags and env vars; returns once it listens.
 pub fn spawn_daemon(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_likeness"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--cache-mb",
-            "32",
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .envs(envs.iter().copied())
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_likeness"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--cache-mb",
+        "32",
+    ])
+    .arg("--data-dir")
+    .arg(dir)
+    .args(args)
+    .envs(envs.iter().copied());
+    spawn_command(cmd)
+}
+
+/// Runs `cmd`, a `likeness serve` that logs JSON, and returns once it listens.
+pub fn spawn_command(mut cmd: Command) -> Daemon {
+    // Many daemons run at once: each gets its own metrics port unless the test chose one
+    // (a flag, or this variable, overrides a config file).
+    if !cmd.get_envs().any(|(k, _)| k == "LIKENESS_METRICS_LISTEN") {
+        cmd.env("LIKENESS_METRICS_LISTEN", "127.0.0.1:0");
+    }
+    let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -187,10 +198,62 @@ pub fn spawn_daemon(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon 
             sink.lock().unwrap().push(line);
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("daemon never said where it listens");
+    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => addr,
+        Err(e) => panic!(
+            "daemon never said where it listens ({e}); its log:\n{}",
+            log.lock().unwrap().join("\n")
+        ),
+    };
     Daemon { child, addr, log }
+}
+
+/// The address the daemon logged for its plaintext health port (`--health-listen`).
+pub fn health_addr(daemon: &Daemon) -> SocketAddr {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = daemon.log.lock().unwrap().iter().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let message = v["fields"]["message"].as_str()?;
+            message
+                .starts_with("health listening")
+                .then(|| v["fields"]["addr"].as_str()?.parse().ok())?
+        });
+        if let Some(addr) = found {
+            return addr;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never logged its health port"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Health's Check of `service` at `url`: its status, or the call's error code.
+pub async fn check_health(url: &str, service: &str) -> Result<i32, tonic::Code> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    HealthClient::new(channel(url).await)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .map_err(|s| s.code())
+}
+
+/// Waits until `service` is SERVING at `url` (60 s at most).
+pub async fn wait_for_service(url: &str, service: &str) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while check_health(url, service).await != Ok(ServingStatus::Serving as i32) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{service:?} at {url} never became SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls grpc.health.v1 until likeness.v1.Items is SERVING (10 s at most).
