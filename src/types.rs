@@ -171,7 +171,8 @@ pub struct SearchParams {
     pub k: usize,
     pub filter: Filter,
     pub exact: bool,
-    /// HNSW ef; 0 = the collection's expansion_search.
+    /// HNSW ef of this search, above or below the collection's default (0 = its
+    /// expansion_search; never fewer than k): see src/index/mod.rs.
     pub expansion: usize,
     pub with_vectors: bool,
     pub with_metadata: bool,

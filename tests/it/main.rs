@@ -10,6 +10,7 @@ mod cli;
 mod crash;
 mod embed;
 mod engine;
+mod expansion;
 mod identify;
 mod manifest;
 mod pair;
