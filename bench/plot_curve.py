@@ -8,6 +8,9 @@ within 1.1x of.
 
     pip install matplotlib
     python3 bench/plot_curve.py [docs/search-curve.csv] [docs/]
+
+It also prints the equal-recall table of docs/benchmarks.md (QPS and CPU ratios at
+recall 0.9, 0.95 and 0.99).
 """
 
 import csv
@@ -101,11 +104,47 @@ def plot(dataset, systems, out_dir):
     print(out)
 
 
+def cheapest(rows, level):
+    """The row with the smallest ef whose recall reaches level, or None."""
+    ok = [r for r in rows if r["recall"] >= level]
+    return min(ok, key=lambda r: r["ef"]) if ok else None
+
+
+def equal_recall_table(data):
+    """Markdown: likeness over gRPC against usearch in-process at recall 0.9, 0.95, 0.99.
+
+    Two ratios per cell: measured QPS (both sides in the same run; on a shared machine
+    the in-process side's 2 threads lose more to other tenants than the daemon's many
+    threads do), and CPU capacity, cores / CPU per query, where the daemon's query costs
+    its own CPU plus its gRPC client's, since the bench's clients share the cores."""
+    lines = [
+        "| data | recall | usearch ef, QPS, CPU µs/q | likeness ef, QPS, daemon + client CPU µs/q | QPS ratio | CPU capacity ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset, systems in data.items():
+        for level in (0.9, 0.95, 0.99):
+            u = cheapest(systems.get("usearch", []), level)
+            g = cheapest(systems.get("likeness-grpc", []), level)
+            if not u or not g:
+                lines.append(f"| {dataset} | {level} | - | - | not reached | - |")
+                continue
+            g_cpu = g["server_cpu_us"] + float(g["client_cpu_us"])
+            lines.append(
+                f"| {dataset} | {level} | {u['ef']}, {u['qps']:.0f}, {u['server_cpu_us']:.0f} "
+                f"| {g['ef']}, {g['qps']:.0f}, {g['server_cpu_us']:.0f} + {float(g['client_cpu_us']):.0f} "
+                f"| {g['qps'] / u['qps']:.2f}x | {u['server_cpu_us'] / g_cpu:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
 def main():
     src = sys.argv[1] if len(sys.argv) > 1 else "docs/search-curve.csv"
     out_dir = sys.argv[2] if len(sys.argv) > 2 else "docs"
-    for dataset, systems in load(src).items():
-        plot(dataset, systems, out_dir)
+    data = load(src)
+    for dataset, systems in data.items():
+        if "likeness-grpc" in systems:
+            plot(dataset, systems, out_dir)
+    print(equal_recall_table(data))
 
 
 if __name__ == "__main__":
