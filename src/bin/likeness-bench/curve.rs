@@ -87,7 +87,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     }
     println!("## QPS at equal recall: likeness over gRPC / usearch in-process\n");
     println!(
-        "Best QPS among the ef that reach the recall (the upper-left frontier of the curve); '-' where no ef of the sweep reaches it.\n"
+        "Each system at the smallest ef of the sweep that reaches the recall; '-' where none does.\n"
     );
     println!("| data | recall >= 0.9 | recall >= 0.95 | recall >= 0.99 |");
     println!("|---|---|---|---|");
@@ -119,7 +119,8 @@ fn dataset_name(which: Which) -> &'static str {
     }
 }
 
-/// The best QPS among points reaching `level` recall, and its ef.
+/// The smallest ef whose recall reaches `level` (the cheapest point of the curve that
+/// does; bench/plot_curve.py picks the same), and its QPS.
 fn at_recall(
     points: &[Point],
     level: f64,
@@ -129,7 +130,7 @@ fn at_recall(
         .iter()
         .filter(|p| f(p).0 >= level)
         .map(|p| (p.ef, f(p).1))
-        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .min_by_key(|p| p.0)
 }
 
 async fn sweep(ctx: &Ctx, data: &Data) -> Result<(Vec<Point>, Floor), String> {
