@@ -172,7 +172,8 @@ pub struct SearchArgs {
     /// Brute force instead of the ANN index.
     #[arg(long)]
     pub exact: bool,
-    /// HNSW ef for this query (0 = collection default).
+    /// HNSW ef for this query, below or above the collection's expansion_search (0 = that
+    /// default).
     #[arg(long, default_value_t = 0)]
     pub expansion: u32,
 }

@@ -43,7 +43,9 @@ pub struct KnnQuery {
 pub struct KnnOptions {
     /// Neighbours per query.
     pub k: usize,
-    /// HNSW expansion (0: the collection's).
+    /// HNSW ef: candidates each query's graph search keeps (0: the collection's
+    /// `expansion_search`; never fewer than k). Below the collection's default is
+    /// allowed and really searches less.
     pub expansion: usize,
     pub exclude_keys: HashSet<u64>,
     pub exclude_labels: Vec<LabelId>,
@@ -89,7 +91,7 @@ impl Collection {
             // catalogue no longer holds (a copy being replaced right now) and the query
             // item itself are dropped afterwards; only a shortfall takes the filtered path.
             let extra = usize::from(exclude_key.is_some());
-            let found = self.index.search(&vector, p.k.max(p.expansion) + extra)?;
+            let found = self.index.search(&vector, p.k + extra, p.expansion)?;
             let c = self.catalogue();
             let mut found: Vec<(u64, f32)> = found
                 .into_iter()
@@ -106,12 +108,11 @@ impl Collection {
             let keep = |key: u64| {
                 Some(key) != exclude_key && c.get(key).is_some_and(|e| filter.matches(e))
             };
-            let mut count = p.k.max(p.expansion);
+            let mut ef = self.index.candidates(p.k, p.expansion);
             let mut matching = None;
             let mut answer = None;
             for round in 0..=GROWTH_ROUNDS {
-                let mut found = self.index.filtered_search(&vector, count, keep)?;
-                found.truncate(p.k);
+                let found = self.index.filtered_search(&vector, p.k, ef, keep)?;
                 if found.len() >= p.k {
                     answer = Some(found);
                     break;
@@ -124,7 +125,7 @@ impl Collection {
                 }
                 if round < GROWTH_ROUNDS {
                     self.count_expanded();
-                    count = count.saturating_mul(4);
+                    ef = ef.saturating_mul(4);
                 }
             }
             match answer {
@@ -228,7 +229,7 @@ impl Collection {
             generation: self.generation(),
             expanded: 0,
         };
-        let base = opts.k.max(opts.expansion).max(1);
+        let base = self.index.candidates(opts.k, opts.expansion);
         for q in queries {
             let c = self.catalogue();
             let keep = |key: u64| {
@@ -258,7 +259,9 @@ impl Collection {
             let mut found;
             let mut round = 0;
             loop {
-                let raw = self.index.filtered_search(&q.vector, count, keep)?;
+                // All `count` candidates come back, not just k: the distance bounds are
+                // applied to them here, so a floor can skip the nearest few.
+                let raw = self.index.filtered_search(&q.vector, count, count, keep)?;
                 let farthest = raw.last().map(|h| h.1);
                 let walked = raw.len();
                 found = raw

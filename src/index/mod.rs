@@ -3,6 +3,23 @@
 //! usearch allows concurrent adds, removes and searches, each holding one of a fixed
 //! number of thread slots, but not concurrent with `reserve` or `save`. So operations take
 //! a read lock plus a slot, and growth and snapshots take the write lock.
+//!
+//! # Per-query expansion (ef)
+//!
+//! usearch's C++ graph search takes its expansion from a per-call config, but the dense
+//! index fills that config from one shared field (`expansion_search`) and the Rust binding
+//! offers no other way in. Changing that field per query (`change_expansion_search`) is
+//! a data race: two searches with different ef would each run at whichever value was
+//! written last. What the binding does allow is the result count: the graph search runs
+//! with `max(expansion_search, count)` candidates and keeps the `count` best, exactly the
+//! top of the same candidate list. So the index is built with `expansion_search = 1` and
+//! every search asks for `count = max(k, ef)`: the search is the one usearch would run at
+//! that ef, no shared state is written, and concurrent searches at different ef cannot
+//! affect each other. The collection's own `expansion_search` becomes the default ef,
+//! kept here. The price is that usearch copies `count` (key, distance) pairs out instead
+//! of k (12 bytes each); they are cut to k right at this boundary, before any lookup,
+//! and the bench measures the copy against usearch's own per-config search
+//! (docs/benchmarks.md, "Search at equal recall").
 
 pub mod snapshot;
 
@@ -17,10 +34,16 @@ use crate::types::{CollectionSpec, Metric, Precision};
 /// Concurrent usearch operations per index. Callers beyond this wait for a slot.
 const SLOTS: usize = 32;
 
+/// The expansion usearch itself is configured with: the least it allows (0 means its
+/// default, 64). The real ef of each search is its result count (see the module docs).
+const ENGINE_EXPANSION: usize = 1;
+
 pub struct AnnIndex {
     inner: RwLock<usearch::Index>,
     metric: Metric,
     precision: Precision,
+    /// The ef of a search that names none: the collection's `expansion_search`.
+    default_expansion: usize,
     slots: Slots,
     /// Vectors that batches in flight are about to add: capacity is reserved for them
     /// up front, since concurrent batches would otherwise each see room for themselves.
@@ -39,6 +62,7 @@ impl AnnIndex {
             inner: RwLock::new(index),
             metric: spec.metric,
             precision: spec.precision,
+            default_expansion: default_expansion(spec),
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
             viewed: Mutex::new(None),
@@ -67,6 +91,7 @@ impl AnnIndex {
             inner: RwLock::new(index),
             metric: spec.metric,
             precision: spec.precision,
+            default_expansion: default_expansion(spec),
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
             viewed: Mutex::new(Some((path.to_path_buf(), opts))),
@@ -208,32 +233,49 @@ impl AnnIndex {
         }
     }
 
-    /// The `count` nearest keys, nearest first, with API distances.
-    pub fn search(&self, query: &[f32], count: usize) -> Result<Vec<(u64, f32)>> {
+    /// The `k` nearest keys, nearest first, with API distances, found by a graph search
+    /// that keeps `expansion` candidates (0: the collection's `expansion_search`; never
+    /// fewer than k).
+    pub fn search(&self, query: &[f32], k: usize, expansion: usize) -> Result<Vec<(u64, f32)>> {
+        let count = self.candidates(k, expansion);
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
         let m = index.search(query, count)?;
-        Ok(self.matches(m))
+        Ok(self.matches(m, k))
     }
 
-    /// The `count` nearest keys that pass `keep`, nearest first, with API distances.
-    /// Costlier than [`AnnIndex::search`]: `keep` runs for every candidate visited.
+    /// The `k` nearest keys that pass `keep`, nearest first, with API distances, from a
+    /// graph search that keeps `expansion` passing candidates (as [`AnnIndex::search`]).
+    /// Costlier than a plain search: `keep` runs for every candidate visited.
     pub fn filtered_search(
         &self,
         query: &[f32],
-        count: usize,
+        k: usize,
+        expansion: usize,
         keep: impl Fn(u64) -> bool,
     ) -> Result<Vec<(u64, f32)>> {
+        let count = self.candidates(k, expansion);
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
         let m = index.filtered_search(query, count, keep)?;
-        Ok(self.matches(m))
+        Ok(self.matches(m, k))
     }
 
-    fn matches(&self, m: usearch::ffi::Matches) -> Vec<(u64, f32)> {
+    /// The ef a search runs at: what usearch is asked for (see the module docs).
+    pub fn candidates(&self, k: usize, expansion: usize) -> usize {
+        let ef = if expansion == 0 {
+            self.default_expansion
+        } else {
+            expansion
+        };
+        ef.max(k).max(1)
+    }
+
+    fn matches(&self, m: usearch::ffi::Matches, k: usize) -> Vec<(u64, f32)> {
         m.keys
             .into_iter()
             .zip(m.distances)
+            .take(k)
             .map(|(k, d)| (k, self.api_distance(d)))
             .collect()
     }
@@ -279,8 +321,15 @@ fn options(spec: &CollectionSpec) -> IndexOptions {
         },
         connectivity: spec.index.connectivity as usize,
         expansion_add: spec.index.expansion_add as usize,
-        expansion_search: spec.index.expansion_search as usize,
+        expansion_search: ENGINE_EXPANSION,
         multi: false,
+    }
+}
+
+fn default_expansion(spec: &CollectionSpec) -> usize {
+    match spec.index.expansion_search {
+        0 => 64,
+        ef => ef as usize,
     }
 }
 
@@ -399,7 +448,7 @@ mod tests {
                 1,
             )
             .unwrap();
-        let hits = index.search(&[0.0; 4], 2).unwrap();
+        let hits = index.search(&[0.0; 4], 2, 0).unwrap();
         assert_eq!(hits[0], (1, 0.0));
         assert_eq!(hits[1].0, 2);
         assert!((hits[1].1 - 5.0).abs() < 1e-5, "{}", hits[1].1);
@@ -436,14 +485,17 @@ mod tests {
         let viewed = AnnIndex::view(&s, &path).unwrap();
         assert!(viewed.is_view());
         assert_eq!(viewed.len(), 500);
-        assert_eq!(viewed.search(&vectors[42], 1).unwrap()[0].0, 42);
+        assert_eq!(viewed.search(&vectors[42], 1, 0).unwrap()[0].0, 42);
         assert_eq!(viewed.vector(42).unwrap(), vectors[42]);
         viewed
             .add_many(&[(1000, &[7.5, 1.0, 0.0, 2.0][..])], 1)
             .unwrap();
         assert!(!viewed.is_view());
         assert_eq!(viewed.len(), 501);
-        assert_eq!(viewed.search(&[7.5, 1.0, 0.0, 2.0], 1).unwrap()[0].0, 1000);
+        assert_eq!(
+            viewed.search(&[7.5, 1.0, 0.0, 2.0], 1, 0).unwrap()[0].0,
+            1000
+        );
         viewed.remove_many(&[42]).unwrap();
         assert_eq!(viewed.len(), 500);
         // The snapshot file itself never changed.

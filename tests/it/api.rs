@@ -38,7 +38,7 @@ async fn collections_lifecycle() {
     );
     let idx = info.index.unwrap();
     assert_eq!(idx.connectivity, 8);
-    assert_eq!((idx.expansion_add, idx.expansion_search), (128, 64));
+    assert_eq!((idx.expansion_add, idx.expansion_search), (100, 64));
     create(&mut c, "other", 3, pb::Metric::L2).await;
 
     let got = c

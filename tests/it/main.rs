@@ -12,6 +12,7 @@ mod deploy;
 mod embed;
 mod embed_only;
 mod engine;
+mod expansion;
 mod identify;
 mod manifest;
 mod metrics;

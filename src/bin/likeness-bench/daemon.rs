@@ -80,6 +80,8 @@ impl Run {
 #[derive(Debug, Clone, Copy)]
 pub enum Rpc {
     Search,
+    /// Search with this `expansion` (HNSW ef).
+    SearchAt(u32),
     SearchBatch,
     /// GetCollection: a call that does no work, the fixed cost of a gRPC call.
     Trivial,
@@ -105,10 +107,16 @@ pub fn items_client(ch: Channel) -> ItemsClient<Channel> {
 }
 
 pub fn search_request(q: Vec<f32>) -> pb::SearchRequest {
+    search_request_at(q, 0)
+}
+
+/// A k = 10 Search at HNSW ef `expansion` (0: the collection's).
+pub fn search_request_at(q: Vec<f32>, expansion: u32) -> pb::SearchRequest {
     pb::SearchRequest {
         collection: COLLECTION.into(),
         query: Some(vector_query(q)),
         k: 10,
+        expansion,
         ..Default::default()
     }
 }
@@ -405,11 +413,21 @@ impl Daemon {
 
     /// Recall@10 of Search over gRPC against `truth`.
     pub async fn recall(&self, queries: &[Vec<f32>], truth: &[Vec<usize>]) -> Result<f64, String> {
+        self.recall_at(queries, truth, 0).await
+    }
+
+    /// Recall@10 of Search at HNSW ef `expansion` over gRPC against `truth`.
+    pub async fn recall_at(
+        &self,
+        queries: &[Vec<f32>],
+        truth: &[Vec<usize>],
+        expansion: u32,
+    ) -> Result<f64, String> {
         let mut client = self.items().await?;
         let mut found = Vec::with_capacity(queries.len());
         for q in queries {
             let hits = client
-                .search(search_request(q.clone()))
+                .search(search_request_at(q.clone(), expansion))
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -444,7 +462,7 @@ impl Daemon {
             tasks.spawn(async move {
                 let step = match rpc {
                     Rpc::SearchBatch => BATCH_QUERIES,
-                    Rpc::Search | Rpc::Trivial => 1,
+                    Rpc::Search | Rpc::SearchAt(_) | Rpc::Trivial => 1,
                 };
                 let mut lat = Vec::with_capacity(total / clients + 1);
                 let mut i = c * step;
@@ -454,6 +472,12 @@ impl Daemon {
                         Rpc::Search => {
                             items
                                 .search(search_request(queries[i % queries.len()].clone()))
+                                .await
+                                .map_err(status)?;
+                        }
+                        Rpc::SearchAt(ef) => {
+                            items
+                                .search(search_request_at(queries[i % queries.len()].clone(), ef))
                                 .await
                                 .map_err(status)?;
                         }

@@ -13,6 +13,9 @@ use likeness::types::Metric;
 pub enum Which {
     /// Clustered Gaussian vectors (1,000 clusters), `--dim` wide, cosine.
     Synthetic,
+    /// The same with clusters 1.5 times as wide as the spread of their centres, so they
+    /// overlap: a harder set for HNSW (a lower recall at the same ef).
+    Overlapping,
     /// Fashion-MNIST: the train images as 784-d vectors (pixel / 255), L2; queries from
     /// the test images (Debian package dataset-fashion-mnist).
     Fmnist,
@@ -41,13 +44,17 @@ impl Data {
         fmnist_dir: &Path,
     ) -> Result<Data, String> {
         let (describe, dim, metric, vectors, labels, queries) = match which {
-            Which::Synthetic => {
+            Which::Synthetic | Which::Overlapping => {
                 let n = n.unwrap_or(100_000);
-                let (mut vectors, clusters) = synth::clustered(n + recall, dim, 1000, 0.25, 7);
+                let (spread, kind) = match which {
+                    Which::Overlapping => (1.5, "f32 vectors in 1,000 overlapping clusters"),
+                    _ => (0.25, "clustered f32 vectors (1,000 clusters)"),
+                };
+                let (mut vectors, clusters) = synth::clustered(n + recall, dim, 1000, spread, 7);
                 let queries = vectors.split_off(n);
                 let labels = clusters.iter().map(|c| format!("c{c}")).collect();
                 (
-                    format!("{n} x {dim} clustered f32 vectors (1,000 clusters), cosine"),
+                    format!("{n} x {dim} {kind}, cosine"),
                     dim,
                     Metric::Cosine,
                     vectors,

@@ -7,9 +7,11 @@
 //! /proc. The references run in this process: raw sled, usearch, an ONNX Runtime session
 //! and, for one figure, the collections engine without gRPC.
 //!
-//! Parts (`--only`, default all, in this order): ingest, search, embed, mixed, memory,
-//! restart.
+//! Parts (`--only`, default all but curve, in this order): ingest, search, embed, mixed,
+//! memory, restart; and curve (recall against QPS over an ef sweep, on data sets of its
+//! own: `--only curve`).
 
+mod curve;
 mod daemon;
 mod data;
 mod embed;
@@ -28,7 +30,11 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 6] = ["ingest", "search", "embed", "mixed", "memory", "restart"];
+const PARTS: [&str; 7] = [
+    "ingest", "search", "embed", "mixed", "memory", "restart", "curve",
+];
+/// Parts that run only when `--only` names them (long, with data sets of their own).
+const ON_REQUEST: [&str; 1] = ["curve"];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -98,9 +104,35 @@ pub struct Args {
     /// Restarts per restart figure; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub restarts: usize,
-    /// Only run these parts (ingest, search, embed, mixed, memory, restart); default all.
+    /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve);
+    /// default all but curve.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// The data sets of the curve part, each with its own daemon and in-process index
+    /// (`--n` and `--dim` apply to the synthetic ones).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "synthetic,overlapping,fmnist"
+    )]
+    pub curve_datasets: Vec<data::Which>,
+    /// The ef of the curve's sweep.
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128,256,512")]
+    pub curve_efs: Vec<usize>,
+    /// Build parameters to compare in the curve part, as M:ef_add (e.g.
+    /// 16:128,16:100,32:100): usearch's add rate and its recall/QPS sweep for each, in
+    /// process, instead of the daemon's sweep.
+    #[arg(long, value_delimiter = ',')]
+    pub curve_builds: Vec<String>,
+    /// Seconds of usearch's own search per curve run (the query count is set from it,
+    /// at most --queries).
+    #[arg(long, default_value_t = 1.0)]
+    pub curve_secs: f64,
+    /// Where the curve part writes its CSV (bench/plot_curve.py draws it)
+    /// [default: docs/search-curve.csv in the source tree].
+    #[arg(long)]
+    pub curve_csv: Option<PathBuf>,
 }
 
 /// What every part shares.
@@ -220,8 +252,13 @@ async fn run(args: Args) -> Result<(), String> {
     flags.extend(args.daemon_args.iter().cloned());
     let spec = Arc::new(Spec { exe, flags });
     let only = args.only.clone();
-    let want = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
-    let needs_data = PARTS.iter().filter(|p| **p != "embed").any(|p| want(p));
+    let want = |part: &str| {
+        only.iter().any(|p| p == part) || (only.is_empty() && !ON_REQUEST.contains(&part))
+    };
+    let needs_data = PARTS
+        .iter()
+        .filter(|p| **p != "embed" && **p != "curve")
+        .any(|p| want(p));
     let data = if needs_data {
         eprintln!("loading the data");
         Data::load(
@@ -315,6 +352,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if let Some(d) = loaded {
         d.stop().await?;
+    }
+    if want("curve") {
+        curve::run(&ctx).await?;
     }
     Ok(())
 }
