@@ -21,9 +21,7 @@ def proto_root():
     for root in (os.path.join(HERE, "..", "..", "proto"), os.path.join(HERE, "proto")):
         if os.path.isfile(os.path.join(root, PROTO)):
             return os.path.normpath(root)
-    raise FileNotFoundError(
-        f"{PROTO} not found in ../../proto (a checkout) or ./proto (an sdist)"
-    )
+    raise FileNotFoundError(f"{PROTO} not found in ../../proto (a checkout) or ./proto (an sdist)")
 
 
 def generate(out_dir):

@@ -9,12 +9,11 @@ likeness.v1.Items reports SERVING.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +43,18 @@ class Daemon:
         self.log: list[str] = []
         self.proc = subprocess.Popen(
             [
-                str(binary), "serve",
-                "--listen", "127.0.0.1:0",
-                "--data-dir", str(data_dir),
-                "--log-format", "json",
-                "--log", "info,ort=warn",
-                "--shutdown-grace-secs", "2",
+                str(binary),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data_dir),
+                "--log-format",
+                "json",
+                "--log",
+                "info,ort=warn",
+                "--shutdown-grace-secs",
+                "2",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -62,7 +67,9 @@ class Daemon:
         threading.Thread(target=self._read, daemon=True).start()
         if not self._bound.wait(60):
             self.stop()
-            raise RuntimeError("the daemon did not report its address:\n" + "\n".join(self.log[-30:]))
+            raise RuntimeError(
+                "the daemon did not report its address:\n" + "\n".join(self.log[-30:])
+            )
 
     def _read(self) -> None:
         assert self.proc.stderr is not None

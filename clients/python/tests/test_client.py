@@ -7,9 +7,9 @@ import io
 import grpc
 import numpy as np
 import pytest
+from conftest import clustered
 
 import likeness
-from conftest import clustered
 
 
 def cosine_distance(a, b):
@@ -55,7 +55,19 @@ def test_upsert_in_chunks_then_get(client, name):
     ids = [f"v{i}" for i in range(n)]
     labels = [f"k{i % 7}" for i in range(n)]
     metadata = [{"row": str(i)} for i in range(n)]
-    assert client.upsert(name, ids, vectors, labels=labels, metadata=metadata, generation=5, batch_size=128, progress=True) == n
+    assert (
+        client.upsert(
+            name,
+            ids,
+            vectors,
+            labels=labels,
+            metadata=metadata,
+            generation=5,
+            batch_size=128,
+            progress=True,
+        )
+        == n
+    )
     assert client.get_collection(name).count == n
 
     got = client.get(name, ["v999", "nope", "v0", "v500"], with_vectors=True)
@@ -68,7 +80,9 @@ def test_upsert_in_chunks_then_get(client, name):
     assert client.get(name, ["v1"]).vectors is None
 
     # Float64 input and per-item generations; replacing keeps the count.
-    client.upsert(name, ["v0", "v1"], vectors[:2].astype(np.float64) * 2, labels=["z", "z"], generation=[7, 8])
+    client.upsert(
+        name, ["v0", "v1"], vectors[:2].astype(np.float64) * 2, labels=["z", "z"], generation=[7, 8]
+    )
     got = client.get(name, ["v0", "v1"], with_vectors=True)
     assert got.labels == ["z", "z"] and list(got.generations) == [7, 8]
     np.testing.assert_allclose(got.vectors, vectors[:2] * 2)
@@ -107,7 +121,9 @@ def test_search_batch_shapes_and_padding(client, name):
     assert b.ids.shape == (3, 4) and b.distances.shape == (3, 4) and b.vectors.shape == (3, 4, 6)
     assert list(b.ids[:, 0]) == [ids[0], ids[11], ids[25]]
     for q, row in zip(queries, b.distances):
-        np.testing.assert_allclose(row, np.sort(np.linalg.norm(vectors - q, axis=1))[:4], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            row, np.sort(np.linalg.norm(vectors - q, axis=1))[:4], rtol=1e-5, atol=1e-5
+        )
     assert list(b.counts) == [4, 4, 4]
 
     # More k than the filter matches: padded with "" and +inf.
@@ -193,7 +209,9 @@ def test_embed_images_and_tensors(client):
     png = io.BytesIO()
     images[1].save(png, format="PNG")
     np.testing.assert_allclose(client.embed([png.getvalue()], "fmnist-triplet")[0], v[1], atol=1e-5)
-    np.testing.assert_allclose(client.embed(images[1])[0], v[1], atol=1e-5)  # default model, one image
+    np.testing.assert_allclose(
+        client.embed(images[1])[0], v[1], atol=1e-5
+    )  # default model, one image
 
     tensors = np.random.default_rng(0).normal(size=(5, 1, 28, 28)).astype(np.float32)
     t = client.embed(tensors, "fmnist-triplet", batch_size=2)
@@ -208,7 +226,9 @@ def test_model_backed_collection_with_inputs(client, name):
     pytest.importorskip("PIL")
     client.create_collection(name, model="fmnist-triplet")
     images = [_digit(i) for i in range(6)]
-    client.upsert(name, [f"img{i}" for i in range(6)], inputs=images, labels=["a", "a", "a", "b", "b", "b"])
+    client.upsert(
+        name, [f"img{i}" for i in range(6)], inputs=images, labels=["a", "a", "a", "b", "b", "b"]
+    )
     r = client.search(name, images[4], k=1, exact=True)
     assert r.ids == ["img4"]
     got = client.get(name, ["img4"], with_vectors=True, with_inputs=True)

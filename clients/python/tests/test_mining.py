@@ -22,11 +22,26 @@ def test_fnv1a_matches_the_reference_values():
 def test_mine_triplets_positives_share_labels(client, labelled):
     coll, ids, vectors, labels = labelled
     by_id = dict(zip(ids, labels))
-    stream = client.mine_triplets(coll, "semi-hard", margin=0.2, negatives_per_anchor=2, batch_size=64, seed=3, with_vectors=True)
+    stream = client.mine_triplets(
+        coll,
+        "semi-hard",
+        margin=0.2,
+        negatives_per_anchor=2,
+        batch_size=64,
+        seed=3,
+        with_vectors=True,
+    )
     anchors, rows, triplets = [], 0, 0
     for batch in stream:
-        assert len(batch.anchor_ids) == len(batch.negative_ids) == batch.d_an.shape[0] == batch.fallback.shape[0]
-        for a, p, n, dap, dan in zip(batch.anchor_ids, batch.positive_ids, batch.negative_ids, batch.d_ap, batch.d_an):
+        assert (
+            len(batch.anchor_ids)
+            == len(batch.negative_ids)
+            == batch.d_an.shape[0]
+            == batch.fallback.shape[0]
+        )
+        for a, p, n, dap, dan in zip(
+            batch.anchor_ids, batch.positive_ids, batch.negative_ids, batch.d_ap, batch.d_an
+        ):
             assert by_id[a] == by_id[p] and a != p
             assert by_id[n] != by_id[a]
             # The reported distances are the collection's, on the stored vectors.
@@ -48,7 +63,9 @@ def test_mine_triplets_positives_share_labels(client, labelled):
 def test_mine_pairs_same_means_same_label(client, labelled):
     coll, ids, _, labels = labelled
     by_id = dict(zip(ids, labels))
-    stream = client.mine_pairs(coll, "hard", negatives_per_anchor=2, batch_size=100, max_triplets=150)
+    stream = client.mine_pairs(
+        coll, "hard", negatives_per_anchor=2, batch_size=100, max_triplets=150
+    )
     pairs = 0
     for batch in stream:
         for a, b, same, d in zip(batch.a_ids, batch.b_ids, batch.same, batch.distances):

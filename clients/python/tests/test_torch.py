@@ -52,7 +52,9 @@ def test_ranks_times_workers_split_the_anchors(daemon, labelled):
     coll, ids, _, _ = labelled
     per_rank = []
     for rank in range(2):
-        ds = MinedTripletDataset(daemon.address, coll, "random", batch_size=16, rank=rank, world_size=2)
+        ds = MinedTripletDataset(
+            daemon.address, coll, "random", batch_size=16, rank=rank, world_size=2
+        )
         per_rank.append(anchors_of(loader(ds, 2)))
     assert not set(per_rank[0]) & set(per_rank[1])
     assert set(per_rank[0]) | set(per_rank[1]) == set(ids)
@@ -62,7 +64,9 @@ def test_ranks_times_workers_split_the_anchors(daemon, labelled):
 
 def test_triplet_tensors_are_ready_for_a_loss(daemon, labelled):
     coll, _, vectors, _ = labelled
-    ds = MinedTripletDataset(daemon.address, coll, "semi_hard", negatives_per_anchor=2, batch_size=32, seed=2)
+    ds = MinedTripletDataset(
+        daemon.address, coll, "semi_hard", negatives_per_anchor=2, batch_size=32, seed=2
+    )
     model = torch.nn.Linear(16, 8)
     batches = list(loader(ds, 0))
     assert batches
@@ -71,16 +75,22 @@ def test_triplet_tensors_are_ready_for_a_loss(daemon, labelled):
         assert b.data.shape == (u, 16) and b.data.dtype == torch.float32
         assert b.labels.shape == (u,) and b.labels.dtype == torch.int64
         a, p, n = b.indices_tuple
-        assert a.shape == p.shape == n.shape == (len(b),) and int(max(a.max(), p.max(), n.max())) < u
+        assert (
+            a.shape == p.shape == n.shape == (len(b),) and int(max(a.max(), p.max(), n.max())) < u
+        )
         assert torch.equal(b.labels[a], b.labels[p]) and not (b.labels[a] == b.labels[n]).any()
-        assert [b.label_names[c] for c in b.labels.tolist()] == [f"class-{i.split('-')[1]}" for i in b.ids]
+        assert [b.label_names[c] for c in b.labels.tolist()] == [
+            f"class-{i.split('-')[1]}" for i in b.ids
+        ]
         assert b.anchors.shape == b.negatives.shape == (len(b), 16)
         # The distances the daemon reported hold for the vectors it sent.
         cos = F.cosine_similarity(b.anchors, b.negatives)
         assert torch.allclose(1 - cos, b.d_an, atol=1e-4)
     b = batches[0]
     e = model(b.data)
-    loss = F.triplet_margin_loss(e[b.indices_tuple[0]], e[b.indices_tuple[1]], e[b.indices_tuple[2]])
+    loss = F.triplet_margin_loss(
+        e[b.indices_tuple[0]], e[b.indices_tuple[1]], e[b.indices_tuple[2]]
+    )
     loss.backward()
     assert torch.isfinite(loss) and model.weight.grad is not None
     assert torch.isfinite(torch.nn.TripletMarginLoss()(b.anchors, b.positives, b.negatives))
@@ -132,13 +142,19 @@ def test_inputs_dataset_decodes_images(client, daemon, name):
 
     client.create_collection(name, model="fmnist-triplet")
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L") for _ in range(12)]
-    client.upsert(name, [f"im{i}" for i in range(12)], inputs=images, labels=[f"l{i % 3}" for i in range(12)])
+    images = [
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L") for _ in range(12)
+    ]
+    client.upsert(
+        name, [f"im{i}" for i in range(12)], inputs=images, labels=[f"l{i % 3}" for i in range(12)]
+    )
     b = next(iter(loader(MinedTripletDataset(daemon.address, name, "hard", data="inputs"), 0)))
     assert b.data.shape == (len(b.ids), 1, 28, 28)
     first = b.ids.index("im0") if "im0" in b.ids else None
     if first is not None:
-        np.testing.assert_allclose(b.data[first, 0].numpy(), np.asarray(images[0]) / 255.0, atol=1e-6)
+        np.testing.assert_allclose(
+            b.data[first, 0].numpy(), np.asarray(images[0]) / 255.0, atol=1e-6
+        )
 
 
 def test_session_feed_trains_against_the_collection(client, labelled):
@@ -164,5 +180,11 @@ def test_session_feed_trains_against_the_collection(client, labelled):
             opt.step()
             assert model.weight.grad is not None
             # The trainer writes its fresh embeddings back for the next step.
-            client.upsert(coll, step_ids, emb.detach().numpy(), labels=[labels[i] for i in pick], generation=step + 1)
+            client.upsert(
+                coll,
+                step_ids,
+                emb.detach().numpy(),
+                labels=[labels[i] for i in pick],
+                generation=step + 1,
+            )
     client.upsert(coll, ids, vectors, labels=labels)  # restore the shared collection

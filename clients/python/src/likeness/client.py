@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 
 from likeness import _convert as cv
 from likeness.errors import LikenessError, from_rpc_error, translate
-from likeness.mining import PairBatch, PairStream, Session, TripletBatch, TripletStream, mine_request
+from likeness.mining import (
+    PairBatch,
+    PairStream,
+    Session,
+    TripletBatch,
+    TripletStream,
+    mine_request,
+)
 from likeness.types import (
     BatchSearchResult,
     Calibration,
@@ -149,7 +156,9 @@ class Client:
 
     @translate
     def get_collection(self, name: str) -> CollectionInfo:
-        r = self._collections.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout)
+        r = self._collections.GetCollection(
+            pb.GetCollectionRequest(name=name), timeout=self.timeout
+        )
         return CollectionInfo.from_pb(r)
 
     @translate
@@ -160,7 +169,9 @@ class Client:
     @translate
     def delete_collection(self, name: str) -> int:
         """Deletes a collection; returns how many items it held."""
-        r = self._collections.DeleteCollection(pb.DeleteCollectionRequest(name=name), timeout=self.timeout)
+        r = self._collections.DeleteCollection(
+            pb.DeleteCollectionRequest(name=name), timeout=self.timeout
+        )
         return r.deleted
 
     # -- items -----------------------------------------------------------------------
@@ -195,7 +206,12 @@ class Client:
         if vectors is None and inputs is None:
             raise ValueError("give vectors, inputs, or both")
         m = cv.matrix(vectors, "vectors") if vectors is not None else None
-        for what, seq in (("vectors", m), ("labels", labels), ("metadata", metadata), ("inputs", inputs)):
+        for what, seq in (
+            ("vectors", m),
+            ("labels", labels),
+            ("metadata", metadata),
+            ("inputs", inputs),
+        ):
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{len(seq)} {what} for {n} ids")
         if isinstance(labels, str):
@@ -253,7 +269,9 @@ class Client:
         """The items with these ids, in request order; unknown ids are left out."""
         if isinstance(ids, str):
             ids = [ids]
-        req = pb.GetRequest(collection=collection, ids=list(ids), with_vectors=with_vectors, with_inputs=with_inputs)
+        req = pb.GetRequest(
+            collection=collection, ids=list(ids), with_vectors=with_vectors, with_inputs=with_inputs
+        )
         return Items.from_pb(self._items.Get(req, timeout=self.timeout), with_vectors, with_inputs)
 
     @translate
@@ -261,7 +279,9 @@ class Client:
         """Deletes items; returns how many of the ids existed."""
         if isinstance(ids, str):
             ids = [ids]
-        return self._items.Delete(pb.DeleteRequest(collection=collection, ids=list(ids)), timeout=self.timeout).deleted
+        return self._items.Delete(
+            pb.DeleteRequest(collection=collection, ids=list(ids)), timeout=self.timeout
+        ).deleted
 
     @translate
     def search(
@@ -327,7 +347,9 @@ class Client:
             rerank=rerank,
         )
         r = self._items.SearchBatch(req, timeout=self.timeout)
-        results = [SearchResult.from_pb(x, with_vectors, with_metadata, rerank > 0) for x in r.results]
+        results = [
+            SearchResult.from_pb(x, with_vectors, with_metadata, rerank > 0) for x in r.results
+        ]
         return BatchSearchResult.from_results(results, k)
 
     @translate
@@ -381,7 +403,9 @@ class Client:
         out: List[List[float]] = []
         for start in range(0, len(items), batch_size):
             req = pb.EmbedRequest(model=model, inputs=items[start : start + batch_size])
-            out.extend(list(e.values) for e in self._embedder.Embed(req, timeout=self.timeout).embeddings)
+            out.extend(
+                list(e.values) for e in self._embedder.Embed(req, timeout=self.timeout).embeddings
+            )
         return cv.stack_vectors(out)
 
     @translate
@@ -391,11 +415,15 @@ class Client:
 
     @translate
     def get_model(self, name: str) -> ModelInfo:
-        return ModelInfo.from_pb(self._models.GetModel(pb.GetModelRequest(name=name), timeout=self.timeout))
+        return ModelInfo.from_pb(
+            self._models.GetModel(pb.GetModelRequest(name=name), timeout=self.timeout)
+        )
 
     # -- mining ----------------------------------------------------------------------
 
-    def mine_triplets(self, collection: str, strategy: Any = "semi_hard", **options: Any) -> TripletStream:
+    def mine_triplets(
+        self, collection: str, strategy: Any = "semi_hard", **options: Any
+    ) -> TripletStream:
         """One pass of MineTriplets over the anchors: an iterator of TripletBatch; the
         stream's `stats` once it has ended. Options are MineRequest's fields
         (margin, negatives_per_anchor, positives_per_anchor, batch_size, max_triplets,
@@ -406,7 +434,9 @@ class Client:
         req = mine_request(collection, strategy, **options)
         return TripletStream(self._miner.MineTriplets(req), TripletBatch.from_pb)
 
-    def mine_pairs(self, collection: str, strategy: Any = "semi_hard", **options: Any) -> PairStream:
+    def mine_pairs(
+        self, collection: str, strategy: Any = "semi_hard", **options: Any
+    ) -> PairStream:
         """MinePairs: as mine_triplets, as labelled pairs (pos_margin, neg_margin)."""
         req = mine_request(collection, strategy, **options)
         return PairStream(self._miner.MinePairs(req), PairBatch.from_pb)

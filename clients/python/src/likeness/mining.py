@@ -105,7 +105,9 @@ class _WithItems:
         try:
             rows = [self.items[i].vector for i in ids]
         except KeyError as e:
-            raise KeyError(f"item {e} is not in this batch's items: mine with_vectors=True") from None
+            raise KeyError(
+                f"item {e} is not in this batch's items: mine with_vectors=True"
+            ) from None
         if any(r is None for r in rows):
             raise ValueError("this batch carries no vectors: mine with_vectors=True")
         if not rows:
@@ -154,7 +156,9 @@ class TripletBatch(_WithItems):
             d_an=np.array(dan, dtype=np.float32),
             fallback=np.array(fb, dtype=bool),
             items=_items(b.items),
-            generation=(b.generation.oldest, b.generation.newest) if b.HasField("generation") else None,
+            generation=(b.generation.oldest, b.generation.newest)
+            if b.HasField("generation")
+            else None,
             step=b.step,
             stats=MineStats.from_pb(b.stats) if b.HasField("stats") else None,
             raw=b,
@@ -185,7 +189,9 @@ class PairBatch(_WithItems):
             same=np.array([p.same for p in b.pairs], dtype=bool),
             distances=np.array([p.distance for p in b.pairs], dtype=np.float32),
             items=_items(b.items),
-            generation=(b.generation.oldest, b.generation.newest) if b.HasField("generation") else None,
+            generation=(b.generation.oldest, b.generation.newest)
+            if b.HasField("generation")
+            else None,
             stats=MineStats.from_pb(b.stats) if b.HasField("stats") else None,
             raw=b,
         )
@@ -285,7 +291,14 @@ class Session:
     unless given. Use it as a context manager, or call close().
     """
 
-    def __init__(self, stub, collection: str, strategy: Any, options: Dict[str, Any], timeout: Optional[float] = None):
+    def __init__(
+        self,
+        stub,
+        collection: str,
+        strategy: Any,
+        options: Dict[str, Any],
+        timeout: Optional[float] = None,
+    ):
         self._collection = collection
         self._options = dict(options, strategy=strategy)
         self._request: Optional[pb.MineRequest] = mine_request(collection, **self._options)
@@ -357,7 +370,9 @@ class Session:
                 raise from_rpc_error(e) from None
             except StopIteration:
                 self._closed = True
-                raise LikenessError(grpc.StatusCode.UNKNOWN, "the session ended without an answer") from None
+                raise LikenessError(
+                    grpc.StatusCode.UNKNOWN, "the session ended without an answer"
+                ) from None
             return TripletBatch.from_pb(answer)
 
     def close(self) -> None:

@@ -115,7 +115,9 @@ def _data(items: Sequence[MinedItem], use: str, transform: Optional[Transform]) 
     return torch.stack([decode(i.input) for i in items]) if items else torch.zeros((0,))
 
 
-def _unique(batch_items: Dict[str, MinedItem], order: Sequence[str]) -> Tuple[List[str], Dict[str, int]]:
+def _unique(
+    batch_items: Dict[str, MinedItem], order: Sequence[str]
+) -> Tuple[List[str], Dict[str, int]]:
     ids: List[str] = []
     index: Dict[str, int] = {}
     for i in order:
@@ -165,8 +167,14 @@ class MinedTriplets:
     def to(self, device: Any) -> "MinedTriplets":
         a, p, n = self.indices_tuple
         return MinedTriplets(
-            self.data.to(device), self.labels.to(device), (a.to(device), p.to(device), n.to(device)),
-            self.ids, self.label_names, self.d_ap.to(device), self.d_an.to(device), self.stats,
+            self.data.to(device),
+            self.labels.to(device),
+            (a.to(device), p.to(device), n.to(device)),
+            self.ids,
+            self.label_names,
+            self.d_ap.to(device),
+            self.d_an.to(device),
+            self.stats,
         )
 
 
@@ -177,7 +185,9 @@ def triplets_to_tensors(
     transform: Optional[Transform] = None,
 ) -> MinedTriplets:
     """A TripletBatch (mined with_vectors, or with_inputs for use="inputs") as tensors."""
-    order = [x for row in zip(batch.anchor_ids, batch.positive_ids, batch.negative_ids) for x in row]
+    order = [
+        x for row in zip(batch.anchor_ids, batch.positive_ids, batch.negative_ids) for x in row
+    ]
     ids, index = _unique(batch.items, order)
     items = [batch.items[i] for i in ids]
     coder = _Coder(label_ids)
@@ -246,7 +256,9 @@ def pairs_to_tensors(
     items = [batch.items[i] for i in ids]
     coder = _Coder(label_ids)
     labels = torch.tensor([coder(i.label) for i in items], dtype=torch.int64)
-    pairs = torch.tensor([[index[a], index[b]] for a, b in zip(batch.a_ids, batch.b_ids)], dtype=torch.int64)
+    pairs = torch.tensor(
+        [[index[a], index[b]] for a, b in zip(batch.a_ids, batch.b_ids)], dtype=torch.int64
+    )
     return MinedPairs(
         data=_data(items, use, transform),
         labels=labels,
