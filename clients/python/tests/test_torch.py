@@ -60,6 +60,8 @@ def test_ranks_times_workers_split_the_anchors(daemon, labelled):
     assert set(per_rank[0]) | set(per_rank[1]) == set(ids)
     assert max((per_rank[0] + per_rank[1]).values()) == 1
     assert current_shard(rank=1, world_size=2) == (1, 2)  # outside a worker
+    with pytest.raises(ValueError, match="rank 2"):
+        current_shard(rank=2, world_size=2)
 
 
 def test_triplet_tensors_are_ready_for_a_loss(daemon, labelled):
@@ -150,11 +152,9 @@ def test_inputs_dataset_decodes_images(client, daemon, name):
     )
     b = next(iter(loader(MinedTripletDataset(daemon.address, name, "hard", data="inputs"), 0)))
     assert b.data.shape == (len(b.ids), 1, 28, 28)
-    first = b.ids.index("im0") if "im0" in b.ids else None
-    if first is not None:
-        np.testing.assert_allclose(
-            b.data[first, 0].numpy(), np.asarray(images[0]) / 255.0, atol=1e-6
-        )
+    for row, item_id in enumerate(b.ids):
+        pixels = np.asarray(images[int(item_id[2:])], dtype=np.float32) / 255.0
+        np.testing.assert_allclose(b.data[row, 0].numpy(), pixels, atol=1e-6)
 
 
 def test_session_feed_trains_against_the_collection(client, labelled):

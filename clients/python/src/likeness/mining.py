@@ -386,6 +386,11 @@ class Session:
                 except grpc.RpcError:
                     pass
 
+    def __del__(self) -> None:
+        # An abandoned session still ends its request stream, so the call can finish.
+        if not getattr(self, "_closed", True):
+            self._queue.put(_CLOSE)
+
     def __enter__(self) -> "Session":
         return self
 

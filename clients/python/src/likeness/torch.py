@@ -74,6 +74,8 @@ def current_shard(rank: Optional[int] = None, world_size: Optional[int] = None) 
             world_size = dist.get_world_size() if world_size is None else world_size
         else:
             rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size}")
     info = get_worker_info()
     workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
     return rank * workers + worker, world_size * workers
