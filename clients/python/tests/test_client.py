@@ -47,7 +47,7 @@ def test_bad_collection_names_the_field(client):
         client.create_collection("x", 4, "manhattan")
 
 
-def test_upsert_in_chunks_then_get(client, name):
+def test_upsert_in_chunks_then_get(client, name, capsys):
     client.create_collection(name, 8, "cosine")
     rng = np.random.default_rng(3)
     n = 1000
@@ -68,6 +68,7 @@ def test_upsert_in_chunks_then_get(client, name):
         )
         == n
     )
+    assert "1000/1000" in capsys.readouterr().err, "the progress bar reached the end"
     assert client.get_collection(name).count == n
 
     got = client.get(name, ["v999", "nope", "v0", "v500"], with_vectors=True)
