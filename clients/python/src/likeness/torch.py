@@ -341,7 +341,8 @@ class MinedTripletDataset(_MinedDataset):
 
     address: the daemon ("host:port"); each worker opens its own channel. strategy and
     options: as Client.mine_triplets (batch_size anchors per element, margin, seed, ...;
-    shard, with_vectors and with_inputs are the dataset's to set). data: "vectors" (the
+    shard, with_vectors and with_inputs are the dataset's to set; max_triplets bounds
+    each shard, not the total). data: "vectors" (the
     stored vectors) or "inputs" (the stored inputs, through `transform`, default
     decode_input). label_ids: a fixed label -> int table; default: codes per batch.
     rank, world_size: default from torch.distributed.
