@@ -225,7 +225,8 @@ def test_embed_images_and_tensors(client):
 
 def test_model_backed_collection_with_inputs(client, name):
     pytest.importorskip("PIL")
-    client.create_collection(name, model="fmnist-triplet")
+    info = client.create_collection(name, model="fmnist-triplet", pair_model="fmnist-pair")
+    assert info.dimension == 64 and info.keep_inputs and info.pair_model == "fmnist-pair"
     images = [_digit(i) for i in range(6)]
     client.upsert(
         name, [f"img{i}" for i in range(6)], inputs=images, labels=["a", "a", "a", "b", "b", "b"]
@@ -235,7 +236,14 @@ def test_model_backed_collection_with_inputs(client, name):
     got = client.get(name, ["img4"], with_vectors=True, with_inputs=True)
     assert got.vectors.shape == (1, 64) and got.inputs[0].WhichOneof("kind") == "image"
     v = client.verify(name, images[0], "img0")
-    assert v.distance == pytest.approx(0.0, abs=1e-5)
+    assert v.distance == pytest.approx(0.0, abs=1e-5) and v.pair_score is not None
+
+    # Re-ranked by the pair model: scores come back, best first.
+    r = client.search(name, images[2], k=3, rerank=6)
+    assert r.pair_scores.shape == (3,) and np.all(np.isfinite(r.pair_scores))
+    assert np.all(np.diff(r.pair_scores) <= 0)
+    b = client.search_batch(name, [images[2], "img1"], k=2, rerank=4)
+    assert b.ids.shape == (2, 2) and b[0].pair_scores.shape == (2,)
 
 
 def test_unavailable_daemon_raises():
