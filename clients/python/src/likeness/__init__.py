@@ -1,0 +1,82 @@
+"""likeness: a Python client for the likeness similarity daemon.
+
+    import likeness
+    with likeness.Client("127.0.0.1:50051") as c:
+        c.create_collection("faces", dimension=128, metric="cosine")
+        c.upsert("faces", ids, vectors, labels=labels, progress=True)
+        hits = c.search("faces", vectors[0], k=5)
+
+Mining for training: `Client.mine_triplets`, `Client.mine_pairs`, `Client.session`;
+PyTorch datasets over them in `likeness.torch` (the `likeness[torch]` extra).
+"""
+
+from likeness._convert import image_input, tensor_input
+from likeness.client import Client
+from likeness.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    LikenessError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from likeness.mining import (
+    MinedItem,
+    MineStats,
+    PairBatch,
+    PairStream,
+    Session,
+    TripletBatch,
+    TripletStream,
+    fnv1a,
+    shard_of,
+)
+from likeness.types import (
+    BatchSearchResult,
+    Calibration,
+    Classification,
+    CollectionInfo,
+    Items,
+    ModelInfo,
+    SearchResult,
+    Verification,
+    Vote,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "image_input",
+    "tensor_input",
+    "LikenessError",
+    "InvalidArgument",
+    "NotFound",
+    "AlreadyExists",
+    "ResourceExhausted",
+    "Unavailable",
+    "DeadlineExceeded",
+    "Cancelled",
+    "Internal",
+    "MinedItem",
+    "MineStats",
+    "PairBatch",
+    "PairStream",
+    "Session",
+    "TripletBatch",
+    "TripletStream",
+    "fnv1a",
+    "shard_of",
+    "BatchSearchResult",
+    "Calibration",
+    "Classification",
+    "CollectionInfo",
+    "Items",
+    "ModelInfo",
+    "SearchResult",
+    "Verification",
+    "Vote",
+]

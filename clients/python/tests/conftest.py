@@ -1,0 +1,142 @@
+"""A real daemon for the tests: the likeness binary on 127.0.0.1:0 with a temp data dir.
+
+The binary is $LIKENESS_BIN, else the newer of target/debug/likeness (what `cargo test`
+builds) and target/release/likeness at the repository's root. The daemon logs JSON;
+the fixture reads the bound address from its "listening" line and waits until
+likeness.v1.Items reports SERVING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import likeness
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def daemon_binary() -> Path:
+    given = os.environ.get("LIKENESS_BIN")
+    if given:
+        return Path(given)
+    built = [REPO / "target" / p / "likeness" for p in ("debug", "release")]
+    built = [b for b in built if b.is_file()]
+    if not built:
+        pytest.exit(
+            "no likeness binary: run `cargo build --bin likeness` (or set LIKENESS_BIN)",
+            returncode=2,
+        )
+    return max(built, key=lambda b: b.stat().st_mtime)
+
+
+class Daemon:
+    def __init__(self, binary: Path, data_dir: Path):
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data_dir),
+                "--log-format",
+                "json",
+                "--log",
+                "info,ort=warn",
+                "--shutdown-grace-secs",
+                "2",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._bound = threading.Event()
+        self.address = ""
+        # Drains stderr for the daemon's whole life, so a chatty log never blocks it.
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._bound.wait(60):
+            self.stop()
+            raise RuntimeError(
+                "the daemon did not report its address:\n" + "\n".join(self.log[-30:])
+            )
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip())
+            if not self._bound.is_set():
+                try:
+                    fields = json.loads(line).get("fields", {})
+                except ValueError:
+                    continue
+                if fields.get("message") == "listening":
+                    self.address = fields["addr"]
+                    self._bound.set()
+        self._bound.set()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory):
+    d = Daemon(daemon_binary(), tmp_path_factory.mktemp("likeness-data"))
+    yield d
+    d.stop()
+    assert d.proc.returncode == 0, "the daemon did not stop cleanly:\n" + "\n".join(d.log[-30:])
+
+
+@pytest.fixture(scope="session")
+def client(daemon):
+    with likeness.Client(daemon.address, timeout=60) as c:
+        c.wait_ready(60)
+        yield c
+
+
+_names = iter(range(1_000_000))
+
+
+@pytest.fixture
+def name(request):
+    """A fresh collection name per test."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name[:40]) + f"-{next(_names)}"
+
+
+def clustered(labels: int, per_label: int, dim: int, spread: float = 0.15, seed: int = 0):
+    """per_label noisy copies of `labels` random unit centres: (ids, vectors, labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(labels, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vectors, names, ids = [], [], []
+    for c in range(labels):
+        for j in range(per_label):
+            vectors.append(centres[c] + spread * rng.normal(size=dim))
+            names.append(f"class-{c}")
+            ids.append(f"item-{c}-{j}")
+    return ids, np.asarray(vectors, dtype=np.float32), names
+
+
+@pytest.fixture(scope="session")
+def labelled(client):
+    """A cosine collection of 8 labels x 30 items, 16-d, shared by the mining tests."""
+    ids, vectors, labels = clustered(8, 30, 16, seed=1)
+    client.create_collection("labelled", 16, "cosine")
+    client.upsert("labelled", ids, vectors, labels=labels)
+    return "labelled", ids, vectors, labels

@@ -1,0 +1,152 @@
+"""Mining through the client: triplets, pairs, shards, Sessions and their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import likeness
+
+
+def cosine_distance(a, b):
+    return 1.0 - float(a @ b) / float(np.linalg.norm(a) * np.linalg.norm(b))
+
+
+def test_fnv1a_matches_the_reference_values():
+    # Published FNV-1a 64 test vectors.
+    assert likeness.fnv1a(b"") == 0xCBF29CE484222325
+    assert likeness.fnv1a(b"a") == 0xAF63DC4C8601EC8C
+    assert likeness.fnv1a(b"foobar") == 0x85944171F73967E8
+
+
+def test_mine_triplets_positives_share_labels(client, labelled):
+    coll, ids, vectors, labels = labelled
+    by_id = dict(zip(ids, labels))
+    stream = client.mine_triplets(
+        coll,
+        "semi-hard",
+        margin=0.2,
+        negatives_per_anchor=2,
+        batch_size=64,
+        seed=3,
+        with_vectors=True,
+    )
+    anchors, rows, triplets = [], 0, 0
+    for batch in stream:
+        assert (
+            len(batch.anchor_ids)
+            == len(batch.negative_ids)
+            == batch.d_an.shape[0]
+            == batch.fallback.shape[0]
+        )
+        for a, p, n, dap, dan in zip(
+            batch.anchor_ids, batch.positive_ids, batch.negative_ids, batch.d_ap, batch.d_an
+        ):
+            assert by_id[a] == by_id[p] and a != p
+            assert by_id[n] != by_id[a]
+            # The reported distances are the collection's, on the stored vectors.
+            va, vp, vn = batch.vectors([a, p, n])
+            assert dap == pytest.approx(cosine_distance(va, vp), abs=1e-4)
+            assert dan == pytest.approx(cosine_distance(va, vn), abs=1e-4)
+            assert batch.items[n].label == by_id[n]
+        anchors.extend(batch.raw.triplets[i].anchor_id for i in range(len(batch.raw.triplets)))
+        rows += len(batch)
+        triplets += len(batch.raw.triplets)
+        assert len(batch) == sum(len(t.negative_ids) for t in batch.raw.triplets)
+        assert batch.vectors(batch.anchor_ids).shape == (len(batch), 16)
+    assert sorted(anchors) == sorted(ids), "one pass: every labelled item is an anchor once"
+    assert stream.stats is not None and stream.stats.anchors == len(ids)
+    # One row per (anchor, positive, negative); SEMI_HARD may find fewer than asked.
+    assert stream.stats.triplets == triplets and triplets <= rows <= 2 * triplets
+
+
+def test_mine_pairs_same_means_same_label(client, labelled):
+    coll, ids, _, labels = labelled
+    by_id = dict(zip(ids, labels))
+    stream = client.mine_pairs(
+        coll, "hard", negatives_per_anchor=2, batch_size=100, max_triplets=150
+    )
+    pairs = 0
+    for batch in stream:
+        for a, b, same, d in zip(batch.a_ids, batch.b_ids, batch.same, batch.distances):
+            assert bool(same) == (by_id[a] == by_id[b])
+            assert d >= 0
+        pairs += len(batch)
+        assert batch.items == {}, "no items unless asked"
+    assert 0 < pairs and stream.stats.pairs == pairs
+
+
+def test_shards_are_disjoint_and_cover_every_anchor(client, labelled):
+    coll, ids, _, _ = labelled
+    seen = []
+    for index in range(2):
+        anchors = set()
+        for batch in client.mine_triplets(coll, "random", shard=(index, 2), batch_size=32):
+            anchors.update(batch.anchor_ids)
+        # The client's hash agrees with the daemon's.
+        assert all(likeness.shard_of(a, 2) == index for a in anchors)
+        seen.append(anchors)
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(ids)
+
+
+def test_a_stream_can_stop_early(client, labelled):
+    coll = labelled[0]
+    with client.mine_triplets(coll, "hard", batch_size=4) as stream:
+        first = next(iter(stream))
+        assert len(first) > 0
+    # The daemon keeps serving after a cancelled stream.
+    assert client.get_collection(coll).count == len(labelled[1])
+
+
+def test_bad_mining_requests_raise_with_the_field(client, labelled):
+    coll = labelled[0]
+    with pytest.raises(likeness.NotFound):
+        list(client.mine_triplets("no-such-collection", "hard"))
+    with pytest.raises(likeness.InvalidArgument, match="shard"):
+        list(client.mine_triplets(coll, "hard", shard=(2, 2)))
+    with pytest.raises(likeness.InvalidArgument, match=r"anchors\.ids\[1\]"):
+        list(client.mine_pairs(coll, "hard", anchors=[labelled[1][0], "nope"]))
+    with pytest.raises(likeness.InvalidArgument, match="strategy"):
+        list(client.mine_triplets(coll, 0))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        client.mine_triplets(coll, "hardest")
+    with pytest.raises(TypeError, match="unknown mining option"):
+        client.mine_triplets(coll, "hard", negatives=3)
+
+
+def test_session_steps_with_fresh_vectors(client, labelled):
+    coll, ids, vectors, labels = labelled
+    by_id = dict(zip(ids, labels))
+    rng = np.random.default_rng(7)
+    with client.session(coll, "hard", negatives_per_anchor=1, with_vectors=True) as s:
+        for step in range(3):
+            pick = rng.choice(len(ids), size=12, replace=False)
+            step_ids = [ids[i] for i in pick]
+            fresh = vectors[pick] + 0.01 * rng.normal(size=(12, 16)).astype(np.float32)
+            b = s.step(step_ids, fresh)
+            assert b.step == step and b.stats.anchors == 12
+            assert set(b.anchor_ids) <= set(step_ids)
+            for a, p, n, dap in zip(b.anchor_ids, b.positive_ids, b.negative_ids, b.d_ap):
+                assert by_id[a] == by_id[p] and by_id[a] != by_id[n]
+                # Distances are measured from the vectors the step sent.
+                va = fresh[step_ids.index(a)]
+                assert dap == pytest.approx(cosine_distance(va, b.items[p].vector), abs=1e-4)
+        # A new anchor with a label and a vector; new options from the next step on.
+        s.update(strategy="random", negatives_per_anchor=3)
+        b = s.step(["brand-new"], vectors[:1], labels=["class-0"], step=10)
+        assert b.step == 10 and set(b.anchor_ids) == {"brand-new"}
+        assert len(b) == 3 and all(by_id[n] != "class-0" for n in b.negative_ids)
+
+
+def test_session_errors_name_the_step(client, labelled):
+    coll, ids, _, _ = labelled
+    s = client.session(coll, "hard")
+    s.step(ids[:2])
+    with pytest.raises(likeness.InvalidArgument, match=r"steps\[1\]\.anchors\[0\]\.vector"):
+        s.step(ids[:1], np.ones((1, 3)))
+    with pytest.raises(RuntimeError, match="closed"):
+        s.step(ids[:1])
+    s.close()
+    with pytest.raises(ValueError, match=r"\(2, d\)"):
+        client.session(coll, "hard").step(ids[:2], np.ones((3, 16)))
