@@ -318,7 +318,8 @@ mod tests {
         );
         assert_eq!(
             field(RawSpec {
-                skip_nearest: 64,
+                candidates: 10,
+                skip_nearest: 10,
                 ..raw()
             }),
             "skip_nearest"
