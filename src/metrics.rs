@@ -309,26 +309,6 @@ pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send 
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[1.0, 2.0]);
-        for v in [0.5, 1.5, 1.5, 9.0] {
-            h.observe(v);
-        }
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"2\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"), "{out}");
-        assert!(out.contains("x_sum{a=\"b\"} 12.5\n"), "{out}");
-        assert!(out.contains("x_count{a=\"b\"} 4\n"), "{out}");
-    }
-}
-
 /// The whole exposition: the daemon's own families, then what the core knows now
 /// (collections, embedders, group commit, mining).
 pub fn render(app: &crate::app::App) -> String {
@@ -559,4 +539,24 @@ pub async fn start(
     let _ = own.address.set(bound);
     tracing::info!(addr = %bound, "metrics at GET /metrics");
     Ok(Some(tokio::spawn(serve(l, render))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[1.0, 2.0]);
+        for v in [0.5, 1.5, 1.5, 9.0] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"2\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_sum{a=\"b\"} 12.5\n"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 4\n"), "{out}");
+    }
 }

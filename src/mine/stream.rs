@@ -269,33 +269,30 @@ fn anchor_ids(p: &Prepared) -> Result<Vec<Arc<str>>> {
 
 /// The stored anchors of `ids` as they are now (an id deleted meanwhile is skipped).
 fn stored_anchors(coll: &Collection, ids: &[Arc<str>]) -> Result<Vec<AnchorIn>> {
-    let found: Vec<(Arc<str>, u64, u32, Arc<str>, u64)> = {
+    // Resolved under the catalogue lock; vectors are read after it is released.
+    let found: Vec<(u64, AnchorIn)> = {
         let c = coll.catalogue();
         ids.iter()
             .filter_map(|id| {
                 let key = c.key_of(id)?;
                 let e = c.get(key)?;
-                Some((
-                    e.id.clone(),
-                    key,
-                    e.label,
-                    Arc::from(c.label_name(e.label)),
-                    e.generation,
-                ))
+                let anchor = AnchorIn {
+                    id: e.id.clone(),
+                    key: Some(key),
+                    label: Some(e.label),
+                    label_name: Arc::from(c.label_name(e.label)),
+                    vector: Vec::new(),
+                    generation: e.generation,
+                };
+                Some((key, anchor))
             })
             .collect()
     };
     let mut out = Vec::with_capacity(found.len());
-    for (id, key, label, label_name, generation) in found {
+    for (key, mut anchor) in found {
         if let Some(vector) = coll.vector(key)? {
-            out.push(AnchorIn {
-                id,
-                key: Some(key),
-                label: Some(label),
-                label_name,
-                vector,
-                generation,
-            });
+            anchor.vector = vector;
+            out.push(anchor);
         }
     }
     Ok(out)

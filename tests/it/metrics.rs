@@ -12,6 +12,11 @@ use tokio_stream::StreamExt;
 
 use crate::common::*;
 
+/// A parsed scrape: (sample name, sorted labels) -> value.
+type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+/// What the parser script prints per sample.
+type Row = (String, Vec<(String, String)>, f64);
+
 async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -25,7 +30,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 /// Every sample as (name, sorted labels) -> value, through prometheus-client's parser:
 /// it fails on anything that is not valid exposition text.
-fn parse(text: &str) -> HashMap<(String, Vec<(String, String)>), f64> {
+fn parse(text: &str) -> Samples {
     let tools = std::env::var("LIKENESS_TOOLS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| {
@@ -67,16 +72,11 @@ print(json.dumps(out))
         "the Prometheus parser refused the scrape: {}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<(String, Vec<(String, String)>, f64)> =
-        serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<Row> = serde_json::from_slice(&out.stdout).unwrap();
     rows.into_iter().map(|(n, l, v)| ((n, l), v)).collect()
 }
 
-fn value(
-    m: &HashMap<(String, Vec<(String, String)>), f64>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
+fn value(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut l: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
