@@ -8,13 +8,14 @@
 //! and, for one figure, the collections engine without gRPC.
 //!
 //! Parts (`--only`, default all, in this order): ingest, search, embed, mixed, memory,
-//! restart.
+//! restart; and mine, which runs only when named (it loads a daemon per `--mine-n`).
 
 mod daemon;
 mod data;
 mod embed;
 mod engine;
 mod lifecycle;
+mod mine;
 mod mixed;
 mod procfs;
 mod reference;
@@ -28,7 +29,9 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 6] = ["ingest", "search", "embed", "mixed", "memory", "restart"];
+const PARTS: [&str; 7] = [
+    "ingest", "search", "embed", "mixed", "memory", "restart", "mine",
+];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -98,7 +101,46 @@ pub struct Args {
     /// Restarts per restart figure; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub restarts: usize,
-    /// Only run these parts (ingest, search, embed, mixed, memory, restart); default all.
+    /// mine: corpus sizes, one fresh daemon each.
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    pub mine_n: Vec<usize>,
+    /// mine: items per class (the corpus has N / this classes).
+    #[arg(long, default_value_t = 100)]
+    pub mine_per_class: usize,
+    /// mine: anchors per timed run (a seeded sample of the corpus).
+    #[arg(long, default_value_t = 10_000)]
+    pub mine_anchors: usize,
+    /// mine: anchors the exact miner mines and the agreement covers (the head of the
+    /// sample).
+    #[arg(long, default_value_t = 2_000)]
+    pub exact_anchors: usize,
+    /// mine: runs of the exact miner (inside one process; the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub exact_runs: usize,
+    /// mine: the Python that runs bench/exact_miner.py (needs numpy and faiss-cpu).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// mine: the exact miner.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/exact_miner.py"))]
+    pub exact_script: PathBuf,
+    /// mine: one more flag for the exact miner (repeatable), e.g. --exact-arg=--engine=numpy.
+    #[arg(long = "exact-arg", allow_hyphen_values = true)]
+    pub exact_args: Vec<String>,
+    /// mine: keep the .npy files the exact miner reads here (default: a temp dir,
+    /// removed).
+    #[arg(long)]
+    pub mine_dir: Option<PathBuf>,
+    /// mine: the N whose daemon also gets the slow-reader memory figure (0: none).
+    #[arg(long, default_value_t = 100_000)]
+    pub mine_memory_n: usize,
+    /// mine: triplets in the slow reader's stream (its max_triplets).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub mine_memory_triplets: u64,
+    /// mine: how long the slow reader sleeps after each message, ms.
+    #[arg(long, default_value_t = 250)]
+    pub mine_slow_ms: u64,
+    /// Only run these parts (ingest, search, embed, mixed, memory, restart, mine); default
+    /// all but mine.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -220,8 +262,12 @@ async fn run(args: Args) -> Result<(), String> {
     flags.extend(args.daemon_args.iter().cloned());
     let spec = Arc::new(Spec { exe, flags });
     let only = args.only.clone();
-    let want = |part: &str| only.is_empty() || only.iter().any(|p| p == part);
-    let needs_data = PARTS.iter().filter(|p| **p != "embed").any(|p| want(p));
+    let want = |part: &str| only.iter().any(|p| p == part) || (only.is_empty() && part != "mine");
+    // mine generates labelled corpora of its own.
+    let needs_data = PARTS
+        .iter()
+        .filter(|p| !matches!(**p, "embed" | "mine"))
+        .any(|p| want(p));
     let data = if needs_data {
         eprintln!("loading the data");
         Data::load(
@@ -315,6 +361,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if let Some(d) = loaded {
         d.stop().await?;
+    }
+    if want("mine") {
+        mine::run(&ctx).await?;
     }
     Ok(())
 }
