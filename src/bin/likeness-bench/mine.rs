@@ -272,18 +272,20 @@ async fn mine(
 
 /// usearch's kNN for every anchor row on `threads` threads: the k nearest of another
 /// label (a predicate over a label array, the cheapest filter there is), or with
-/// `filtered` false the plain k + 1 nearest. Returns anchors/s and the neighbours.
+/// `filtered` false the plain k + 1 nearest. Returns anchors/s, this process's CPU µs
+/// per anchor and the neighbours.
 fn usearch_knn(
     index: &usearch::Index,
     corpus: &Corpus,
     anchors: &[usize],
     threads: usize,
     filtered: bool,
-) -> (f64, Vec<Vec<u64>>) {
+) -> (f64, f64, Vec<Vec<u64>>) {
     let mut out = vec![Vec::new(); anchors.len()];
     let chunk = anchors.len().div_ceil(threads.max(1)).max(1);
     let labels = &corpus.labels;
     let vectors = &corpus.data.vectors;
+    let cpu = Meter::start(None);
     let start = Instant::now();
     std::thread::scope(|s| {
         for (part, outs) in anchors.chunks(chunk).zip(out.chunks_mut(chunk)) {
@@ -302,13 +304,15 @@ fn usearch_knn(
             });
         }
     });
-    (anchors.len() as f64 / start.elapsed().as_secs_f64(), out)
+    let rate = anchors.len() as f64 / start.elapsed().as_secs_f64();
+    (rate, cpu.stop().per(anchors.len()).1, out)
 }
 
 /// The exact miner's report (bench/exact_miner.py's JSON).
 #[derive(Debug, Default, serde::Deserialize)]
 struct Exact {
     anchors_per_second: Vec<f64>,
+    cpu_us_per_anchor: Vec<f64>,
     anchors_per_second_all_positives: Vec<f64>,
     #[serde(default)]
     exact_fallback_share: f64,
@@ -359,6 +363,8 @@ pub struct SizeResult {
     usearch_filtered: Stat,
     usearch_plain: Stat,
     exact: Stat,
+    /// CPU µs per anchor: likeness (daemon + client), usearch filtered, exact.
+    cpu: (f64, f64, f64),
 }
 
 /// Writes the agreement inputs: likeness's SEMI_HARD choices (several positives) and
@@ -585,12 +591,13 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         crate::reference::usearch_add(&corpus.data.vectors, Metric::Cosine, params, threads)?;
     eprintln!("mine: usearch add {add_rate:.0} vectors/s; agreement runs");
     agreement_inputs(&d, &dir, exact_anchors).await?;
-    let (_, found) = usearch_knn(&index, &corpus, exact_anchors, threads, true);
+    let (_, _, found) = usearch_knn(&index, &corpus, exact_anchors, threads, true);
     check_reference(&found, &corpus, exact_anchors)?;
 
     let (mut lk, mut lk_many, mut per_anchor, mut uf, mut up) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut cpu = Vec::new();
+    let (mut uf_cpu, mut up_cpu) = (Vec::new(), Vec::new());
     let mut server_rates = Vec::new();
     let mut fallbacks = 0.0;
     let mut second = 0.0;
@@ -603,8 +610,10 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
             None,
         )
         .await?;
-        let (f, _) = usearch_knn(&index, &corpus, &anchors, threads, true);
-        let (u, _) = usearch_knn(&index, &corpus, &anchors, threads, false);
+        let (f, f_cpu, _) = usearch_knn(&index, &corpus, &anchors, threads, true);
+        let (u, u_cpu, _) = usearch_knn(&index, &corpus, &anchors, threads, false);
+        uf_cpu.push(f_cpu);
+        up_cpu.push(u_cpu);
         let rate = one.anchors as f64 / one.secs;
         eprintln!(
             "mine N={n} run {}/{runs}: likeness {:.0} anchors/s (x{MANY_POSITIVES} positives: {:.0} anchors/s, {:.0} triplets/s), usearch filtered kNN {:.0}/s, plain {:.0}/s",
@@ -647,6 +656,11 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         stat(cpu.iter().map(|c| c.0).collect()).median,
         stat(cpu.iter().map(|c| c.1).collect()).median,
     );
+    // CPU per anchor: likeness's is the daemon's and the client's together.
+    let lk_cpu = stat(cpu.iter().map(|c| c.0 + c.1).collect()).median;
+    let uf_cpu = stat(uf_cpu).median;
+    let up_cpu = stat(up_cpu).median;
+    let ex_cpu = stat(exact.cpu_us_per_anchor.clone()).median;
 
     println!(
         "### N = {n} ({} classes; {} anchors per run, {} for the exact miner; k = {K}, ef = {})\n",
@@ -655,30 +669,33 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         exact_anchors.len(),
         params.expansion_search
     );
-    println!("| system | anchors/s | likeness / it |");
-    println!("|---|---|---|");
+    println!("| system | anchors/s | likeness / it | CPU µs per anchor | likeness / it, by CPU |");
+    println!("|---|---|---|---|---|");
     println!(
-        "| likeness MineTriplets over gRPC, SEMI_HARD, 1 positive, 1 negative ({dc:.0} µs daemon CPU, {cc:.0} µs client CPU per anchor; server-side {:.0}/s) | {lk} | 1.00 |",
+        "| likeness MineTriplets over gRPC, SEMI_HARD, 1 positive, 1 negative (daemon {dc:.0} µs + client {cc:.0} µs CPU per anchor; server-side {:.0}/s) | {lk} | 1.00 | {lk_cpu:.0} | 1.00 |",
         stat(server_rates).median
     );
     println!(
-        "| likeness, {MANY_POSITIVES} positives per anchor sharing one kNN ({per_anchor:.2} triplets per anchor, {:.0} triplets/s) | {lk_many} | - |",
+        "| likeness, {MANY_POSITIVES} positives per anchor sharing one kNN ({per_anchor:.2} triplets per anchor, {:.0} triplets/s) | {lk_many} | - | - | - |",
         lk_many.median * per_anchor,
     );
     println!(
-        "| usearch in-process filtered kNN (anchor's label excluded), {threads} threads | {uf} | {:.2} |",
-        lk.median / uf.median
+        "| usearch in-process filtered kNN (anchor's label excluded), {threads} threads | {uf} | {:.2} | {uf_cpu:.0} | {:.2} |",
+        lk.median / uf.median,
+        uf_cpu / lk_cpu
     );
     println!(
-        "| usearch in-process plain kNN (k + 1), {threads} threads | {up} | {:.2} |",
-        lk.median / up.median
+        "| usearch in-process plain kNN (k + 1), {threads} threads | {up} | {:.2} | {up_cpu:.0} | {:.2} |",
+        lk.median / up.median,
+        up_cpu / lk_cpu
     );
     println!(
-        "| exact miner (faiss IndexFlatIP, {threads} threads), 1 positive | {ex} | {:.2} |",
+        "| exact miner (faiss IndexFlatIP, {threads} threads), 1 positive | {ex} | {:.2} | {ex_cpu:.0} | {:.2} |",
         lk.median / ex.median,
+        ex_cpu / lk_cpu
     );
     println!(
-        "| exact miner, {MANY_POSITIVES} positives (likeness x{MANY_POSITIVES} / it) | {ex_many} | {:.2} |",
+        "| exact miner, {MANY_POSITIVES} positives (likeness x{MANY_POSITIVES} / it) | {ex_many} | {:.2} | - | - |",
         lk_many.median / ex_many.median
     );
     println!();
@@ -715,15 +732,15 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         usearch_filtered: uf,
         usearch_plain: up,
         exact: ex,
+        cpu: (lk_cpu, uf_cpu, ex_cpu),
     })
 }
 
-/// The N at which the two rates cross, interpolated on log N between the sizes that
-/// bracket it.
-fn crossover(results: &[SizeResult]) -> Option<f64> {
-    let ratio = |r: &SizeResult| (r.likeness.median / r.exact.median).ln();
+/// The N at which likeness and the exact miner cross (`ratio` of likeness over exact
+/// goes through 1), interpolated on log N between the sizes that bracket it.
+fn crossover(results: &[SizeResult], ratio: impl Fn(&SizeResult) -> f64) -> Option<f64> {
     for w in results.windows(2) {
-        let (a, b) = (ratio(&w[0]), ratio(&w[1]));
+        let (a, b) = (ratio(&w[0]).ln(), ratio(&w[1]).ln());
         if a <= 0.0 && b > 0.0 {
             let (la, lb) = ((w[0].n as f64).ln(), (w[1].n as f64).ln());
             return Some((la + (lb - la) * (-a) / (b - a)).exp());
@@ -746,12 +763,13 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     }
     println!("### Against the exact miner, by N\n");
     println!(
-        "| N | likeness anchors/s | x{MANY_POSITIVES} positives: triplets/s | usearch filtered kNN /s | usearch plain kNN /s | likeness / usearch filtered | exact anchors/s | likeness / exact |"
+        "| N | likeness anchors/s | x{MANY_POSITIVES} positives: triplets/s | usearch filtered kNN /s | usearch plain kNN /s | likeness / usearch filtered | exact anchors/s | likeness / exact | CPU µs/anchor: likeness, usearch filtered, exact | by CPU: likeness / usearch filtered, likeness / exact |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
+        let (lc, uc, ec) = r.cpu;
         println!(
-            "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {:.2} |",
+            "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {:.2} | {lc:.0}, {uc:.0}, {ec:.0} | {:.2}, {:.2} |",
             r.n,
             r.likeness,
             r.likeness_many.median * r.triplets_per_anchor_many,
@@ -759,18 +777,28 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
             r.usearch_plain,
             r.likeness.median / r.usearch_filtered.median,
             r.exact,
-            r.likeness.median / r.exact.median
+            r.likeness.median / r.exact.median,
+            uc / lc,
+            ec / lc
         );
     }
     println!();
-    match crossover(&results) {
-        Some(x) => println!(
-            "likeness and the exact miner cross at N of about {x:.0} (below it, exact is faster).\n"
-        ),
-        None if results.iter().all(|r| r.likeness.median > r.exact.median) => {
-            println!("likeness is faster than the exact miner at every N measured.\n")
+    let by_rate = |r: &SizeResult| r.likeness.median / r.exact.median;
+    let by_cpu = |r: &SizeResult| r.cpu.2 / r.cpu.0;
+    for (what, ratio) in [
+        ("anchors/s", &by_rate as &dyn Fn(&SizeResult) -> f64),
+        ("CPU per anchor", &by_cpu),
+    ] {
+        match crossover(&results, ratio) {
+            Some(x) => println!(
+                "By {what}, likeness and the exact miner cross at N of about {x:.0} (below it, exact is faster)."
+            ),
+            None if results.iter().all(|r| ratio(r) > 1.0) => {
+                println!("By {what}, likeness is faster than the exact miner at every N measured.")
+            }
+            None => println!("By {what}, no crossing between the sizes measured."),
         }
-        None => println!("no crossing between the sizes measured.\n"),
     }
+    println!();
     Ok(())
 }
