@@ -130,6 +130,10 @@ pub struct Args {
     /// removed).
     #[arg(long)]
     pub mine_dir: Option<PathBuf>,
+    /// mine: the largest N that also gets the in-process usearch reference (building it
+    /// takes as long as the ingest).
+    #[arg(long, default_value_t = usize::MAX)]
+    pub mine_usearch_max_n: usize,
     /// mine: the N whose daemon also gets the slow-reader memory figure (0: none).
     #[arg(long, default_value_t = 100_000)]
     pub mine_memory_n: usize,

@@ -587,12 +587,24 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         ingest.rate
     );
     let params = IndexParams::default();
-    let (index, add_rate, _) =
-        crate::reference::usearch_add(&corpus.data.vectors, Metric::Cosine, params, threads)?;
-    eprintln!("mine: usearch add {add_rate:.0} vectors/s; agreement runs");
+    // Building the reference costs as much as the ingest: above --mine-usearch-max-n it
+    // is left out (the exact miner still runs).
+    let index = if n <= args.mine_usearch_max_n {
+        let (index, add_rate, _) =
+            crate::reference::usearch_add(&corpus.data.vectors, Metric::Cosine, params, threads)?;
+        eprintln!("mine: usearch add {add_rate:.0} vectors/s");
+        let (_, _, found) = usearch_knn(&index, &corpus, exact_anchors, threads, true);
+        check_reference(&found, &corpus, exact_anchors)?;
+        Some(index)
+    } else {
+        eprintln!(
+            "mine: no in-process usearch reference above N = {}",
+            args.mine_usearch_max_n
+        );
+        None
+    };
+    eprintln!("mine: agreement runs");
     agreement_inputs(&d, &dir, exact_anchors).await?;
-    let (_, _, found) = usearch_knn(&index, &corpus, exact_anchors, threads, true);
-    check_reference(&found, &corpus, exact_anchors)?;
 
     let (mut lk, mut lk_many, mut per_anchor, mut uf, mut up) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -610,10 +622,18 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
             None,
         )
         .await?;
-        let (f, f_cpu, _) = usearch_knn(&index, &corpus, &anchors, threads, true);
-        let (u, u_cpu, _) = usearch_knn(&index, &corpus, &anchors, threads, false);
-        uf_cpu.push(f_cpu);
-        up_cpu.push(u_cpu);
+        let (f, u) = match &index {
+            Some(index) => {
+                let (f, f_cpu, _) = usearch_knn(index, &corpus, &anchors, threads, true);
+                let (u, u_cpu, _) = usearch_knn(index, &corpus, &anchors, threads, false);
+                uf_cpu.push(f_cpu);
+                up_cpu.push(u_cpu);
+                uf.push(f);
+                up.push(u);
+                (f, u)
+            }
+            None => (f64::NAN, f64::NAN),
+        };
         let rate = one.anchors as f64 / one.secs;
         eprintln!(
             "mine N={n} run {}/{runs}: likeness {:.0} anchors/s (x{MANY_POSITIVES} positives: {:.0} anchors/s, {:.0} triplets/s), usearch filtered kNN {:.0}/s, plain {:.0}/s",
@@ -643,8 +663,6 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
             .copied()
             .unwrap_or(0) as f64
             / many.triplets.max(1) as f64;
-        uf.push(f);
-        up.push(u);
     }
     eprintln!("mine: the exact miner on {} anchors", exact_anchors.len());
     let exact = run_exact(ctx, &dir, args.exact_runs.max(1))?;
