@@ -2,34 +2,36 @@
 """An exact triplet miner, the one a trainer would write without an ANN index.
 
 It is the reference `likeness-bench --only mine` measures likeness's Miner against: the
-same vectors, anchors and positives, mined by brute force with blocked matrix products
-on OpenBLAS (what sentence-transformers' mining utilities do with faiss IndexFlatIP or
-torch), then compared with what likeness chose.
+same vectors, anchors and positives, mined by brute force, then compared with what
+likeness chose.
 
 Per block of anchors:
-  1. S = Q @ X.T, the cosine similarities of the block to the whole corpus (one GEMM);
-  2. the anchor's own label is struck out through a label index (about N / classes
-     entries per anchor, not a mask over all N);
-  3. one argpartition per row keeps the `pool` nearest negatives, then a sort of those;
-  4. per positive, the semi-hard negative is the nearest negative strictly beyond d_ap:
+  1. the nearest negatives: with --engine faiss (the default), faiss's exact
+     IndexFlatIP (blocked GEMM on BLAS plus heaps, OpenMP threads) for the `pool` +
+     (largest label) nearest, the anchor's own label dropped afterwards, the way
+     sentence-transformers' mining drops positives from a faiss search; with --engine
+     numpy, one GEMM against the whole corpus, the own label struck out through a label
+     index, one argpartition per row;
+  2. per positive, the semi-hard negative is the nearest negative strictly beyond d_ap:
      inside (d_ap, d_ap + margin) it is semi-hard, past it a fallback (the definition
      the Miner implements). When every pooled negative is nearer than the positive, the
      whole row is searched, so the answer is always exact;
-  5. the `hard_k` nearest negatives, for the HARD overlap.
+  3. the `hard_k` nearest negatives, for the HARD overlap.
 
-Rows are split among `--threads` Python threads; numpy releases the GIL in the GEMM and
-in argpartition, so with OPENBLAS_NUM_THREADS=1 each thread keeps one core busy. (With
-one Python thread and OPENBLAS_NUM_THREADS=2 only the GEMM runs on both cores; see
---mode.)
+With --engine numpy, rows are split among `--threads` Python threads (--mode rows; numpy
+releases the GIL in the GEMM and in argpartition, one BLAS thread each), or the GEMM runs
+on `--threads` BLAS threads from one Python thread (--mode blas).
 
 Input (DIR, written by the bench): vectors.npy (N x d float32, unit rows), labels.npy (N
 int64), anchors.npy (A int64 rows), positives.npy (A x P int64 rows, -1 for none). With
 likeness_semi.npy (A x P, -1 for none), likeness_fallback.npy (A x P uint8) and
-likeness_hard.npy (A x K, -1 for none) it also reports agreement.
+likeness_hard.npy (A x K, -1 for none) it also reports agreement. Each run is timed with
+one positive per anchor, then with all P.
 
 Output: one JSON object on stdout.
 
-    OPENBLAS_NUM_THREADS=1 python3 bench/exact_miner.py DIR --threads 2
+    python3 -m pip install --user numpy faiss-cpu
+    python3 bench/exact_miner.py DIR --threads 2
 """
 
 import argparse
