@@ -267,9 +267,12 @@ fn anchor_ids(p: &Prepared) -> Result<Vec<Arc<str>>> {
     Ok(ids)
 }
 
+/// What the catalogue says of a stored anchor: id, key, label, label name, generation.
+type Catalogued = (Arc<str>, u64, u32, Arc<str>, u64);
+
 /// The stored anchors of `ids` as they are now (an id deleted meanwhile is skipped).
 fn stored_anchors(coll: &Collection, ids: &[Arc<str>]) -> Result<Vec<AnchorIn>> {
-    let found: Vec<(Arc<str>, u64, u32, Arc<str>, u64)> = {
+    let found: Vec<Catalogued> = {
         let c = coll.catalogue();
         ids.iter()
             .filter_map(|id| {

@@ -411,7 +411,7 @@ async fn distance_weighted_draws_follow_their_target_distribution() {
     }
     let bin = |x: f64| edges.iter().take_while(|e| x > **e).count();
     let chi2 = |draws: &[(String, f64)]| {
-        let mut expected = vec![0.0; 10];
+        let mut expected = [0.0; 10];
         let mut observed = vec![0.0; 10];
         for (a, x) in draws {
             for (y, p) in &target[a] {
@@ -551,7 +551,7 @@ async fn random_negatives_spread_over_the_other_labels() {
     assert_eq!(stats.anchors, 2000);
     assert_eq!(triplets.len(), 2000);
     // Uniform over the other labels: every other label shows up, near equally.
-    let mut per_label = vec![0usize; 10];
+    let mut per_label = [0usize; 10];
     for t in &triplets {
         for n in &t.negative_ids {
             per_label[c.labels[c.at(n)]] += 1;
@@ -798,7 +798,7 @@ async fn min_generation_leaves_out_stale_vectors_and_pairs_follow_their_margins(
     create(&mut colls, "m", 8, pb::Metric::Cosine).await;
     let mut items = server.items().await;
     let mut rng = Rng::new(3);
-    let gen_of = |i: usize| if i % 2 == 0 { 1 } else { 5 };
+    let gen_of = |i: usize| if i.is_multiple_of(2) { 1 } else { 5 };
     items
         .upsert(pb::UpsertRequest {
             collection: "m".into(),
