@@ -7,9 +7,10 @@
 //! /proc. The references run in this process: raw sled, usearch, an ONNX Runtime session
 //! and, for one figure, the collections engine without gRPC.
 //!
-//! Parts (`--only`, default all but curve, in this order): ingest, search, embed, mixed,
-//! memory, restart; and curve (recall against QPS over an ef sweep, on data sets of its
-//! own: `--only curve`).
+//! Parts (`--only`, default all but curve and mine, in this order): ingest, search,
+//! embed, mixed, memory, restart; and two that run only when named, with data sets of
+//! their own: curve (recall against QPS over an ef sweep) and mine (a daemon per
+//! `--mine-n`).
 
 mod curve;
 mod daemon;
@@ -17,6 +18,7 @@ mod data;
 mod embed;
 mod engine;
 mod lifecycle;
+mod mine;
 mod mixed;
 mod procfs;
 mod reference;
@@ -30,11 +32,11 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 7] = [
-    "ingest", "search", "embed", "mixed", "memory", "restart", "curve",
+const PARTS: [&str; 8] = [
+    "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine",
 ];
 /// Parts that run only when `--only` names them (long, with data sets of their own).
-const ON_REQUEST: [&str; 1] = ["curve"];
+const ON_REQUEST: [&str; 2] = ["curve", "mine"];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -104,8 +106,50 @@ pub struct Args {
     /// Restarts per restart figure; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub restarts: usize,
-    /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve);
-    /// default all but curve.
+    /// mine: corpus sizes, one fresh daemon each.
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    pub mine_n: Vec<usize>,
+    /// mine: items per class (the corpus has N / this classes).
+    #[arg(long, default_value_t = 100)]
+    pub mine_per_class: usize,
+    /// mine: anchors per timed run (a seeded sample of the corpus).
+    #[arg(long, default_value_t = 10_000)]
+    pub mine_anchors: usize,
+    /// mine: anchors the exact miner mines and the agreement covers (the head of the
+    /// sample).
+    #[arg(long, default_value_t = 2_000)]
+    pub exact_anchors: usize,
+    /// mine: runs of the exact miner (inside one process; the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub exact_runs: usize,
+    /// mine: the Python that runs bench/exact_miner.py (needs numpy and faiss-cpu).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// mine: the exact miner.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/exact_miner.py"))]
+    pub exact_script: PathBuf,
+    /// mine: one more flag for the exact miner (repeatable), e.g. --exact-arg=--engine=numpy.
+    #[arg(long = "exact-arg", allow_hyphen_values = true)]
+    pub exact_args: Vec<String>,
+    /// mine: keep the .npy files the exact miner reads here (default: a temp dir,
+    /// removed).
+    #[arg(long)]
+    pub mine_dir: Option<PathBuf>,
+    /// mine: the largest N that also gets the in-process usearch reference (building it
+    /// takes as long as the ingest).
+    #[arg(long, default_value_t = usize::MAX)]
+    pub mine_usearch_max_n: usize,
+    /// mine: the N whose daemon also gets the slow-reader memory figure (0: none).
+    #[arg(long, default_value_t = 100_000)]
+    pub mine_memory_n: usize,
+    /// mine: triplets in the slow reader's stream (its max_triplets).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub mine_memory_triplets: u64,
+    /// mine: how long the slow reader sleeps after each message, ms.
+    #[arg(long, default_value_t = 250)]
+    pub mine_slow_ms: u64,
+    /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve, mine);
+    /// default all but curve and mine.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The data sets of the curve part, each with its own daemon and in-process index
@@ -255,9 +299,10 @@ async fn run(args: Args) -> Result<(), String> {
     let want = |part: &str| {
         only.iter().any(|p| p == part) || (only.is_empty() && !ON_REQUEST.contains(&part))
     };
+    // curve and mine generate data sets of their own.
     let needs_data = PARTS
         .iter()
-        .filter(|p| **p != "embed" && **p != "curve")
+        .filter(|p| !matches!(**p, "embed" | "curve" | "mine"))
         .any(|p| want(p));
     let data = if needs_data {
         eprintln!("loading the data");
@@ -355,6 +400,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if want("curve") {
         curve::run(&ctx).await?;
+    }
+    if want("mine") {
+        mine::run(&ctx).await?;
     }
     Ok(())
 }
