@@ -199,6 +199,42 @@ async fn metrics_are_prometheus_text_and_count_what_happened() {
     assert!(value(&m, "likeness_commit_flush_duration_seconds_count", &[]) >= 1.0);
     assert!(value(&m, "likeness_recovery_seconds", &[]) >= 0.0);
 
+    // Every series the Grafana dashboard queries is one the daemon exports.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/likeness.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let exported: std::collections::HashSet<&str> =
+        m.keys().map(|(name, _)| name.as_str()).collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("likeness_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                // A family may have no samples yet (no model loaded): its TYPE line counts.
+                let histogram = ["_bucket", "_sum", "_count"].iter().any(|sfx| {
+                    name.strip_suffix(sfx)
+                        .is_some_and(|base| body.contains(&format!("# TYPE {base} histogram\n")))
+                });
+                let typed = body.contains(&format!("# TYPE {name} "));
+                assert!(
+                    exported.contains(name.as_str()) || histogram || typed,
+                    "the dashboard queries {name}, which /metrics lacks"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 10, "{queried} series in the dashboard");
+
     // Anything but GET /metrics is a 404.
     let (head, _) = http_get(addr, "/other").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
