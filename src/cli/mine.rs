@@ -168,56 +168,68 @@ pub async fn mine(addr: &str, args: MineArgs) -> Result<(), String> {
     let write_err = |e: std::io::Error| format!("writing: {e}");
     let mut done = 0usize;
     let mut anchors_seen = std::collections::HashSet::new();
-    let stats = if args.pairs {
-        let mut stream = client.mine_pairs(req).await.map_err(status)?.into_inner();
-        let mut stats = None;
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(status)?;
-            for p in &batch.pairs {
-                let line = serde_json::json!({"a": p.a_id, "b": p.b_id, "same": p.same, "distance": p.distance});
-                writeln!(out, "{line}").map_err(write_err)?;
-                anchors_seen.insert(p.a_id.clone());
-            }
-            done = if args.max_triplets > 0 {
-                done + batch.pairs.len()
-            } else {
-                anchors_seen.len()
-            };
-            progress.show(done.min(total), start.elapsed());
-            if batch.last {
-                stats = batch.stats;
-            }
-        }
-        stats
+    // Both streams as one: per message, (anchor, JSON line) rows and the final stats.
+    type Rows = (
+        Vec<(String, serde_json::Value)>,
+        Option<pb::MineStats>,
+        bool,
+    );
+    let mut stream: std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<Rows, String>> + Send>,
+    > = if args.pairs {
+        let s = client.mine_pairs(req).await.map_err(status)?.into_inner();
+        Box::pin(s.map(|b| {
+                let b = b.map_err(status)?;
+                let rows = b
+                    .pairs
+                    .into_iter()
+                    .map(|p| {
+                        let line = serde_json::json!({"a": p.a_id, "b": p.b_id, "same": p.same, "distance": p.distance});
+                        (p.a_id, line)
+                    })
+                    .collect();
+                Ok((rows, b.stats, b.last))
+            }))
     } else {
-        let mut stream = client
+        let s = client
             .mine_triplets(req)
             .await
             .map_err(status)?
             .into_inner();
-        let mut stats = None;
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(status)?;
-            for t in &batch.triplets {
-                let line = serde_json::json!({
-                    "anchor": t.anchor_id, "positive": t.positive_id, "negatives": t.negative_ids,
-                    "d_ap": t.d_ap, "d_an": t.d_an, "fallback": t.fallback,
-                });
-                writeln!(out, "{line}").map_err(write_err)?;
-                anchors_seen.insert(t.anchor_id.clone());
-            }
-            done = if args.max_triplets > 0 {
-                done + batch.triplets.len()
-            } else {
-                anchors_seen.len()
-            };
-            progress.show(done.min(total), start.elapsed());
-            if batch.last {
-                stats = batch.stats;
-            }
-        }
-        stats
+        Box::pin(s.map(|b| {
+                let b = b.map_err(status)?;
+                let rows = b
+                    .triplets
+                    .into_iter()
+                    .map(|t| {
+                        let line = serde_json::json!({
+                            "anchor": t.anchor_id, "positive": t.positive_id, "negatives": t.negative_ids,
+                            "d_ap": t.d_ap, "d_an": t.d_an, "fallback": t.fallback,
+                        });
+                        (t.anchor_id, line)
+                    })
+                    .collect();
+                Ok((rows, b.stats, b.last))
+            }))
     };
+    let mut stats = None;
+    while let Some(message) = stream.next().await {
+        let (rows, message_stats, last) = message?;
+        let n = rows.len();
+        for (anchor, line) in rows {
+            writeln!(out, "{line}").map_err(write_err)?;
+            anchors_seen.insert(anchor);
+        }
+        done = if args.max_triplets > 0 {
+            done + n
+        } else {
+            anchors_seen.len()
+        };
+        progress.show(done.min(total), start.elapsed());
+        if last {
+            stats = message_stats;
+        }
+    }
     out.flush().map_err(write_err)?;
     progress.finish();
     let Some(s) = stats else {

@@ -495,3 +495,29 @@ pub async fn get(
         .into_inner()
         .items
 }
+
+/// Upserts `vectors` as items `p0`, `p1`, ... labelled `c<cluster>`, 2,000 per request.
+pub async fn upsert_clustered(
+    items: &mut ItemsClient<Channel>,
+    collection: &str,
+    vectors: &[Vec<f32>],
+    clusters: &[usize],
+) {
+    for (b, chunk) in vectors.chunks(2000).enumerate() {
+        let batch = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let n = b * 2000 + i;
+                item(&format!("p{n}"), &format!("c{}", clusters[n]), v.clone())
+            })
+            .collect();
+        items
+            .upsert(pb::UpsertRequest {
+                collection: collection.into(),
+                items: batch,
+            })
+            .await
+            .unwrap();
+    }
+}

@@ -35,23 +35,7 @@ async fn hard_collection(server: &TestServer) -> Vec<Vec<f32>> {
     let (vectors, clusters) = clustered(N + QUERIES, DIM, 50, 1.0, 11);
     let (data, queries) = vectors.split_at(N);
     let mut items = server.items().await;
-    for (b, chunk) in data.chunks(2000).enumerate() {
-        let batch = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let n = b * 2000 + i;
-                item(&format!("p{n}"), &format!("c{}", clusters[n]), v.clone())
-            })
-            .collect();
-        items
-            .upsert(pb::UpsertRequest {
-                collection: "hard".into(),
-                items: batch,
-            })
-            .await
-            .unwrap();
-    }
+    upsert_clustered(&mut items, "hard", data, &clusters).await;
     queries.to_vec()
 }
 

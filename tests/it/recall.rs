@@ -43,23 +43,7 @@ async fn recall_at_10_on_20k_clustered_vectors_survives_restart() {
     let (vectors, clusters) = clustered(N + QUERIES, DIM, 200, 0.35, 42);
     let (data, queries) = vectors.split_at(N);
     let mut items = server.items().await;
-    for (b, chunk) in data.chunks(2000).enumerate() {
-        let batch = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let n = b * 2000 + i;
-                item(&format!("p{n}"), &format!("c{}", clusters[n]), v.clone())
-            })
-            .collect();
-        items
-            .upsert(pb::UpsertRequest {
-                collection: "clusters".into(),
-                items: batch,
-            })
-            .await
-            .unwrap();
-    }
+    upsert_clustered(&mut items, "clusters", data, &clusters).await;
     let before = recall(&server, queries).await;
     println!("recall@10 = {before:.4}");
     assert!(before >= 0.95, "recall@10 {before} < 0.95");
