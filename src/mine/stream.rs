@@ -21,7 +21,7 @@ use super::job::{self, AnchorIn, ChunkOut, MinedItem, Mode, Pair, Rules, Stats, 
 use super::spec::{Anchors, MineSpec, RawSpec};
 use crate::collections::{Collection, Registry, validate};
 use crate::error::{Error, Field, Result};
-use crate::pool::WorkPool;
+use crate::pool::{Priority, WorkPool};
 use crate::rng::Rng;
 
 /// Batches a job may run ahead of its reader.
@@ -379,14 +379,15 @@ async fn mine_batch(
     }
 }
 
-/// Queues a job on the search pool, waiting (briefly, repeatedly) while the pool is
-/// full: a mining stream is a long job that should yield to searches, not fail.
+/// Queues a job on the search pool as background work (searches go first), waiting
+/// (briefly, repeatedly) while its queue is full: a mining stream is a long job that
+/// should yield to searches, not fail.
 async fn submit<T: Send + 'static>(
     pool: &WorkPool,
     job: impl FnOnce() -> Result<T> + Send + Clone + 'static,
 ) -> Result<T> {
     loop {
-        match pool.run(job.clone()).await {
+        match pool.run_at(Priority::Background, job.clone()).await {
             Err(Error::ResourceExhausted(_)) => tokio::time::sleep(Duration::from_millis(2)).await,
             other => return other,
         }

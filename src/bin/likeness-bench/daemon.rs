@@ -41,6 +41,9 @@ pub struct Daemon {
     dir: PathBuf,
     child: Option<Child>,
     spawns: usize,
+    /// The metrics port of the latest spawn (GET /metrics), unless the flags set their
+    /// own --metrics-listen.
+    metrics: Option<u16>,
 }
 
 /// One timed run of a load: units (queries, vectors, images) per second, per-call
@@ -143,6 +146,7 @@ impl Daemon {
             dir: crate::reference::temp_dir("daemon")?,
             child: None,
             spawns: 0,
+            metrics: None,
         };
         let mut tries = 0;
         loop {
@@ -200,12 +204,27 @@ impl Daemon {
         let log = std::fs::File::create(self.log_path(self.spawns)).map_err(|e| e.to_string())?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         self.spawns += 1;
-        let child = Command::new(&self.spec.exe)
-            .arg("serve")
+        let mut cmd = Command::new(&self.spec.exe);
+        cmd.arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
-            .arg(self.dir.join("data"))
+            .arg(self.dir.join("data"));
+        // A metrics port of its own, so that two daemons (or a daemon and a test) never
+        // contend for the default 9090.
+        self.metrics = None;
+        if !self
+            .spec
+            .flags
+            .iter()
+            .any(|f| f.starts_with("--metrics-listen"))
+        {
+            let metrics = free_port()?;
+            cmd.arg("--metrics-listen")
+                .arg(format!("127.0.0.1:{metrics}"));
+            self.metrics = Some(metrics);
+        }
+        let child = cmd
             .args(&self.spec.flags)
             .stdin(Stdio::null())
             .stdout(log)
@@ -351,12 +370,23 @@ impl Daemon {
     }
 
     pub async fn create(&self, dim: usize, metric: pb::Metric) -> Result<(), String> {
+        self.create_at(dim, metric, pb::Precision::F32).await
+    }
+
+    /// The bench collection with its index at `precision`.
+    pub async fn create_at(
+        &self,
+        dim: usize,
+        metric: pb::Metric,
+        precision: pb::Precision,
+    ) -> Result<(), String> {
         self.collections()
             .await?
             .create_collection(pb::CreateCollectionRequest {
                 name: COLLECTION.into(),
                 dimension: dim as u32,
                 metric: metric as i32,
+                precision: precision as i32,
                 ..Default::default()
             })
             .await
@@ -373,8 +403,18 @@ impl Daemon {
         writers: usize,
     ) -> Result<Run, String> {
         self.create(data.dim, data.pb_metric()).await?;
-        let batches: Vec<Vec<pb::Item>> =
-            data.items.chunks(batch.max(1)).map(<[_]>::to_vec).collect();
+        self.upsert_all(&data.items, batch, writers).await
+    }
+
+    /// Upserts `items` into the existing bench collection in batches of `batch` from
+    /// `writers` concurrent clients; the rate is acknowledged vectors/s.
+    pub async fn upsert_all(
+        &self,
+        items: &[pb::Item],
+        batch: usize,
+        writers: usize,
+    ) -> Result<Run, String> {
+        let batches: Vec<Vec<pb::Item>> = items.chunks(batch.max(1)).map(<[_]>::to_vec).collect();
         let next = Arc::new(AtomicUsize::new(0));
         let batches = Arc::new(batches);
         let mut clients = Vec::new();
@@ -408,7 +448,7 @@ impl Daemon {
         while let Some(r) = tasks.join_next().await {
             lat.extend(r.map_err(|e| e.to_string())??);
         }
-        Ok(Run::new(data.n(), start.elapsed(), lat, cpu.stop()))
+        Ok(Run::new(items.len(), start.elapsed(), lat, cpu.stop()))
     }
 
     /// Recall@10 of Search over gRPC against `truth`.
@@ -664,6 +704,35 @@ impl Daemon {
         });
         let ingest_run = ingest.map(|_| Run::new(upserted, write_end - start, write_lat, cpu));
         Ok((search_run, ingest_run, cpu))
+    }
+
+    /// The data dir the daemon runs on (its --data-dir).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The value of one metric line (`name{labels}` exactly as exported) from GET
+    /// /metrics, or None when the daemon exports no such line.
+    pub async fn metric(&self, series: &str) -> Result<Option<f64>, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = self
+            .metrics
+            .ok_or("the daemon has no metrics port of the bench's")?;
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("metrics port {port}: {e}"))?;
+        sock.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        sock.read_to_string(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(body.lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        }))
     }
 
     /// The daemon's resident memory now, KiB: (VmRSS, RssAnon, VmHWM).

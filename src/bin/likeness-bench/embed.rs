@@ -61,6 +61,27 @@ fn png(h: u32, w: u32, px: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out.into_inner())
 }
 
+/// The model name in a manifest.
+pub fn model_name(model: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(model).map_err(|e| format!("{}: {e}", model.display()))?;
+    let manifest: Manifest =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", model.display()))?;
+    Ok(manifest.name)
+}
+
+/// The images of a uint8 N x H x W .npy file as PNG inputs.
+pub fn png_inputs(images: &Path) -> Result<Vec<pb::Input>, String> {
+    let (h, w, raw) = likeness::cli::load::npy_images(images)?;
+    raw.iter()
+        .map(|px| {
+            Ok(pb::Input {
+                kind: Some(pb::input::Kind::Image(png(h, w, px)?)),
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
 /// A CPU figure in µs, as a table cell.
 fn us(x: f64) -> String {
     format!("{x:.0}")

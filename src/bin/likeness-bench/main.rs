@@ -7,10 +7,11 @@
 //! /proc. The references run in this process: raw sled, usearch, an ONNX Runtime session
 //! and, for one figure, the collections engine without gRPC.
 //!
-//! Parts (`--only`, default all but curve and mine, in this order): ingest, search,
-//! embed, mixed, memory, restart; and two that run only when named, with data sets of
-//! their own: curve (recall against QPS over an ef sweep) and mine (a daemon per
-//! `--mine-n`).
+//! Parts (`--only`, default all but curve, mine, load and sizing, in this order):
+//! ingest, search, embed, mixed, memory, restart; and four that run only when named:
+//! curve (recall against QPS over an ef sweep) and mine (a daemon per `--mine-n`), with
+//! data sets of their own; load (1,000 streams beside a mixed unary load for 60 s); and
+//! sizing (memory and disk by N, dimension and precision, a daemon per cell).
 
 mod curve;
 mod daemon;
@@ -18,11 +19,13 @@ mod data;
 mod embed;
 mod engine;
 mod lifecycle;
+mod load;
 mod mine;
 mod mixed;
 mod procfs;
 mod reference;
 mod search;
+mod sizing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,11 +35,11 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 8] = [
-    "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine",
+const PARTS: [&str; 10] = [
+    "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine", "load", "sizing",
 ];
-/// Parts that run only when `--only` names them (long, with data sets of their own).
-const ON_REQUEST: [&str; 2] = ["curve", "mine"];
+/// Parts that run only when `--only` names them (long, or with data sets of their own).
+const ON_REQUEST: [&str; 4] = ["curve", "mine", "load", "sizing"];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -148,8 +151,33 @@ pub struct Args {
     /// mine: how long the slow reader sleeps after each message, ms.
     #[arg(long, default_value_t = 250)]
     pub mine_slow_ms: u64,
-    /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve, mine);
-    /// default all but curve and mine.
+    /// load: concurrent streams held open (EmbedStream, Session, MineTriplets and
+    /// UpsertStream in turn).
+    #[arg(long, default_value_t = 1000)]
+    pub load_streams: usize,
+    /// load: HTTP/2 connections the streams share.
+    #[arg(long, default_value_t = 50)]
+    pub load_connections: usize,
+    /// load: each stream sends (or reads) one message per this many ms.
+    #[arg(long, default_value_t = 1000)]
+    pub load_interval_ms: u64,
+    /// load: concurrent unary callers (Search, Upsert, Embed), each as fast as answered.
+    #[arg(long, default_value_t = 32)]
+    pub load_unary: usize,
+    /// load: seconds the load lasts.
+    #[arg(long, default_value_t = 60.0)]
+    pub load_secs: f64,
+    /// sizing: corpus sizes, one fresh daemon per size, dimension and precision.
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    pub sizing_n: Vec<usize>,
+    /// sizing: dimensions.
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    pub sizing_dims: Vec<usize>,
+    /// sizing: index precisions (f32, f16, i8).
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8")]
+    pub sizing_precisions: Vec<String>,
+    /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve, mine,
+    /// load, sizing); default all but curve, mine, load and sizing.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The data sets of the curve part, each with its own daemon and in-process index
@@ -299,10 +327,10 @@ async fn run(args: Args) -> Result<(), String> {
     let want = |part: &str| {
         only.iter().any(|p| p == part) || (only.is_empty() && !ON_REQUEST.contains(&part))
     };
-    // curve and mine generate data sets of their own.
+    // curve, mine and sizing generate data sets of their own.
     let needs_data = PARTS
         .iter()
-        .filter(|p| !matches!(**p, "embed" | "curve" | "mine"))
+        .filter(|p| !matches!(**p, "embed" | "curve" | "mine" | "sizing"))
         .any(|p| want(p));
     let data = if needs_data {
         eprintln!("loading the data");
@@ -403,6 +431,12 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if want("mine") {
         mine::run(&ctx).await?;
+    }
+    if want("load") {
+        load::run(&ctx).await?;
+    }
+    if want("sizing") {
+        sizing::run(&ctx).await?;
     }
     Ok(())
 }
