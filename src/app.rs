@@ -29,6 +29,7 @@ pub struct App {
     searches: Arc<WorkPool>,
     miner: Miner,
     metrics: Arc<crate::metrics::Registry>,
+    activations: crate::activation::Activations,
 }
 
 /// An UpsertStream in progress (see [`StreamTxn`]): dropped before [`App::commit_stream`],
@@ -43,6 +44,7 @@ impl App {
         App {
             miner: Miner::new(registry.clone(), searches.clone()),
             metrics: Arc::default(),
+            activations: Default::default(),
             registry,
             embedder,
             searches,
@@ -72,6 +74,11 @@ impl App {
         &self.searches
     }
 
+    /// Re-embeddings to another model (Models.Activate), running or finished.
+    pub fn activations(&self) -> &crate::activation::Activations {
+        &self.activations
+    }
+
     // Collections.
 
     /// Creates a collection, taking dimension, metric and the logistic from its model.
@@ -92,11 +99,17 @@ impl App {
     }
 
     pub fn collection_info(&self, name: &str) -> Result<CollectionInfo> {
-        Ok(self.registry.collection(name)?.info())
+        let mut info = self.registry.collection(name)?.info();
+        info.activation = self.activations.info(name);
+        Ok(info)
     }
 
     pub fn list_collections(&self) -> Result<Vec<CollectionInfo>> {
-        self.registry.list()
+        let mut all = self.registry.list()?;
+        for info in &mut all {
+            info.activation = self.activations.info(&info.spec.name);
+        }
+        Ok(all)
     }
 
     pub async fn delete_collection(&self, name: String) -> Result<u64> {
@@ -107,11 +120,19 @@ impl App {
     // Writes.
 
     /// Inserts or replaces items, embedding those sent with an input; durable on return.
+    /// A write that meets a switch to a new generation (Activate) is made again, from
+    /// the inputs, against the new one.
     pub async fn upsert(&self, collection: &str, items: Vec<NewItem>) -> Result<usize> {
-        let coll = self.registry.collection(collection)?;
-        let items = self.prepare_items(&coll, items, false).await?;
-        let registry = self.registry.clone();
-        blocking(move || registry.upsert(&coll, &items)).await
+        loop {
+            let coll = self.registry.collection(collection)?;
+            let prepared = self.prepare_items(&coll, items.clone(), false).await?;
+            let registry = self.registry.clone();
+            let target = coll.clone();
+            match blocking(move || registry.upsert(&target, &prepared)).await {
+                Err(_) if coll.superseded() => continue,
+                other => return other,
+            }
+        }
     }
 
     pub fn begin_stream(&self) -> Result<UpsertStream> {
@@ -200,6 +221,14 @@ impl App {
                 ),
             ));
         }
+        if self.activations.running(&spec.name)
+            && let Some(i) = items.iter().position(|it| it.input.is_none())
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "items[{i}]: collection {:?} is being re-embedded with another model; send inputs, not vectors, until it switches",
+                spec.name
+            )));
+        }
         let (mut out, inputs): (Vec<ItemData>, Vec<Option<Input>>) =
             items.into_iter().map(|n| (n.item, n.input)).unzip();
         validate::items_but(&out, spec, limits, |i| embed_later[i])?;
@@ -219,7 +248,7 @@ impl App {
         if !batch.is_empty() {
             let vectors = self
                 .embedder
-                .embed(&spec.model, batch, wait)
+                .embed(&spec.model_key(), batch, wait)
                 .await
                 .map_err(|e| e.rebase(|j| Field::name("items").at(index[j]).field("input")))?;
             for (i, v) in index.into_iter().zip(vectors) {
@@ -230,9 +259,14 @@ impl App {
     }
 
     pub async fn delete_items(&self, collection: &str, ids: Vec<String>) -> Result<usize> {
-        let coll = self.registry.collection(collection)?;
-        let registry = self.registry.clone();
-        blocking(move || registry.delete_items(&coll, &ids)).await
+        loop {
+            let coll = self.registry.collection(collection)?;
+            let (registry, target, ids) = (self.registry.clone(), coll.clone(), ids.clone());
+            match blocking(move || registry.delete_items(&target, &ids)).await {
+                Err(_) if coll.superseded() => continue,
+                other => return other,
+            }
+        }
     }
 
     // Reads.
@@ -282,7 +316,7 @@ impl App {
         if !batch.is_empty() {
             let vectors = self
                 .embedder
-                .embed(&coll.spec().model, batch, false)
+                .embed(&coll.spec().model_key(), batch, false)
                 .await
                 .map_err(|e| e.rebase(|j| fields[index[j]].clone().field("input")))?;
             for (i, v) in index.into_iter().zip(vectors) {

@@ -76,6 +76,13 @@ pub struct ServeArgs {
     /// Searches that may wait for a thread before RESOURCE_EXHAUSTED [default: 4096].
     #[arg(long, env = "LIKENESS_SEARCH_QUEUE")]
     pub search_queue: Option<usize>,
+    /// The largest .onnx file Models.Publish accepts, MiB [default: 512].
+    #[arg(long, env = "LIKENESS_MAX_MODEL_MB")]
+    pub max_model_mb: Option<usize>,
+    /// Models.Activate re-embeds at most this many items per second, leaving the
+    /// model's capacity to live requests (0: as fast as it can) [default: 0].
+    #[arg(long, env = "LIKENESS_REEMBED_RATE")]
+    pub reembed_rate: Option<u64>,
     /// A model (an embedder or a pair model), NAME=PATH to its TOML manifest or to an
     /// .onnx carrying one (see `likeness pack`); repeatable. None given: the shipped
     /// fmnist-triplet embedder and fmnist-pair pair model.
@@ -149,6 +156,8 @@ pub struct FileConfig {
     pub shutdown_grace_secs: Option<u64>,
     pub search_threads: Option<usize>,
     pub search_queue: Option<usize>,
+    pub max_model_mb: Option<usize>,
+    pub reembed_rate: Option<u64>,
     /// name -> manifest path
     pub models: Option<std::collections::BTreeMap<String, PathBuf>>,
     pub device: Option<String>,
@@ -178,6 +187,10 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     pub search_threads: usize,
     pub search_queue: usize,
+    /// The largest .onnx file Models.Publish accepts, in MiB.
+    pub max_model_mb: usize,
+    /// Items per second Models.Activate re-embeds at most; 0: no cap.
+    pub reembed_rate: u64,
     /// Embedders to load (name, manifest). Empty: none.
     pub models: Vec<(String, PathBuf)>,
     pub batch: BatchConfig,
@@ -200,6 +213,8 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             search_threads: 0,
             search_queue: 4096,
+            max_model_mb: 512,
+            reembed_rate: 0,
             // The shipped models, where this binary was built; elsewhere none (a binary
             // copied to another machine names its models with --model).
             models: [
@@ -272,6 +287,14 @@ impl Config {
                 .search_queue
                 .or(file.search_queue)
                 .unwrap_or(d.search_queue),
+            max_model_mb: args
+                .max_model_mb
+                .or(file.max_model_mb)
+                .unwrap_or(d.max_model_mb),
+            reembed_rate: args
+                .reembed_rate
+                .or(file.reembed_rate)
+                .unwrap_or(d.reembed_rate),
             models: if !args.models.is_empty() {
                 args.models.clone()
             } else if let Some(m) = file.models {

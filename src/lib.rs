@@ -17,10 +17,12 @@
 //! - [`judge`]: classify, verify, calibrate, re-rank with a pair model.
 //! - [`mine`]: hard-negative mining; so far its strategies, as plain functions.
 //! - [`embed`]: the [`embed::Embedder`] trait and its handle; ONNX Runtime models
-//!   (embedders and pair models): manifests, image preprocessing, dynamic batching; a
-//!   fake embedder for tests.
+//!   (embedders and pair models): manifests, image preprocessing, dynamic batching;
+//!   models published at run time, kept under the data dir; a fake embedder for tests.
 //! - [`app`]: the application facade that handlers and the miner call: embedding,
 //!   inputs kept, re-ranking, verification across collections and models.
+//! - [`activation`]: Models.Activate, a collection re-embedded with another model in
+//!   the background into a new generation, then switched to at once.
 //! - [`pool`]: the fixed thread pool that runs searches, with admission control.
 //! - [`memory`]: glibc's malloc arenas limited, and free memory given back when quiet.
 //! - [`grpc`]: tonic services (convert -> app -> convert), the one Error -> Status map,
@@ -32,6 +34,7 @@
 //! Only `grpc` knows about tonic (`grpc::client` gives the `cli` client its channel). The benchmark harness is a
 //! binary of its own (`likeness-bench`), outside the library and the daemon.
 
+pub mod activation;
 pub mod app;
 pub mod cli;
 pub mod collections;

@@ -124,6 +124,35 @@ pub struct CollectionSpec {
     /// Distinguishes this collection from an earlier one of the same name, so that a
     /// stray snapshot of a deleted collection is never loaded into a new one.
     pub uid: u64,
+    /// The published version of `model` the vectors come from; empty: the model as the
+    /// daemon loaded it from its config.
+    #[serde(default)]
+    pub model_version: String,
+    /// The store tree holding the items; empty: `c/<name>`. A generation made by
+    /// Activate lives in a tree of its own until it replaces the collection.
+    #[serde(default)]
+    pub tree: String,
+}
+
+impl CollectionSpec {
+    /// The name the embedder serves this collection's model under: `model`, or
+    /// `model@version` for a published version.
+    pub fn model_key(&self) -> String {
+        if self.model_version.is_empty() {
+            self.model.clone()
+        } else {
+            format!("{}@{}", self.model, self.model_version)
+        }
+    }
+
+    /// The store tree holding the items.
+    pub fn tree_name(&self) -> String {
+        if self.tree.is_empty() {
+            format!("c/{}", self.name)
+        } else {
+            self.tree.clone()
+        }
+    }
 }
 
 /// One stored item.

@@ -31,6 +31,9 @@ pub struct Collection {
     /// Threads for HNSW insertion per batch.
     pub(super) threads: usize,
     pub(super) stats: SearchStats,
+    /// Set when a new generation replaced this collection (Activate): a write that
+    /// finds it set is retried against the collection now under this name.
+    pub(super) superseded: std::sync::atomic::AtomicBool,
 }
 
 /// How often search had to work around its index.
@@ -132,6 +135,7 @@ impl Collection {
             limits,
             threads,
             stats: SearchStats::default(),
+            superseded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -215,6 +219,7 @@ impl Collection {
         CollectionInfo {
             spec,
             count: self.len() as u64,
+            activation: None,
         }
     }
 
@@ -412,6 +417,16 @@ impl Collection {
     /// Records a new spec-level decision (Calibrate) once it is durable.
     pub(super) fn set_decision(&self, d: Decision) {
         *self.decision.write().expect("decision lock") = d;
+    }
+
+    /// How many items have a stored input (a scan of the store).
+    pub fn stored_input_count(&self) -> usize {
+        self.items.input_count()
+    }
+
+    /// Whether a new generation replaced this collection (see [`super::generation`]).
+    pub fn superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
     }
 
     pub(super) fn active(&self) -> bool {

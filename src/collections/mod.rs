@@ -19,6 +19,7 @@
 
 pub mod catalogue;
 pub mod collection;
+pub mod generation;
 pub mod search;
 pub mod validate;
 pub mod write;
@@ -88,6 +89,8 @@ pub struct CreateCollection {
 pub struct CollectionInfo {
     pub spec: CollectionSpec,
     pub count: u64,
+    /// The latest re-embedding to another model (filled in by the application).
+    pub activation: Option<crate::activation::ActivationInfo>,
 }
 
 /// How recovery went, per collection.
@@ -104,6 +107,9 @@ pub struct Registry {
     snapshots: PathBuf,
     settings: Settings,
     collections: RwLock<BTreeMap<String, Arc<Collection>>>,
+    /// Generations being built by Activate, by collection name (see [`generation`]):
+    /// never read from until they replace their collection.
+    shadows: RwLock<BTreeMap<String, Arc<Collection>>>,
     /// Serialises create, delete and calibration writes (each an fsync of the specs).
     ddl: Mutex<()>,
     ready: AtomicBool,
@@ -122,6 +128,7 @@ impl Registry {
             snapshots,
             settings,
             collections: RwLock::new(BTreeMap::new()),
+            shadows: RwLock::new(BTreeMap::new()),
             ddl: Mutex::new(()),
             ready: AtomicBool::new(false),
             txns: Arc::new(TxnTable::default()),
@@ -141,7 +148,7 @@ impl Registry {
             let start = Instant::now();
             let (coll, from_snapshot) = Collection::open(
                 spec.clone(),
-                self.store.items(&spec.name)?,
+                self.store.items(&spec)?,
                 &self.snapshots,
                 self.settings.limits.clone(),
                 self.settings.index_threads,
@@ -156,6 +163,35 @@ impl Registry {
                 .write()
                 .expect("registry lock")
                 .insert(spec.name.clone(), Arc::new(coll));
+        }
+        // Generations being built: reopened (their index rebuilt from their tree) for
+        // the application to resume; one whose collection is gone is dropped.
+        for record in self.store.shadows()? {
+            let name = record.spec.name.clone();
+            if !self
+                .collections
+                .read()
+                .expect("registry lock")
+                .contains_key(&name)
+            {
+                tracing::warn!(collection = %name, "dropping a generation whose collection is gone");
+                self.store.take_shadow(&name)?;
+                self.store.commit()?;
+                self.store.drop_tree(&record.spec.tree_name())?;
+                continue;
+            }
+            let (coll, _) = Collection::open(
+                record.spec.clone(),
+                self.store.items(&record.spec)?,
+                &self.snapshots,
+                self.settings.limits.clone(),
+                self.settings.index_threads,
+            )?;
+            tracing::info!(collection = %name, items = coll.len(), of = record.total, "reopened a generation being built");
+            self.shadows
+                .write()
+                .expect("registry lock")
+                .insert(name, Arc::new(coll));
         }
         self.ready.store(true, Ordering::Release);
         Ok(report)
@@ -211,7 +247,7 @@ impl Registry {
         {
             return Err(Error::AlreadyExists(format!("collection {:?}", spec.name)));
         }
-        let items = self.store.items(&spec.name)?;
+        let items = self.store.items(&spec)?;
         let coll = Collection::create(
             spec.clone(),
             items,
@@ -224,7 +260,11 @@ impl Registry {
             .expect("registry lock")
             .insert(spec.name.clone(), Arc::new(coll));
         tracing::info!(collection = %spec.name, dimension = spec.dimension, metric = ?spec.metric, "created collection");
-        Ok(CollectionInfo { spec, count: 0 })
+        Ok(CollectionInfo {
+            spec,
+            count: 0,
+            activation: None,
+        })
     }
 
     /// A new collection's spec: the request with every default filled in, checked.
@@ -306,6 +346,8 @@ impl Registry {
             pair_threshold: None,
             model: req.model,
             uid: new_uid(),
+            model_version: String::new(),
+            tree: String::new(),
         })
     }
 
@@ -330,8 +372,12 @@ impl Registry {
         {
             // Writers from here on get NotFound; reads go on until the map forgets it.
             let mut w = coll.writer.lock().expect("writer lock");
-            self.store.remove_collection(name)?;
+            self.store.remove_collection(&coll.spec)?;
             w.dropped = true;
+        }
+        // A generation being built for it goes too (its job stops at its next step).
+        if let Some(shadow) = self.shadows.write().expect("registry lock").remove(name) {
+            shadow.writer.lock().expect("writer lock").dropped = true;
         }
         self.collections
             .write()

@@ -253,6 +253,23 @@ fn lock(state: &Mutex<TxnState>) -> MutexGuard<'_, TxnState> {
 }
 
 impl TxnTable {
+    /// Whether an open stream has staged items in collection `name`. A stream whose
+    /// state is busy (mid-stage, possibly waiting for that collection's writer) counts
+    /// as touching it.
+    pub(super) fn touches(&self, name: &str) -> bool {
+        let open: Vec<Arc<Mutex<TxnState>>> = self
+            .open
+            .lock()
+            .expect("txn table lock")
+            .values()
+            .cloned()
+            .collect();
+        open.iter().any(|state| match state.try_lock() {
+            Ok(st) => st.status == TxnStatus::Open && st.undo.collections.contains_key(name),
+            Err(_) => true,
+        })
+    }
+
     /// Refuses new stages and rolls back every open transaction (shutdown). Waits for a
     /// stage or a rollback in progress to finish first.
     pub(super) fn close_all(&self, store: &Store, max_batch: usize) -> Result<usize> {

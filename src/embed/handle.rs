@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use super::manifest::Manifest;
 use super::{BatchStats, Input, InputData, ModelInfo, Models};
 use crate::error::Result;
 use crate::types::ModelDefaults;
@@ -49,6 +50,15 @@ pub trait Embedder: Send + Sync + 'static {
 
     /// One model.
     fn info(&self, name: &str) -> Result<ModelInfo>;
+
+    /// Loads one more model under `name` (Models.Publish). Embedders that cannot load
+    /// models at run time refuse with FAILED_PRECONDITION.
+    fn add(&self, name: &str, manifest: Manifest) -> Result<ModelInfo> {
+        let _ = manifest;
+        Err(crate::error::Error::FailedPrecondition(format!(
+            "this daemon's embedder cannot load model {name:?} at run time"
+        )))
+    }
 
     /// Per graph, how many batches ran and how many jobs they held (empty where the
     /// embedder does not batch).
@@ -115,6 +125,10 @@ impl Embedder for Models {
 
     fn info(&self, name: &str) -> Result<ModelInfo> {
         Models::info(self, name)
+    }
+
+    fn add(&self, name: &str, manifest: Manifest) -> Result<ModelInfo> {
+        Models::add(self, name, manifest)
     }
 
     fn batch_stats(&self) -> Vec<(String, Arc<BatchStats>)> {

@@ -26,6 +26,10 @@ pub struct Manifest {
     pub towers: Vec<TowerSpec>,
     /// A pair model: two inputs in, one match score out.
     pub pair: Option<PairSpec>,
+    /// The SHA-256 of the model's .onnx file, hex. Publish requires it and checks the
+    /// upload against it; a manifest on disk may leave it out.
+    #[serde(default)]
+    pub sha256: Option<String>,
     /// The directory the manifest was read from; files are relative to it.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -199,7 +203,7 @@ impl Manifest {
         } else {
             std::fs::read_to_string(path).map_err(|e| fail(format!("manifest: {e}")))?
         };
-        let mut m: Manifest = toml::from_str(&text).map_err(|e| fail(format!("manifest: {e}")))?;
+        let mut m = Manifest::parse(&text).map_err(|e| fail(format!("manifest: {e}")))?;
         m.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         if is_onnx {
             // A manifest in metadata_props describes the file that carries it.
@@ -214,6 +218,32 @@ impl Manifest {
         m.validate()
             .map_err(|why| fail(format!("manifest: {why}")))?;
         Ok(m)
+    }
+
+    /// A manifest from its TOML text, unchecked (see [`Manifest::check`]); `dir` unset.
+    pub fn parse(text: &str) -> std::result::Result<Manifest, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Whether the manifest is consistent in itself (not yet against a graph).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.validate()
+    }
+
+    /// Every .onnx file the manifest names (towers or pair), deduplicated, in order.
+    pub fn files(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = Vec::new();
+        let all = self
+            .towers
+            .iter()
+            .map(|t| t.file.as_path())
+            .chain(self.pair.as_ref().map(|p| p.file.as_path()));
+        for f in all {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        out
     }
 
     fn validate(&self) -> std::result::Result<(), String> {

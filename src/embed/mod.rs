@@ -13,6 +13,7 @@ pub mod fake;
 mod handle;
 pub mod image;
 pub mod manifest;
+pub mod publish;
 pub mod runtime;
 
 pub use handle::{EmbedHandle, Embedder};
@@ -77,46 +78,79 @@ pub struct TowerInfo {
     pub execution_provider: String,
 }
 
-/// Every loaded model by name: embedders and pair models share one namespace.
+/// Every loaded model by name: embedders and pair models share one namespace. Models
+/// published while the daemon runs join it under `NAME@VERSION` (see [`publish`]).
 #[derive(Default)]
 pub struct Models {
-    embedders: BTreeMap<String, Arc<Model>>,
-    pairs: BTreeMap<String, Arc<PairModel>>,
+    embedders: std::sync::RwLock<BTreeMap<String, Arc<Model>>>,
+    pairs: std::sync::RwLock<BTreeMap<String, Arc<PairModel>>>,
+    /// How models loaded later are batched: as the ones loaded at start.
+    config: Option<BatchConfig>,
 }
 
 impl Models {
     /// Loads `name -> manifest path` pairs (a TOML manifest, or an .onnx file carrying
     /// its manifest in metadata_props).
     pub fn load(specs: &[(String, PathBuf)], config: BatchConfig) -> Result<Models> {
-        let mut models = Models::default();
+        let models = Models {
+            config: Some(config),
+            ..Models::default()
+        };
         for (name, path) in specs {
-            let start = Instant::now();
-            let manifest = Manifest::load(path)?;
-            let info = if manifest.pair.is_some() {
-                let m = PairModel::load(name, manifest, config)?;
-                let info = m.info();
-                models.pairs.insert(name.clone(), Arc::new(m));
-                info
-            } else {
-                let m = Model::load(name, manifest, config)?;
-                let info = m.info();
-                models.embedders.insert(name.clone(), Arc::new(m));
-                info
-            };
-            tracing::info!(model = %name, kind = if info.pair.is_some() { "pair" } else { "embedder" }, towers = info.towers.len(), provider = %info.execution_provider, took_ms = start.elapsed().as_millis() as u64, "loaded model");
+            models.add(name, Manifest::load(path)?)?;
         }
         Ok(models)
     }
 
+    /// Loads one more model under `name` (its graphs checked against the manifest);
+    /// AlreadyExists when the name is taken.
+    pub fn add(&self, name: &str, manifest: Manifest) -> Result<ModelInfo> {
+        let config = self.config.unwrap_or_default();
+        if self.contains(name) {
+            return Err(Error::AlreadyExists(format!("model {name:?}")));
+        }
+        let start = Instant::now();
+        let info = if manifest.pair.is_some() {
+            let m = PairModel::load(name, manifest, config)?;
+            let info = m.info();
+            self.pairs
+                .write()
+                .expect("models lock")
+                .insert(name.to_string(), Arc::new(m));
+            info
+        } else {
+            let m = Model::load(name, manifest, config)?;
+            let info = m.info();
+            self.embedders
+                .write()
+                .expect("models lock")
+                .insert(name.to_string(), Arc::new(m));
+            info
+        };
+        tracing::info!(model = %name, version = %info.version, kind = if info.pair.is_some() { "pair" } else { "embedder" }, towers = info.towers.len(), provider = %info.execution_provider, took_ms = start.elapsed().as_millis() as u64, "loaded model");
+        Ok(info)
+    }
+
+    /// Whether a model (embedder or pair) has this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.embedders
+            .read()
+            .expect("models lock")
+            .contains_key(name)
+            || self.pairs.read().expect("models lock").contains_key(name)
+    }
+
     /// An embedder.
     pub fn get(&self, name: &str) -> Result<Arc<Model>> {
-        if self.pairs.contains_key(name) {
+        if self.pairs.read().expect("models lock").contains_key(name) {
             return Err(Error::invalid(
                 "model",
                 format!("{name:?} is a pair model: it scores pairs and does not embed"),
             ));
         }
         self.embedders
+            .read()
+            .expect("models lock")
             .get(name)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("model {name:?}")))
@@ -124,20 +158,28 @@ impl Models {
 
     /// A pair model.
     pub fn pair(&self, name: &str) -> Result<Arc<PairModel>> {
-        if self.embedders.contains_key(name) {
+        if self
+            .embedders
+            .read()
+            .expect("models lock")
+            .contains_key(name)
+        {
             return Err(Error::invalid(
                 "pair_model",
                 format!("{name:?} is an embedder, not a pair model"),
             ));
         }
         self.pairs
+            .read()
+            .expect("models lock")
             .get(name)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("pair model {name:?}")))
     }
 
     pub fn info(&self, name: &str) -> Result<ModelInfo> {
-        match self.pairs.get(name) {
+        let pair = self.pairs.read().expect("models lock").get(name).cloned();
+        match pair {
             Some(p) => Ok(p.info()),
             None => self.get(name).map(|m| m.info()),
         }
@@ -146,12 +188,12 @@ impl Models {
     /// Per graph (`model/tower`, or `model` for a pair model), its batch counters.
     pub fn batch_stats(&self) -> Vec<(String, Arc<BatchStats>)> {
         let mut out = Vec::new();
-        for (name, m) in &self.embedders {
+        for (name, m) in self.embedders.read().expect("models lock").iter() {
             for t in &m.towers {
                 out.push((format!("{name}/{}", t.spec.name), t.batcher.stats.clone()));
             }
         }
-        for (name, p) in &self.pairs {
+        for (name, p) in self.pairs.read().expect("models lock").iter() {
             out.push((name.clone(), p.batcher.stats.clone()));
         }
         out
@@ -161,9 +203,17 @@ impl Models {
     pub fn list(&self) -> Vec<ModelInfo> {
         let mut all: Vec<ModelInfo> = self
             .embedders
+            .read()
+            .expect("models lock")
             .values()
             .map(|m| m.info())
-            .chain(self.pairs.values().map(|p| p.info()))
+            .chain(
+                self.pairs
+                    .read()
+                    .expect("models lock")
+                    .values()
+                    .map(|p| p.info()),
+            )
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all

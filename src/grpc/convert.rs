@@ -79,7 +79,11 @@ pub fn create_collection(req: pb::CreateCollectionRequest) -> Result<CreateColle
 }
 
 pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
-    let CollectionInfo { spec, count } = info;
+    let CollectionInfo {
+        spec,
+        count,
+        activation,
+    } = info;
     let types::CollectionSpec {
         name,
         dimension,
@@ -94,6 +98,8 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         pair_model,
         pair_threshold,
         uid: _,
+        model_version,
+        tree: _,
     } = spec;
     pb::CollectionInfo {
         name,
@@ -113,6 +119,26 @@ pub fn collection_info(info: CollectionInfo) -> pb::CollectionInfo {
         dbl_scale: dbl_scale.unwrap_or(1.0),
         pair_model,
         pair_threshold,
+        model_version,
+        activation: activation.map(activation_to),
+    }
+}
+
+fn activation_to(a: crate::activation::ActivationInfo) -> pb::Activation {
+    use crate::activation::State;
+    let state = match a.state {
+        State::Running => pb::activation::State::Running,
+        State::Done => pb::activation::State::Done,
+        State::Failed => pb::activation::State::Failed,
+    };
+    pb::Activation {
+        state: state as i32,
+        model: a.model,
+        version: a.version,
+        done: a.done,
+        total: a.total,
+        rate: a.rate,
+        error: a.error,
     }
 }
 

@@ -59,7 +59,11 @@ pub(super) async fn serve(
     })
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
-    let models = ModelsServer::new(ModelsService { embedder });
+    let models = ModelsServer::new(ModelsService {
+        embedder,
+        store: None,
+        app: None,
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

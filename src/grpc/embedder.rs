@@ -8,6 +8,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::oversize_to_exhausted;
 use crate::embed::manifest::{ImageSpec, PairSpec, TowerSpec};
+use std::sync::Arc;
+
+use crate::app::App;
+use crate::embed::publish::{ModelStore, Upload};
 use crate::embed::{EmbedHandle, Input, ModelInfo};
 use crate::error::{Error, Field, Result};
 use crate::pb;
@@ -18,6 +22,70 @@ pub struct EmbedderService {
 
 pub struct ModelsService {
     pub embedder: EmbedHandle,
+    /// Where Publish keeps models; None in the embed-only mode (no data dir).
+    pub store: Option<Arc<ModelStore>>,
+    /// The collections Activate re-embeds; None in the embed-only mode.
+    pub app: Option<Arc<App>>,
+}
+
+impl ModelsService {
+    /// Reads a Publish stream into one upload, refusing it as soon as it grows past
+    /// the size limit.
+    async fn receive(
+        store: &ModelStore,
+        mut chunks: Streaming<pb::ModelChunk>,
+    ) -> Result<Upload, Status> {
+        let mut upload = Upload::default();
+        let mut n = 0usize;
+        while let Some(chunk) = chunks.message().await.map_err(oversize_to_exhausted)? {
+            let pb::ModelChunk {
+                name,
+                manifest,
+                bytes,
+            } = chunk;
+            if n == 0 {
+                if name.is_empty() {
+                    return Err(
+                        Error::invalid("name", "the first chunk must name the model").into(),
+                    );
+                }
+                if manifest.is_empty() {
+                    return Err(Error::invalid(
+                        "manifest",
+                        "the first chunk must carry the manifest (TOML)",
+                    )
+                    .into());
+                }
+                upload.name = name;
+                upload.manifest = manifest;
+            } else if !name.is_empty() && name != upload.name {
+                return Err(Error::invalid(
+                    Field::name("chunks").at(n).field("name"),
+                    format!("{name:?} differs from the first chunk's {:?}", upload.name),
+                )
+                .into());
+            } else if !manifest.is_empty() && manifest != upload.manifest {
+                return Err(Error::invalid(
+                    Field::name("chunks").at(n).field("manifest"),
+                    "only the first chunk carries the manifest",
+                )
+                .into());
+            }
+            if upload.bytes.len() + bytes.len() > store.max_bytes() {
+                return Err(Error::ResourceExhausted(format!(
+                    "bytes: the upload passed the limit of {} bytes (--max-model-mb); nothing was stored",
+                    store.max_bytes()
+                ))
+                .into());
+            }
+            upload.bytes.extend_from_slice(&bytes);
+            n += 1;
+        }
+        if n == 0 {
+            return Err(Error::invalid("chunks", "the stream carried no chunk").into());
+        }
+        Ok(upload)
+    }
 }
 
 fn inputs_from(inputs: Vec<pb::Input>) -> Result<Vec<Input>> {
@@ -219,5 +287,40 @@ impl pb::models_server::Models for ModelsService {
     ) -> Result<Response<pb::ModelInfo>, Status> {
         let pb::GetModelRequest { name } = request.into_inner();
         Ok(Response::new(info_to(self.embedder.info(&name)?)))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<pb::ModelChunk>>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let Some(store) = self.store.clone() else {
+            return Err(Error::FailedPrecondition(
+                "this daemon runs embed-only, with no data dir to keep models in; publish to an index daemon".into(),
+            )
+            .into());
+        };
+        let upload = Self::receive(&store, request.into_inner()).await?;
+        let embedder = self.embedder.clone();
+        let info = crate::app::blocking(move || store.publish(&*embedder, upload)).await?;
+        Ok(Response::new(info_to(info)))
+    }
+
+    async fn activate(
+        &self,
+        request: Request<pb::ActivateRequest>,
+    ) -> Result<Response<pb::CollectionInfo>, Status> {
+        let Some(app) = &self.app else {
+            return Err(Error::FailedPrecondition(
+                "this daemon runs embed-only: it has no collections to activate a model for".into(),
+            )
+            .into());
+        };
+        let pb::ActivateRequest {
+            collection,
+            model,
+            version,
+        } = request.into_inner();
+        let info = app.activate(&collection, &model, &version).await?;
+        Ok(Response::new(super::convert::collection_info(info)))
     }
 }

@@ -101,6 +101,21 @@ pub async fn serve_with(
             )
         }
     };
+    // Published models join the configured ones before anything is served.
+    let model_store = {
+        let dir = config.data_dir.join("models");
+        let max = config.max_model_mb.saturating_mul(1 << 20);
+        let embedder = embedder.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = crate::embed::publish::ModelStore::open(dir, max)?;
+            let loaded = store.load_all(&*embedder)?;
+            if loaded > 0 {
+                tracing::info!(models = loaded, "loaded published models");
+            }
+            Ok::<_, Error>(Arc::new(store))
+        })
+        .await??
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_not_serving::<pb::items_server::ItemsServer<ItemsService>>()
@@ -149,6 +164,7 @@ pub async fn serve_with(
         config.search_queue,
     ));
     let app = Arc::new(App::new(db.clone(), embedder, searches));
+    app.activations().set_rate(config.reembed_rate);
 
     // Prometheus metrics on their own port, scraped from the core on demand.
     let exporter = {
@@ -187,6 +203,11 @@ pub async fn serve_with(
                         "recovery complete; SERVING"
                     );
                     app.metrics().set_recovery(started.elapsed());
+                    match app.resume_activations() {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(activations = n, "resumed activations"),
+                        Err(e) => tracing::error!(error = %e, "could not resume activations"),
+                    }
                     if let Some(f) = on_serving {
                         f(app);
                     }
@@ -220,7 +241,11 @@ pub async fn serve_with(
     let app_metrics = app.metrics().clone();
     let models_svc = pb::models_server::ModelsServer::new(ModelsService {
         embedder: app.embedder().clone(),
-    });
+        store: Some(model_store),
+        app: Some(app.clone()),
+    })
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
 
     // Shutdown starts on the caller's signal or on a failed recovery.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -8,6 +8,11 @@
 //! - `r<id>`      -> the raw input the vector was embedded from (when kept);
 //! - `s`          -> [`TreeState`]: a mutation counter and the next ANN key.
 //!
+//! A collection's tree is `c/<name>` unless its spec names another
+//! ([`CollectionSpec::tree_name`]). Tree `shadows` maps a name to the [`ShadowRecord`] of
+//! a new generation being built by Activate, in a tree of its own; the switch replaces
+//! the spec and removes the record in one transaction.
+//!
 //! Every mutation of a collection is one sled batch (atomic), and bumps the counter: an
 //! index snapshot is trusted only when it was saved at the counter the store has now.
 
@@ -29,7 +34,21 @@ const STATE: &[u8] = b"s";
 pub struct Store {
     db: sled::Db,
     specs: sled::Tree,
+    shadows: sled::Tree,
     commit: GroupCommit,
+}
+
+/// A generation Activate is building for collection `spec.name`: its spec (model,
+/// version and tree of its own) and how far the re-embedding got.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShadowRecord {
+    pub spec: CollectionSpec,
+    /// The source's items under ANN keys below this one have been re-embedded.
+    pub cursor: u64,
+    /// Items re-embedded so far.
+    pub done: u64,
+    /// Items the source held when the run started.
+    pub total: u64,
 }
 
 impl Store {
@@ -55,8 +74,14 @@ impl Store {
             }
         };
         let specs = db.open_tree("collections")?;
+        let shadows = db.open_tree("shadows")?;
         let commit = GroupCommit::new(db.clone());
-        Ok(Store { db, specs, commit })
+        Ok(Store {
+            db,
+            specs,
+            shadows,
+            commit,
+        })
     }
 
     /// Every collection spec, in name order.
@@ -79,21 +104,27 @@ impl Store {
         self.commit()
     }
 
-    /// Removes a spec and the collection's items, durably.
-    pub fn remove_collection(&self, name: &str) -> Result<()> {
-        self.specs.remove(name.as_bytes())?;
+    /// Removes a spec and the collection's items (and a generation being built for it),
+    /// durably.
+    pub fn remove_collection(&self, spec: &CollectionSpec) -> Result<()> {
+        self.specs.remove(spec.name.as_bytes())?;
+        let shadow = self.take_shadow(&spec.name)?;
         self.commit()?;
-        self.db.drop_tree(tree_name(name))?;
+        self.db.drop_tree(spec.tree_name())?;
+        if let Some(shadow) = shadow {
+            self.db.drop_tree(shadow.spec.tree_name())?;
+        }
         self.commit()
     }
 
-    /// Drops item trees whose spec is gone (a crash between the two steps of a delete).
+    /// Drops item trees that no spec or shadow names (a crash between the steps of a
+    /// delete or of a switch).
     pub fn drop_orphans(&self, live: &[CollectionSpec]) -> Result<usize> {
+        let mut trees: Vec<String> = live.iter().map(CollectionSpec::tree_name).collect();
+        trees.extend(self.shadows()?.iter().map(|s| s.spec.tree_name()));
         let mut dropped = 0;
         for name in self.db.tree_names() {
-            if let Some(coll) = name.strip_prefix(b"c/")
-                && !live.iter().any(|s| s.name.as_bytes() == coll)
-            {
+            if name.starts_with(b"c/") && !trees.iter().any(|t| t.as_bytes() == &name[..]) {
                 self.db.drop_tree(&name)?;
                 dropped += 1;
             }
@@ -101,10 +132,69 @@ impl Store {
         Ok(dropped)
     }
 
-    pub fn items(&self, name: &str) -> Result<ItemsTree> {
+    /// The items tree a spec names.
+    pub fn items(&self, spec: &CollectionSpec) -> Result<ItemsTree> {
         Ok(ItemsTree {
-            tree: self.db.open_tree(tree_name(name))?,
+            tree: self.db.open_tree(spec.tree_name())?,
         })
+    }
+
+    /// Every generation being built, in name order.
+    pub fn shadows(&self) -> Result<Vec<ShadowRecord>> {
+        self.shadows
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|e| {
+                    Error::Corrupt(format!("shadow {}: {e}", String::from_utf8_lossy(&k)))
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a shadow record (not yet durable: [`Store::commit`]).
+    pub fn put_shadow(&self, record: &ShadowRecord) -> Result<()> {
+        let json = serde_json::to_vec(record).expect("shadow serialises");
+        self.shadows.insert(record.spec.name.as_bytes(), json)?;
+        Ok(())
+    }
+
+    /// Removes and returns a shadow record (not yet durable).
+    pub fn take_shadow(&self, name: &str) -> Result<Option<ShadowRecord>> {
+        match self.shadows.remove(name.as_bytes())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("shadow {name}: {e}"))),
+        }
+    }
+
+    /// The switch: `spec` becomes the collection's spec and its shadow record goes, in
+    /// one transaction; durable on return.
+    pub fn switch_to(&self, spec: &CollectionSpec) -> Result<()> {
+        use sled::Transactional;
+        let json = serde_json::to_vec(spec).expect("spec serialises");
+        let name = spec.name.as_bytes();
+        (&self.specs, &self.shadows)
+            .transaction(|(specs, shadows)| {
+                specs.insert(name, json.clone())?;
+                shadows.remove(name)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => Error::Storage(e),
+                sled::transaction::TransactionError::Abort(()) => {
+                    Error::Worker("switch transaction aborted".into())
+                }
+            })?;
+        self.commit()
+    }
+
+    /// Drops a tree that nothing names any more (the old generation after a switch, or
+    /// a shadow given up). Durable on return.
+    pub fn drop_tree(&self, tree: &str) -> Result<()> {
+        self.db.drop_tree(tree.as_bytes())?;
+        self.commit()
     }
 
     /// Returns once every write made before the call is on disk (group commit).
@@ -125,10 +215,6 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
-}
-
-fn tree_name(collection: &str) -> Vec<u8> {
-    [b"c/", collection.as_bytes()].concat()
 }
 
 /// The per-collection counters persisted with every mutation.
@@ -219,6 +305,29 @@ impl ItemsTree {
                 .map_err(|_| Error::Corrupt("item id is not UTF-8".into()))?;
             codec::decode_item(id, &v, with_vectors)
         })
+    }
+
+    /// Up to `limit` (ANN key, id) pairs with keys from `from` on, in key order: the
+    /// items written since that key was handed out, each under its latest key.
+    pub fn keys_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, String)>> {
+        let start = ann_key(from);
+        let end = [KEY + 1];
+        self.tree
+            .range(&start[..]..&end[..])
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let key = u64::from_be_bytes(k[1..9].try_into().expect("9-byte key record"));
+                let id = String::from_utf8(v.to_vec())
+                    .map_err(|_| Error::Corrupt("item id is not UTF-8".into()))?;
+                Ok((key, id))
+            })
+            .collect()
+    }
+
+    /// How many items have a stored input.
+    pub fn input_count(&self) -> usize {
+        self.tree.scan_prefix([INPUT]).count()
     }
 
     /// How many ANN key records there are (must equal the item count).

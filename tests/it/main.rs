@@ -14,6 +14,7 @@ mod embed_only;
 mod engine;
 mod expansion;
 mod identify;
+mod lifecycle;
 mod manifest;
 mod metrics;
 mod mine;

@@ -1,0 +1,339 @@
+//! Models.Activate: a collection re-embedded with another model (or a published version
+//! of its own) in the background, then switched to at once.
+//!
+//! The job walks the current generation's items in ANN-key order from a persisted
+//! cursor, re-embeds their stored inputs with the new model (waiting for room in the
+//! embedder's queue, so it never crowds out requests with RESOURCE_EXHAUSTED), and writes
+//! them into the new generation (see [`crate::collections::generation`]). Reads keep
+//! using the current generation meanwhile; when the walk has caught up, the switch
+//! finishes the last keys with writes held and replaces the collection atomically. A
+//! crash leaves the new generation and its cursor in the store, and start-up resumes it.
+//! An error (an input the new model refuses, say) gives the new generation up and leaves
+//! the collection as it was; the error is reported in GetCollection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::app::{App, blocking};
+use crate::collections::{Collection, CollectionInfo};
+use crate::embed::{Input, ModelInfo};
+use crate::error::{Error, Result};
+use crate::store::ShadowRecord;
+use crate::store::codec::decode_input;
+use crate::types::ItemData;
+
+/// Where an activation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    Done,
+    Failed,
+}
+
+/// An activation's progress, as GetCollection reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivationInfo {
+    pub state: State,
+    pub model: String,
+    pub version: String,
+    pub done: u64,
+    pub total: u64,
+    /// Items re-embedded per second since this run started (or resumed).
+    pub rate: f64,
+    pub error: String,
+}
+
+struct Progress {
+    model: String,
+    version: String,
+    state: Mutex<(State, String)>,
+    done: AtomicU64,
+    total: AtomicU64,
+    /// `done` when this run started, and when: the rate counts this run's work only.
+    start: (u64, Instant),
+}
+
+impl Progress {
+    fn info(&self) -> ActivationInfo {
+        let (state, error) = self.state.lock().expect("progress lock").clone();
+        let done = self.done.load(Ordering::Relaxed);
+        let secs = self.start.1.elapsed().as_secs_f64();
+        ActivationInfo {
+            state,
+            model: self.model.clone(),
+            version: self.version.clone(),
+            done,
+            total: self.total.load(Ordering::Relaxed).max(done),
+            rate: if secs > 0.0 {
+                done.saturating_sub(self.start.0) as f64 / secs
+            } else {
+                0.0
+            },
+            error,
+        }
+    }
+
+    fn finish(&self, state: State, error: String) {
+        *self.state.lock().expect("progress lock") = (state, error);
+    }
+}
+
+/// The activations this daemon has run or is running, by collection.
+#[derive(Default)]
+pub struct Activations {
+    jobs: Mutex<HashMap<String, Arc<Progress>>>,
+    /// Items re-embedded per second at most (0: as fast as the embedder goes), so that
+    /// a large re-embedding leaves the model's capacity to live requests.
+    rate: AtomicU64,
+}
+
+impl Activations {
+    /// Caps re-embedding at `per_second` items (0: no cap).
+    pub fn set_rate(&self, per_second: u64) {
+        self.rate.store(per_second, Ordering::Relaxed);
+    }
+
+    /// The latest activation of `collection`, if there was one since the start.
+    pub fn info(&self, collection: &str) -> Option<ActivationInfo> {
+        self.jobs
+            .lock()
+            .expect("activations lock")
+            .get(collection)
+            .map(|p| p.info())
+    }
+
+    /// Whether `collection` is being re-embedded now.
+    pub fn running(&self, collection: &str) -> bool {
+        self.info(collection)
+            .is_some_and(|i| i.state == State::Running)
+    }
+}
+
+/// The tower of `model` that takes inputs of this kind: the first whose input is an
+/// image for an image, a tensor for a tensor.
+fn tower_for(model: &ModelInfo, image: bool) -> String {
+    model
+        .towers
+        .iter()
+        .find(|t| t.spec.image.is_some() == image)
+        .map(|t| t.spec.name.clone())
+        .unwrap_or_default()
+}
+
+impl App {
+    /// Starts re-embedding `collection` with `model` (`version`: a published one, or
+    /// empty for the model the daemon loaded at start). Returns the collection's info
+    /// with the activation RUNNING.
+    pub async fn activate(
+        self: &Arc<Self>,
+        collection: &str,
+        model: &str,
+        version: &str,
+    ) -> Result<CollectionInfo> {
+        let source = self.registry().collection(collection)?;
+        let spec = source.spec();
+        if model.is_empty() {
+            return Err(Error::invalid("model", "must name an embedder"));
+        }
+        let key = if version.is_empty() {
+            model.to_string()
+        } else {
+            crate::embed::publish::key(model, version)
+        };
+        let space = self.embedder().space(&key).map_err(|e| match e {
+            Error::NotFound { what, .. } if !version.is_empty() => Error::not_found_at(
+                "version",
+                format!("{what} (publish it first: Models.Publish)"),
+            ),
+            Error::NotFound { what, .. } => Error::not_found_at("model", what),
+            other => other,
+        })?;
+        if model == spec.model && version == spec.model_version {
+            return Err(Error::FailedPrecondition(format!(
+                "collection {collection:?} already uses model {key:?}"
+            )));
+        }
+        if space.dimension != spec.dimension {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "{key:?} embeds into {} dimensions, collection {collection:?} has {}",
+                    space.dimension, spec.dimension
+                ),
+            ));
+        }
+        if space.metric != spec.metric {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "{key:?} measures {:?} distance, collection {collection:?} {:?}",
+                    space.metric, spec.metric
+                ),
+            ));
+        }
+        if spec.model.is_empty() || !spec.keep_inputs {
+            return Err(Error::FailedPrecondition(format!(
+                "collection {collection:?} keeps no inputs to re-embed (it was created without a model or with keep_inputs = false)"
+            )));
+        }
+        if self.activations().running(collection) {
+            return Err(Error::FailedPrecondition(format!(
+                "collection {collection:?} is already being re-embedded; wait for it to finish"
+            )));
+        }
+        let (shadow, record) = {
+            let (registry, source, model, version) = (
+                self.registry().clone(),
+                source.clone(),
+                model.to_string(),
+                version.to_string(),
+            );
+            blocking(move || {
+                let stored = source.stored_input_count();
+                if stored < source.len() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{} of the {} items of collection {:?} have no stored input to re-embed",
+                        source.len() - stored,
+                        source.len(),
+                        source.name()
+                    )));
+                }
+                registry.begin_generation(&source, &model, &version, space)
+            })
+            .await?
+        };
+        self.spawn_activation(shadow, record);
+        let mut info = source.info();
+        info.activation = self.activations().info(collection);
+        Ok(info)
+    }
+
+    /// Resumes every activation a previous run left unfinished (after recovery).
+    pub fn resume_activations(self: &Arc<Self>) -> Result<usize> {
+        let records = self.registry().shadow_records()?;
+        let mut resumed = 0;
+        for record in records {
+            let name = record.spec.name.clone();
+            let Some(shadow) = self.registry().shadow(&name) else {
+                continue;
+            };
+            tracing::info!(collection = %name, model = %record.spec.model_key(), done = record.done, total = record.total, "resuming an activation");
+            self.spawn_activation(shadow, record);
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+
+    fn spawn_activation(self: &Arc<Self>, shadow: Arc<Collection>, record: ShadowRecord) {
+        let name = record.spec.name.clone();
+        let progress = Arc::new(Progress {
+            model: record.spec.model.clone(),
+            version: record.spec.model_version.clone(),
+            state: Mutex::new((State::Running, String::new())),
+            done: AtomicU64::new(record.done),
+            total: AtomicU64::new(record.total),
+            start: (record.done, Instant::now()),
+        });
+        self.activations()
+            .jobs
+            .lock()
+            .expect("activations lock")
+            .insert(name.clone(), progress.clone());
+        let app = self.clone();
+        tokio::spawn(async move {
+            match app.run_activation(&shadow, record, &progress).await {
+                Ok(()) => progress.finish(State::Done, String::new()),
+                Err(e) => {
+                    tracing::error!(collection = %name, error = %e, "activation failed; the collection keeps its current model");
+                    progress.finish(State::Failed, e.to_string());
+                    let registry = app.registry().clone();
+                    let gone = name.clone();
+                    if let Err(e) = blocking(move || registry.abandon_generation(&gone)).await {
+                        tracing::error!(collection = %name, error = %e, "could not remove the abandoned generation");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Re-embeds `items` (with their stored inputs) with the shadow's model.
+    async fn reembed(&self, key: &str, mut items: Vec<ItemData>) -> Result<Vec<ItemData>> {
+        let model = self.embedder().info(key)?;
+        let inputs = items
+            .iter()
+            .map(|it| {
+                let data = it.input.as_deref().and_then(decode_input).ok_or_else(|| {
+                    Error::Corrupt(format!("the stored input of item {:?}", it.id))
+                })?;
+                let tower = tower_for(&model, matches!(data, crate::embed::InputData::Image(_)));
+                Ok(Input { data, tower })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vectors = self.embedder().embed(key, inputs, true).await?;
+        for (it, v) in items.iter_mut().zip(vectors) {
+            it.vector = v;
+        }
+        Ok(items)
+    }
+
+    async fn run_activation(
+        self: &Arc<Self>,
+        shadow: &Arc<Collection>,
+        mut record: ShadowRecord,
+        progress: &Progress,
+    ) -> Result<()> {
+        let name = record.spec.name.clone();
+        let key = record.spec.model_key();
+        loop {
+            let source = self.registry().collection(&name)?;
+            // What is left is about what the source holds beyond what the new generation
+            // already has (writes during the run add to it).
+            let left = source.len().saturating_sub(shadow.len()) as u64;
+            progress
+                .total
+                .store(record.total.max(record.done + left), Ordering::Relaxed);
+            let (items, next) = {
+                let (registry, source, cursor) =
+                    (self.registry().clone(), source.clone(), record.cursor);
+                blocking(move || registry.source_step(&source, cursor)).await?
+            };
+            if next == record.cursor {
+                // Caught up: the switch finishes the tail with writes held.
+                let (registry, shadow, app, handle) = (
+                    self.registry().clone(),
+                    shadow.clone(),
+                    self.clone(),
+                    tokio::runtime::Handle::current(),
+                );
+                let key = key.clone();
+                let done = blocking(move || {
+                    let mut reembed =
+                        |items: Vec<ItemData>| handle.block_on(app.reembed(&key, items));
+                    registry.switch_generation(&source, &shadow, &mut record, &mut reembed)?;
+                    Ok(record.done)
+                })
+                .await?;
+                progress.done.store(done, Ordering::Relaxed);
+                return Ok(());
+            }
+            let step_started = Instant::now();
+            let items = if items.is_empty() {
+                items
+            } else {
+                self.reembed(&key, items).await?
+            };
+            let rate = self.activations().rate.load(Ordering::Relaxed);
+            if rate > 0 {
+                let due = std::time::Duration::from_secs_f64(items.len() as f64 / rate as f64);
+                tokio::time::sleep(due.saturating_sub(step_started.elapsed())).await;
+            }
+            record.cursor = next;
+            record.done += items.len() as u64;
+            let (registry, shadow, rec) = (self.registry().clone(), shadow.clone(), record.clone());
+            blocking(move || registry.shadow_write(&shadow, &items, &rec)).await?;
+            progress.done.store(record.done, Ordering::Relaxed);
+        }
+    }
+}
