@@ -55,6 +55,9 @@ class Daemon:
                 "info,ort=warn",
                 "--shutdown-grace-secs",
                 "2",
+                # A port of its own: another daemon on this machine may hold 9090.
+                "--metrics-listen",
+                "127.0.0.1:0",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -35,6 +35,7 @@ from likeness.mining import (
     shard_of,
 )
 from likeness.types import (
+    Activation,
     BatchSearchResult,
     Calibration,
     Classification,
@@ -70,6 +71,7 @@ __all__ = [
     "TripletStream",
     "fnv1a",
     "shard_of",
+    "Activation",
     "BatchSearchResult",
     "Calibration",
     "Classification",

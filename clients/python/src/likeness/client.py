@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
-from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
@@ -33,6 +35,26 @@ from likeness.v1 import likeness_pb2_grpc as rpc
 
 # The daemon's default limit is 64 MiB per message; the client matches it.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _read_manifest(manifest: Union[str, os.PathLike]) -> Tuple[str, Optional[str]]:
+    """A manifest's TOML and the folder it was read from (None for TOML text)."""
+    if isinstance(manifest, os.PathLike) or (
+        isinstance(manifest, str) and "\n" not in manifest and os.path.isfile(manifest)
+    ):
+        path = os.fspath(manifest)
+        with open(path, encoding="utf-8") as f:
+            return f.read(), os.path.dirname(os.path.abspath(path))
+    return str(manifest), None
+
+
+def _manifest_file(text: str) -> str:
+    """The .onnx file a manifest's towers (or pair) name."""
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "file":
+            return value.strip().strip('"').strip("'")
+    raise ValueError("the manifest names no file; give onnx=")
 
 
 def _health_request(service: str) -> bytes:
@@ -418,6 +440,77 @@ class Client:
         return ModelInfo.from_pb(
             self._models.GetModel(pb.GetModelRequest(name=name), timeout=self.timeout)
         )
+
+    @translate
+    def publish(
+        self,
+        name: str,
+        manifest: Union[str, os.PathLike],
+        onnx: Union[bytes, str, os.PathLike, None] = None,
+        chunk_bytes: int = 1 << 20,
+    ) -> ModelInfo:
+        """Publishes a new version of model `name` (Models.Publish). `manifest` is the
+        TOML text or the path of a model.toml; `onnx` the .onnx bytes or path (default:
+        the file the manifest's towers name, beside it). The manifest's `sha256` is set
+        from the bytes when it has none. Returns the model as served, `NAME@VERSION`."""
+        text, base = _read_manifest(manifest)
+        if onnx is None:
+            if base is None:
+                raise ValueError("give onnx= when the manifest is text, not a path")
+            onnx = os.path.join(base, _manifest_file(text))
+        data = onnx if isinstance(onnx, (bytes, bytearray)) else open(onnx, "rb").read()
+        if not any(line.strip().startswith("sha256") for line in text.splitlines()):
+            text = f'sha256 = "{hashlib.sha256(data).hexdigest()}"\n' + text
+        step = max(1, int(chunk_bytes))
+
+        def chunks() -> Iterator[pb.ModelChunk]:
+            yield pb.ModelChunk(name=name, manifest=text, bytes=bytes(data[:step]))
+            for start in range(step, len(data), step):
+                yield pb.ModelChunk(bytes=bytes(data[start : start + step]))
+
+        return ModelInfo.from_pb(self._models.Publish(chunks(), timeout=self.timeout))
+
+    @translate
+    def activate(self, collection: str, model: str, version: str = "") -> CollectionInfo:
+        """Switches `collection` to `model` (version: a published one; "" = as loaded at
+        start): its stored inputs are re-embedded in the background, and it keeps serving
+        its current vectors until the switch. See `wait_activation`."""
+        req = pb.ActivateRequest(collection=collection, model=model, version=version)
+        return CollectionInfo.from_pb(self._models.Activate(req, timeout=self.timeout))
+
+    def wait_activation(
+        self, collection: str, timeout: float = 600.0, poll: float = 0.2, progress: bool = False
+    ) -> CollectionInfo:
+        """Waits until the collection's activation is done; raises LikenessError when it
+        failed and TimeoutError when `timeout` passes. `progress` shows a tqdm bar."""
+        deadline = time.monotonic() + timeout
+        bar = None
+        try:
+            while True:
+                info = self.get_collection(collection)
+                a = info.activation
+                if a is None:
+                    raise ValueError(f"collection {collection!r} has no activation")
+                if progress:
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(total=a.total, unit="item", desc=f"re-embedding {collection}")
+                    bar.total = a.total
+                    bar.n = a.done
+                    bar.refresh()
+                if a.state == "done":
+                    return info
+                if a.state == "failed":
+                    raise LikenessError(grpc.StatusCode.ABORTED, f"activation failed: {a.error}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"activation of {collection!r} at {a.done}/{a.total} after {timeout} s"
+                    )
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
 
     # -- mining ----------------------------------------------------------------------
 

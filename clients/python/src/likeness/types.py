@@ -12,6 +12,32 @@ from likeness.v1 import likeness_pb2 as pb
 
 
 @dataclass(frozen=True)
+class Activation:
+    """A collection's switch to another model (Models.Activate): `state` is
+    "running", "done" or "failed" (with `error`)."""
+
+    state: str
+    model: str
+    version: str
+    done: int
+    total: int
+    rate: float  # items re-embedded per second
+    error: str
+
+    @classmethod
+    def from_pb(cls, a: pb.Activation) -> "Activation":
+        return cls(
+            state=pb.Activation.State.Name(a.state).lower(),
+            model=a.model,
+            version=a.version,
+            done=a.done,
+            total=a.total,
+            rate=a.rate,
+            error=a.error,
+        )
+
+
+@dataclass(frozen=True)
 class CollectionInfo:
     name: str
     dimension: int
@@ -28,6 +54,8 @@ class CollectionInfo:
     dbl_scale: float
     threshold: float
     pair_threshold: Optional[float]
+    model_version: str = ""  # the published version of `model`; "" = as loaded at start
+    activation: Optional[Activation] = None  # the latest Models.Activate, if any
 
     @classmethod
     def from_pb(cls, c: pb.CollectionInfo) -> "CollectionInfo":
@@ -47,6 +75,8 @@ class CollectionInfo:
             dbl_scale=c.dbl_scale,
             threshold=c.threshold,
             pair_threshold=c.pair_threshold if c.HasField("pair_threshold") else None,
+            model_version=c.model_version,
+            activation=Activation.from_pb(c.activation) if c.HasField("activation") else None,
         )
 
 
