@@ -403,6 +403,8 @@ mod tests {
             pair_threshold: None,
             threshold: None,
             uid: 1,
+            model_version: String::new(),
+            tree: String::new(),
         }
     }
 
