@@ -176,6 +176,7 @@ impl Registry {
         // An open stream's staged items could still be rolled back, in the source only:
         // switch only when none is open on it. try_lock inside: a stream mid-stage holds
         // its state and waits for this writer.
+        let waited = std::time::Instant::now();
         let mut w = loop {
             let w = source.lock_writer()?;
             if !self.txns.touches(&name) {
@@ -184,6 +185,8 @@ impl Registry {
             drop(w);
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
+        // From here writes to the collection wait: the pause the switch costs them.
+        let held_at = std::time::Instant::now();
         // Batches written before the lock may still be publishing.
         source.turns.wait_all(w.next_ticket);
         loop {
@@ -238,10 +241,11 @@ impl Registry {
         w.dropped = true;
         source.superseded.store(true, Ordering::Release);
         drop(w);
+        let held = held_at.elapsed();
         // The old generation's files: its snapshot (stale by uid anyway) and its tree.
         snapshot::remove(&self.snapshots, &name)?;
         self.store.drop_tree(&source.spec.tree_name())?;
-        tracing::info!(collection = %name, model = %spec.model_key(), items = shadow.len(), "switched to the new generation");
+        tracing::info!(collection = %name, model = %spec.model_key(), items = shadow.len(), writes_held_ms = held.as_millis() as u64, waited_for_streams_ms = (held_at - waited).as_millis() as u64, "switched to the new generation");
         Ok(shadow.clone())
     }
 }

@@ -10,9 +10,11 @@
 //! Parts (`--only`, default all but curve, mine, load and sizing, in this order):
 //! ingest, search, embed, mixed, memory, restart; and four that run only when named:
 //! curve (recall against QPS over an ef sweep) and mine (a daemon per `--mine-n`), with
-//! data sets of their own; load (1,000 streams beside a mixed unary load for 60 s); and
-//! sizing (memory and disk by N, dimension and precision, a daemon per cell).
+//! data sets of their own; load (1,000 streams beside a mixed unary load for 60 s);
+//! sizing (memory and disk by N, dimension and precision, a daemon per cell); and
+//! activate (a collection re-embedded with a second model under load).
 
+mod activate;
 mod curve;
 mod daemon;
 mod data;
@@ -35,11 +37,12 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 10] = [
+const PARTS: [&str; 11] = [
     "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine", "load", "sizing",
+    "activate",
 ];
 /// Parts that run only when `--only` names them (long, or with data sets of their own).
-const ON_REQUEST: [&str; 4] = ["curve", "mine", "load", "sizing"];
+const ON_REQUEST: [&str; 5] = ["curve", "mine", "load", "sizing", "activate"];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -176,8 +179,11 @@ pub struct Args {
     /// sizing: index precisions (f32, f16, i8).
     #[arg(long, value_delimiter = ',', default_value = "f32,f16,i8")]
     pub sizing_precisions: Vec<String>,
+    /// activate: images enrolled by input, then re-embedded with a second model.
+    #[arg(long, default_value_t = 20_000)]
+    pub activate_n: usize,
     /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve, mine,
-    /// load, sizing); default all but curve, mine, load and sizing.
+    /// load, sizing, activate); default all but the last five.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The data sets of the curve part, each with its own daemon and in-process index
@@ -330,7 +336,7 @@ async fn run(args: Args) -> Result<(), String> {
     // curve, mine and sizing generate data sets of their own.
     let needs_data = PARTS
         .iter()
-        .filter(|p| !matches!(**p, "embed" | "curve" | "mine" | "sizing"))
+        .filter(|p| !matches!(**p, "embed" | "curve" | "mine" | "sizing" | "activate"))
         .any(|p| want(p));
     let data = if needs_data {
         eprintln!("loading the data");
@@ -437,6 +443,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if want("sizing") {
         sizing::run(&ctx).await?;
+    }
+    if want("activate") {
+        activate::run(&ctx).await?;
     }
     Ok(())
 }
