@@ -243,7 +243,26 @@ impl App {
             .insert(name.clone(), progress.clone());
         let app = self.clone();
         tokio::spawn(async move {
-            match app.run_activation(&shadow, record, &progress).await {
+            let mut record = record;
+            let result = loop {
+                match app.run_activation(&shadow, record.clone(), &progress).await {
+                    // A full disk pauses the run: it goes on from the last persisted step
+                    // once the store takes writes again.
+                    Err(Error::StorageUnavailable(why)) => {
+                        tracing::warn!(collection = %name, reason = %why, "activation paused: storage is failing");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        let registry = app.registry().clone();
+                        if let Ok(Ok(records)) =
+                            tokio::task::spawn_blocking(move || registry.shadow_records()).await
+                            && let Some(r) = records.into_iter().find(|r| r.spec.name == name)
+                        {
+                            record = r;
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            match result {
                 Ok(()) => progress.finish(State::Done, String::new()),
                 Err(e) => {
                     tracing::error!(collection = %name, error = %e, "activation failed; the collection keeps its current model");

@@ -117,6 +117,12 @@ impl App {
         blocking(move || registry.delete(&name)).await
     }
 
+    /// An online backup of every collection (see [`Registry::backup`]).
+    pub async fn backup(&self, path: String) -> Result<crate::collections::BackupInfo> {
+        let registry = self.registry.clone();
+        blocking(move || registry.backup(&path)).await
+    }
+
     // Writes.
 
     /// Inserts or replaces items, embedding those sent with an input; durable on return.

@@ -107,6 +107,11 @@ pub enum Error {
     /// The daemon is still recovering or is shutting down.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Writes to the data dir fail (a full disk, an I/O error): writes are refused until
+    /// the storage probe finds it writable again; reads go on. The text says why and
+    /// what brings writes back.
+    #[error("storage unavailable: {0}")]
+    StorageUnavailable(String),
     /// sled failed.
     #[error("storage: {0}")]
     Storage(#[from] sled::Error),
@@ -230,7 +235,8 @@ impl Error {
             | Error::AlreadyExists(_)
             | Error::FailedPrecondition(_)
             | Error::ResourceExhausted(_)
-            | Error::Unavailable(_) => false,
+            | Error::Unavailable(_)
+            | Error::StorageUnavailable(_) => false,
             Error::Storage(_)
             | Error::Index(_)
             | Error::Io(_)

@@ -408,6 +408,34 @@ pub fn render(app: &crate::app::App) -> String {
         &[],
         registry.flush_latency(),
     );
+    header(
+        &mut out,
+        "likeness_storage_writable",
+        "gauge",
+        "1 while the store accepts writes; 0 after a write failed (disk full, I/O error) until the storage probe finds the data dir writable again. Reads go on either way.",
+    );
+    sample(
+        &mut out,
+        "likeness_storage_writable",
+        &[],
+        if registry.storage_writable() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    header(
+        &mut out,
+        "likeness_storage_failures_total",
+        "counter",
+        "Times writes to the store started failing.",
+    );
+    sample(
+        &mut out,
+        "likeness_storage_failures_total",
+        &[],
+        registry.storage_failures() as f64,
+    );
 
     render_embedders(&mut out, app.embedder());
 

@@ -1,6 +1,8 @@
 //! The client side of the binary: `likeness collections|upsert|search|get|delete` and
-//! `embed|classify|verify` and `mine` talk to a running daemon at `--addr`.
+//! `embed|classify|verify`, `mine` and `backup` talk to a running daemon at `--addr`;
+//! `restore` works offline on a data dir.
 
+pub mod admin;
 pub mod infer;
 pub mod load;
 pub mod mine;
@@ -61,6 +63,12 @@ pub enum Command {
     /// Write a copy of a model's .onnx that carries its TOML manifest in the ONNX
     /// metadata_props, so that `--model NAME=FILE.onnx` needs no TOML beside it.
     Pack(PackArgs),
+    /// Ask the daemon for an online backup of its data dir into a directory on its
+    /// machine (JSON summary).
+    Backup(admin::BackupArgs),
+    /// Restore a backup into a new data dir, offline; `likeness serve --data-dir` then
+    /// serves it.
+    Restore(admin::RestoreArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -220,6 +228,8 @@ pub async fn run(addr: String, command: Command) -> Result<(), String> {
         Command::Classify(args) => infer::classify(&addr, args).await,
         Command::Verify(args) => infer::verify(&addr, args).await,
         Command::Mine(args) => mine::mine(&addr, args).await,
+        Command::Backup(args) => admin::backup(&addr, args).await,
+        Command::Restore(args) => admin::restore(args),
     }
 }
 

@@ -254,7 +254,7 @@ impl Collection {
             QueryTarget::Id(id) => {
                 let field = field.clone().field("id");
                 validate::id(&field, id, &self.limits)?;
-                let Some((key, item)) = self.items.get(id, true)? else {
+                let Some((key, item)) = self.stored(id, true)? else {
                     return Err(Error::not_found_at(
                         field,
                         format!("item {id:?} in collection {:?}", self.spec.name),
@@ -263,6 +263,109 @@ impl Collection {
                 Ok((item.vector, Some((key, id.as_str()))))
             }
         }
+    }
+
+    /// An item as reads may see it. While storage is failing, reads keep to what the
+    /// catalogue published: sled's memory may hold a batch whose commit failed (never
+    /// acknowledged, never published), and sled may fail a read whose path holds a node
+    /// split it can no longer write. An item the store cannot give as published is
+    /// answered from the catalogue and the index (its vector where the index keeps exact
+    /// f32 vectors; else it reads as absent until writes resume).
+    fn stored(&self, id: &str, with_vector: bool) -> Result<Option<(u64, ItemData)>> {
+        if self.items.writable() {
+            return self.items.get(id, with_vector);
+        }
+        let Some(key) = self.catalogue().key_of(id) else {
+            return Ok(None);
+        };
+        match self.items.get(id, with_vector) {
+            Ok(Some((k, item))) if k == key => return Ok(Some((k, item))),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, id, "store read failed while storage is failing; answering from the index")
+            }
+        }
+        let vector = if with_vector {
+            match self.index.vector(key) {
+                Some(v) => v,
+                None => return Ok(None),
+            }
+        } else {
+            Vec::new()
+        };
+        let c = self.catalogue();
+        let Some(e) = c.get(key) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            key,
+            ItemData {
+                id: id.to_string(),
+                label: c.label_name(e.label).to_string(),
+                metadata: e.metadata.clone(),
+                vector,
+                input: None,
+                generation: e.generation,
+            },
+        )))
+    }
+
+    /// An item's stored input; while storage is failing, none where the store cannot
+    /// read it.
+    fn stored_input(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        match self.items.input(id) {
+            Err(_) if !self.items.writable() => Ok(None),
+            other => other,
+        }
+    }
+
+    /// After the store was reopened (a storage failure): brings the catalogue and the
+    /// index in line with what the store holds now, which is every acknowledged write,
+    /// and perhaps a failed one that reached the disk after all. Called with the writer
+    /// lock held and every published batch's turn done. Returns whether anything
+    /// changed.
+    pub(super) fn resync(&self, w: &mut Writer) -> Result<bool> {
+        let state = self.items.state()?;
+        let published = self.catalogue().seq();
+        let next_key = w.state.next_key.max(state.next_key);
+        if state.seq == published {
+            w.state = TreeState {
+                seq: state.seq,
+                next_key,
+            };
+            return Ok(false);
+        }
+        let mut catalogue = Catalogue::default();
+        let mut missing = Vec::new();
+        for rec in self.items.scan(false) {
+            let (key, item) = rec?;
+            if !self.index.contains(key) {
+                missing.push((key, item.id.clone()));
+            }
+            catalogue.insert(key, &item.id, &item.label, item.generation, item.metadata);
+        }
+        catalogue.set_seq(state.seq);
+        let stale: Vec<u64> = self
+            .catalogue()
+            .keys()
+            .filter(|k| catalogue.get(*k).is_none())
+            .collect();
+        let mut vectors = Vec::with_capacity(missing.len());
+        for (key, id) in &missing {
+            if let Some((_, item)) = self.items.get(id, true)? {
+                vectors.push((*key, item.vector));
+            }
+        }
+        let refs: Vec<(u64, &[f32])> = vectors.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        self.index.add_many(&refs, self.threads)?;
+        self.index.remove_many(&stale)?;
+        tracing::warn!(collection = %self.spec.name, store_seq = state.seq, published, added = refs.len(), removed = stale.len(), "resynced index and catalogue with the reopened store");
+        *self.catalogue.write().expect("catalogue lock") = catalogue;
+        w.state = TreeState {
+            seq: state.seq,
+            next_key,
+        };
+        Ok(true)
     }
 
     /// The vector of a query (a vector, or a stored item's).
@@ -280,9 +383,9 @@ impl Collection {
         validate::ids(ids, &self.limits)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some((_, mut item)) = self.items.get(id, with_vectors)? {
+            if let Some((_, mut item)) = self.stored(id, with_vectors)? {
                 if with_inputs {
-                    item.input = self.items.input(id)?;
+                    item.input = self.stored_input(id)?;
                 }
                 out.push(item);
             }
@@ -294,10 +397,10 @@ impl Collection {
     pub fn stored_inputs(&self, ids: &[String]) -> Result<HashMap<String, InputData>> {
         let mut out = HashMap::with_capacity(ids.len());
         for id in ids {
-            if out.contains_key(id) {
+            if out.contains_key(id) || (!self.items.writable() && !self.contains(id)) {
                 continue;
             }
-            if let Some(data) = self.items.input(id)?.as_deref().and_then(decode_input) {
+            if let Some(data) = self.stored_input(id)?.as_deref().and_then(decode_input) {
                 out.insert(id.clone(), data);
             }
         }

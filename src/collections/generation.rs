@@ -138,12 +138,19 @@ impl Registry {
         items: &[ItemData],
         record: &ShadowRecord,
     ) -> Result<()> {
-        if !items.is_empty() {
+        let written = if items.is_empty() {
+            None
+        } else {
             validate::items(items, &shadow.spec, &self.settings.limits)?;
-            shadow.apply_upsert(items, None)?;
-        }
+            shadow.write_upsert(items, None)?
+        };
         self.store.put_shadow(record)?;
-        self.store.commit()
+        // Durable first, then published (as every write is).
+        self.store.commit()?;
+        if let Some(w) = written {
+            w.publish()?;
+        }
+        Ok(())
     }
 
     /// Gives a generation up: its record and tree go; the source is untouched.

@@ -1,9 +1,9 @@
 //! The collections registry: joins the durable store (sled) and the ANN index (usearch)
 //! into collections that can be written, read and searched.
 //!
-//! The store is the truth. Every write goes to sled first as one atomic batch, then into
-//! the index, then into the in-memory catalogue that reads use; it is acknowledged only
-//! after a group commit has flushed it. After a crash the index is rebuilt from the
+//! The store is the truth. Every write goes to sled first as one atomic batch, is
+//! flushed by a group commit, then goes into the index, then into the in-memory
+//! catalogue that reads use, and is acknowledged. After a crash the index is rebuilt from the
 //! store, so the two always agree.
 //!
 //! - [`collection`]: one collection, and the read view the miner builds on;
@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::index::snapshot;
 use crate::judge::{Calibration, Decision};
 use crate::store::Store;
+use crate::store::backup::BackupWriter;
 use crate::types::{
     CollectionSpec, IndexParams, ItemData, Limits, Metric, ModelDefaults, Precision,
 };
@@ -91,6 +92,23 @@ pub struct CollectionInfo {
     pub count: u64,
     /// The latest re-embedding to another model (filled in by the application).
     pub activation: Option<crate::activation::ActivationInfo>,
+}
+
+/// How often the storage probe checks whether writes can resume after a storage
+/// failure.
+pub const STORAGE_PROBE: Duration = Duration::from_millis(500);
+
+/// What a backup wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupInfo {
+    pub path: PathBuf,
+    /// Each collection's name and item count, in name order.
+    pub collections: Vec<(String, u64)>,
+    pub items: u64,
+    pub bytes: u64,
+    pub took: Duration,
+    /// The longest time one collection's writes waited for the backup.
+    pub longest_pause: Duration,
 }
 
 /// How recovery went, per collection.
@@ -394,9 +412,12 @@ impl Registry {
             return Err(Error::invalid("items", "must not be empty"));
         }
         validate::items(items, &coll.spec, &self.settings.limits)?;
-        let n = coll.apply_upsert(items, None)?;
+        let Some(written) = coll.write_upsert(items, None)? else {
+            return Ok(0);
+        };
+        // Durable first: a batch whose commit fails is dropped here unpublished.
         self.store.commit()?;
-        Ok(n)
+        written.publish()
     }
 
     /// Starts an UpsertStream: see [`StreamTxn`].
@@ -423,11 +444,11 @@ impl Registry {
     /// Deletes items by id; durable on return. Returns how many existed.
     pub fn delete_items(&self, coll: &Collection, ids: &[String]) -> Result<usize> {
         validate::ids(ids, &self.settings.limits)?;
-        let n = coll.apply_delete(ids)?;
-        if n > 0 {
-            self.store.commit()?;
-        }
-        Ok(n)
+        let Some(written) = coll.write_delete(ids)? else {
+            return Ok(0);
+        };
+        self.store.commit()?;
+        written.publish()
     }
 
     /// Stores what Calibrate fitted; Verify decides with it from now on.
@@ -450,6 +471,203 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether the store accepts writes (false while storage is failing).
+    pub fn storage_writable(&self) -> bool {
+        self.store.writable()
+    }
+
+    /// How many times storage has failed since the daemon started.
+    pub fn storage_failures(&self) -> u64 {
+        self.store.failures()
+    }
+
+    /// Test-only: see [`Store::inject_fault`].
+    #[doc(hidden)]
+    pub fn inject_storage_fault(&self, on: bool) {
+        self.store.inject_fault(on);
+    }
+
+    /// Watches storage from a thread of its own: while writes are failing, every
+    /// [`STORAGE_PROBE`] it tries [`Registry::restore_storage`]. The thread ends with
+    /// the registry.
+    pub fn watch_storage(self: &Arc<Self>) {
+        let registry = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("storage-probe".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(STORAGE_PROBE);
+                    let Some(registry) = registry.upgrade() else {
+                        return;
+                    };
+                    if registry.storage_writable() || !registry.is_ready() {
+                        continue;
+                    }
+                    if let Err(e) = registry.restore_storage() {
+                        tracing::debug!(error = %e, "storage still failing");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no storage probe thread: writes will not resume after a storage failure without a restart");
+        }
+    }
+
+    /// After a storage failure: once the data dir takes a write again, reopens the
+    /// store (every writer kept out meanwhile), brings each collection's index and
+    /// catalogue in line with what it holds, and resumes writes. Returns whether writes
+    /// are accepted now.
+    pub fn restore_storage(&self) -> Result<bool> {
+        if self.store.writable() {
+            return Ok(true);
+        }
+        if self.store.fault_injected() {
+            return Ok(false);
+        }
+        self.store.probe_space()?;
+        let _ddl = self.ddl.lock().expect("ddl lock");
+        let colls: Vec<Arc<Collection>> = self
+            .collections
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        // Name order, as the map is: the only place that holds more than one writer.
+        let mut writers: Vec<_> = colls
+            .iter()
+            .map(|c| c.writer.lock().expect("writer lock"))
+            .collect();
+        for (c, w) in colls.iter().zip(&writers) {
+            c.turns.wait_all(w.next_ticket);
+        }
+        self.store.reopen()?;
+        for (c, w) in colls.iter().zip(&mut writers) {
+            if !w.dropped {
+                c.resync(w)?;
+            }
+        }
+        drop(writers);
+        self.reconcile_specs(&colls)?;
+        self.store.resume_writes();
+        Ok(true)
+    }
+
+    /// A create or delete whose commit failed may have reached the disk after all: the
+    /// registry follows the reopened store's specs.
+    fn reconcile_specs(&self, colls: &[Arc<Collection>]) -> Result<()> {
+        let specs = self.store.specs()?;
+        for c in colls {
+            if !specs.iter().any(|s| s.name == c.name()) {
+                tracing::warn!(collection = %c.name(), "collection gone from the reopened store");
+                c.writer.lock().expect("writer lock").dropped = true;
+                self.collections
+                    .write()
+                    .expect("registry lock")
+                    .remove(c.name());
+            }
+        }
+        for spec in specs {
+            if colls.iter().any(|c| c.name() == spec.name) {
+                continue;
+            }
+            tracing::warn!(collection = %spec.name, "collection found in the reopened store");
+            let (coll, _) = Collection::open(
+                spec.clone(),
+                self.store.items(&spec)?,
+                &self.snapshots,
+                self.settings.limits.clone(),
+                self.settings.index_threads,
+            )?;
+            self.collections
+                .write()
+                .expect("registry lock")
+                .insert(spec.name, Arc::new(coll));
+        }
+        Ok(())
+    }
+
+    /// Writes an online backup to `path` (absent or an empty directory on this
+    /// machine, outside the data dir). Each collection is copied under its writer lock,
+    /// so its copy holds every write acknowledged before the backup reached it and no
+    /// part of a later one; writes to it wait meanwhile, writes to the others go on.
+    /// Messages of an UpsertStream still open are visible to the copy as they are to
+    /// reads. Creates, deletes and calibrations wait for the whole backup.
+    pub fn backup(&self, path: &str) -> Result<BackupInfo> {
+        self.check_ready()?;
+        let started = Instant::now();
+        let to = self.backup_target(path)?;
+        let _ddl = self.ddl.lock().expect("ddl lock");
+        let mut writer = BackupWriter::create(&to)?;
+        let mut collections = Vec::new();
+        let mut longest_pause = Duration::ZERO;
+        for spec in self.store.specs()? {
+            let Ok(coll) = self.collection(&spec.name) else {
+                continue;
+            };
+            let paused = Instant::now();
+            let items = {
+                let w = coll.writer.lock().expect("writer lock");
+                writer.add(&spec, &coll.items, w.state.seq)?
+            };
+            let pause = paused.elapsed();
+            longest_pause = longest_pause.max(pause);
+            tracing::info!(collection = %spec.name, items, pause_ms = pause.as_millis() as u64, "backed up collection");
+            collections.push((spec.name, items));
+        }
+        let (_, bytes) = writer.finish()?;
+        let info = BackupInfo {
+            path: to,
+            items: collections.iter().map(|(_, n)| n).sum(),
+            collections,
+            bytes,
+            took: started.elapsed(),
+            longest_pause,
+        };
+        tracing::info!(path = %info.path.display(), items = info.items, bytes, took_ms = info.took.as_millis() as u64, "backup written");
+        Ok(info)
+    }
+
+    /// A backup path: absolute, and not inside the data dir.
+    fn backup_target(&self, path: &str) -> Result<PathBuf> {
+        if path.is_empty() {
+            return Err(Error::invalid("path", "must not be empty"));
+        }
+        let to = PathBuf::from(path);
+        if !to.is_absolute() {
+            return Err(Error::invalid(
+                "path",
+                format!("{path:?} must be an absolute path on the daemon's machine"),
+            ));
+        }
+        // The nearest existing ancestor, resolved, so that links and `..` cannot hide
+        // the data dir.
+        let mut existing = to.as_path();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                break;
+            };
+            rest.push(name);
+            existing = parent;
+        }
+        let mut resolved = existing
+            .canonicalize()
+            .map_err(|e| Error::invalid("path", format!("{path:?}: {e}")))?;
+        resolved.extend(rest.iter().rev());
+        let data_dir = self.settings.data_dir.canonicalize()?;
+        if resolved.starts_with(&data_dir) || data_dir.starts_with(&resolved) {
+            return Err(Error::invalid(
+                "path",
+                format!(
+                    "{path:?} overlaps the data dir {}; back up to a directory outside it",
+                    data_dir.display()
+                ),
+            ));
+        }
+        Ok(to)
+    }
+
     /// Rolls back open streams, saves every index snapshot and flushes the store (clean
     /// shutdown).
     pub fn shutdown(&self) -> Result<()> {
@@ -461,6 +679,12 @@ impl Registry {
                 streams = undone,
                 "rolled back streams still open at shutdown"
             );
+        }
+        if !self.store.writable() {
+            // Snapshots would claim states the disk may not hold; the next start
+            // rebuilds from the store, which has every acknowledged write.
+            tracing::warn!("storage is failing: no index snapshots saved at shutdown");
+            return Ok(());
         }
         let colls: Vec<_> = self
             .collections

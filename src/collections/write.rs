@@ -1,8 +1,10 @@
 //! The ordered write path of a collection, and stream transactions.
 //!
 //! Only the store write is serialised (the writer lock): a batch takes its ANN keys and
-//! its place in the store's history there, as one atomic sled batch. HNSW insertion, the
-//! costly part, then runs concurrently with other batches. Batches publish to the
+//! its place in the store's history there, as one atomic sled batch. A plain write is
+//! then committed (group commit) before it reaches the index, so a batch whose commit
+//! fails never shows in search (see [`Written`]). HNSW insertion, the costly part, runs
+//! concurrently with other batches. Batches publish to the
 //! catalogue in the order they reached the store (a ticket, see [`Turn`]), so the
 //! catalogue, and with it search, always reflects a prefix of the store's history.
 //!
@@ -100,130 +102,198 @@ impl Undo {
     }
 }
 
+/// A batch written to the store (not yet durable) that has not reached the index and the
+/// catalogue. A plain write commits it first and then publishes it, so that a batch
+/// whose commit fails (a full disk) is never seen by search; dropped unpublished, it
+/// passes its turn on.
+pub(super) struct Written<'a> {
+    coll: &'a Collection,
+    turn: Turn<'a>,
+    seq: u64,
+    change: Change<'a>,
+}
+
+enum Change<'a> {
+    Upsert {
+        items: &'a [ItemData],
+        keys: Vec<u64>,
+        replaced: Vec<u64>,
+    },
+    Delete {
+        found: Vec<(&'a str, u64)>,
+    },
+}
+
+impl Written<'_> {
+    /// Index, then catalogue, in the store's order. Returns how many items it touched.
+    pub(super) fn publish(self) -> Result<usize> {
+        let coll = self.coll;
+        match self.change {
+            Change::Upsert {
+                items,
+                keys,
+                replaced,
+            } => {
+                let entries: Vec<(u64, &[f32])> = keys
+                    .iter()
+                    .zip(items)
+                    .map(|(k, it)| (*k, it.vector.as_slice()))
+                    .collect();
+                coll.index.add_many(&entries, coll.threads)?;
+                self.turn.wait();
+                {
+                    let mut c = coll.catalogue.write().expect("catalogue lock");
+                    for (key, item) in keys.iter().zip(items) {
+                        c.insert(
+                            *key,
+                            &item.id,
+                            &item.label,
+                            item.generation,
+                            item.metadata.clone(),
+                        );
+                    }
+                    c.set_seq(self.seq);
+                }
+                coll.index.remove_many(&replaced)?;
+                Ok(items.len())
+            }
+            Change::Delete { found } => {
+                self.turn.wait();
+                {
+                    let mut c = coll.catalogue.write().expect("catalogue lock");
+                    for (id, _) in &found {
+                        c.remove(id);
+                    }
+                    c.set_seq(self.seq);
+                }
+                let keys: Vec<u64> = found.iter().map(|(_, k)| *k).collect();
+                coll.index.remove_many(&keys)?;
+                Ok(found.len())
+            }
+        }
+    }
+}
+
 impl Collection {
-    /// Store, then index, then catalogue. Validated input only. Not durable until the
-    /// store commits. With `undo`, the previous state of each id (input included) is
-    /// remembered there first.
+    /// Store, then index, then catalogue, without waiting for durability (stream
+    /// messages, undo). Validated input only. With `undo`, the previous state of each
+    /// id (input included) is remembered there first.
     pub(super) fn apply_upsert(
         self: &Arc<Self>,
         items: &[ItemData],
-        mut undo: Option<&mut Undo>,
+        undo: Option<&mut Undo>,
     ) -> Result<usize> {
+        match self.write_upsert(items, undo)? {
+            Some(w) => w.publish(),
+            None => Ok(0),
+        }
+    }
+
+    /// Writes a batch to the store (not yet durable) and takes its place in the
+    /// publication order; see [`Written`]. None for no items.
+    pub(super) fn write_upsert<'a>(
+        self: &'a Arc<Self>,
+        items: &'a [ItemData],
+        mut undo: Option<&mut Undo>,
+    ) -> Result<Option<Written<'a>>> {
         if items.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let mut keys = Vec::with_capacity(items.len());
         let mut replaced = Vec::new();
-        let (ticket, seq) = {
-            let mut w = self.lock_writer()?;
-            let mut state = w.state;
-            let mut m = Mutation::default();
-            for item in items {
-                // The store, not the catalogue, knows the latest key: an earlier batch
-                // may be written but not yet published.
-                let old = self.items.get(&item.id, undo.is_some())?;
-                if let Some(undo) = undo.as_deref_mut()
-                    && let std::collections::hash_map::Entry::Vacant(slot) =
-                        undo.before.entry((self.spec.name.clone(), item.id.clone()))
-                {
-                    // The first state this stream saw is the one to restore.
-                    let before = match &old {
-                        Some((_, it)) => {
-                            let mut it = it.clone();
-                            it.input = self.items.input(&item.id)?;
-                            Some(it)
-                        }
-                        None => None,
-                    };
-                    slot.insert(before);
-                    undo.collections
-                        .entry(self.spec.name.clone())
-                        .or_insert_with(|| self.clone());
-                }
-                if let Some((old_key, _)) = old {
-                    m.drop_key(old_key);
-                    replaced.push(old_key);
-                }
-                let key = state.next_key;
-                state.next_key += 1;
-                m.put(key, item);
-                keys.push(key);
+        let mut w = self.lock_writer()?;
+        let mut state = w.state;
+        let mut m = Mutation::default();
+        for item in items {
+            // The store, not the catalogue, knows the latest key: an earlier batch
+            // may be written but not yet published.
+            let old = self.items.get(&item.id, undo.is_some())?;
+            if let Some(undo) = undo.as_deref_mut()
+                && let std::collections::hash_map::Entry::Vacant(slot) =
+                    undo.before.entry((self.spec.name.clone(), item.id.clone()))
+            {
+                // The first state this stream saw is the one to restore.
+                let before = match &old {
+                    Some((_, it)) => {
+                        let mut it = it.clone();
+                        it.input = self.items.input(&item.id)?;
+                        Some(it)
+                    }
+                    None => None,
+                };
+                slot.insert(before);
+                undo.collections
+                    .entry(self.spec.name.clone())
+                    .or_insert_with(|| self.clone());
             }
-            state.seq += 1;
-            self.items.apply(m, state)?;
-            w.state = state;
-            (w.take_ticket(), state.seq)
-        };
-        let turn = Turn {
-            turns: &self.turns,
-            ticket,
-        };
-        let entries: Vec<(u64, &[f32])> = keys
-            .iter()
-            .zip(items)
-            .map(|(k, it)| (*k, it.vector.as_slice()))
-            .collect();
-        self.index.add_many(&entries, self.threads)?;
-        turn.wait();
-        {
-            let mut c = self.catalogue.write().expect("catalogue lock");
-            for (key, item) in keys.iter().zip(items) {
-                c.insert(
-                    *key,
-                    &item.id,
-                    &item.label,
-                    item.generation,
-                    item.metadata.clone(),
-                );
+            if let Some((old_key, _)) = old {
+                m.drop_key(old_key);
+                replaced.push(old_key);
             }
-            c.set_seq(seq);
+            let key = state.next_key;
+            state.next_key += 1;
+            m.put(key, item);
+            keys.push(key);
         }
-        self.index.remove_many(&replaced)?;
-        Ok(items.len())
+        state.seq += 1;
+        self.items.apply(m, state)?;
+        w.state = state;
+        Ok(Some(Written {
+            coll: self,
+            turn: Turn {
+                turns: &self.turns,
+                ticket: w.take_ticket(),
+            },
+            seq: state.seq,
+            change: Change::Upsert {
+                items,
+                keys,
+                replaced,
+            },
+        }))
     }
 
-    /// Removes items by id; returns how many existed. Not durable until the store
-    /// commits.
+    /// Removes items by id and publishes at once; returns how many existed. Not durable
+    /// until the store commits.
     pub(super) fn apply_delete(&self, ids: &[String]) -> Result<usize> {
-        let mut found: Vec<(&str, u64)> = Vec::new();
-        let (ticket, seq) = {
-            let mut w = self.lock_writer()?;
-            let mut seen = HashSet::new();
-            for id in ids {
-                if seen.insert(id.as_str())
-                    && let Some((key, _)) = self.items.get(id, false)?
-                {
-                    found.push((id.as_str(), key));
-                }
-            }
-            if found.is_empty() {
-                return Ok(0);
-            }
-            let mut m = Mutation::default();
-            for (id, key) in &found {
-                m.remove(id, *key);
-            }
-            let mut state = w.state;
-            state.seq += 1;
-            self.items.apply(m, state)?;
-            w.state = state;
-            (w.take_ticket(), state.seq)
-        };
-        let turn = Turn {
-            turns: &self.turns,
-            ticket,
-        };
-        turn.wait();
-        {
-            let mut c = self.catalogue.write().expect("catalogue lock");
-            for (id, _) in &found {
-                c.remove(id);
-            }
-            c.set_seq(seq);
+        match self.write_delete(ids)? {
+            Some(w) => w.publish(),
+            None => Ok(0),
         }
-        let keys: Vec<u64> = found.iter().map(|(_, k)| *k).collect();
-        self.index.remove_many(&keys)?;
-        Ok(found.len())
+    }
+
+    /// Writes a delete to the store (not yet durable); None when no id exists.
+    pub(super) fn write_delete<'a>(&'a self, ids: &'a [String]) -> Result<Option<Written<'a>>> {
+        let mut found: Vec<(&str, u64)> = Vec::new();
+        let mut w = self.lock_writer()?;
+        let mut seen = HashSet::new();
+        for id in ids {
+            if seen.insert(id.as_str())
+                && let Some((key, _)) = self.items.get(id, false)?
+            {
+                found.push((id.as_str(), key));
+            }
+        }
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let mut m = Mutation::default();
+        for (id, key) in &found {
+            m.remove(id, *key);
+        }
+        let mut state = w.state;
+        state.seq += 1;
+        self.items.apply(m, state)?;
+        w.state = state;
+        Ok(Some(Written {
+            coll: self,
+            turn: Turn {
+                turns: &self.turns,
+                ticket: w.take_ticket(),
+            },
+            seq: state.seq,
+            change: Change::Delete { found },
+        }))
     }
 }
 

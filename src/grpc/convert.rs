@@ -322,3 +322,25 @@ pub fn hits_to(hits: Vec<Hit>) -> pb::SearchResponse {
             .collect(),
     }
 }
+
+pub fn backup_info(info: crate::collections::BackupInfo) -> pb::BackupInfo {
+    let crate::collections::BackupInfo {
+        path,
+        collections,
+        items,
+        bytes,
+        took,
+        longest_pause,
+    } = info;
+    pb::BackupInfo {
+        path: path.display().to_string(),
+        collections: collections
+            .into_iter()
+            .map(|(name, items)| pb::BackupCollection { name, items })
+            .collect(),
+        items,
+        bytes,
+        seconds: took.as_secs_f64(),
+        longest_pause_seconds: longest_pause.as_secs_f64(),
+    }
+}

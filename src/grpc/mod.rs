@@ -1,5 +1,6 @@
 //! The gRPC server: services, health, reflection, limits and graceful shutdown.
 
+mod admin;
 pub mod client;
 mod collections;
 pub mod convert;
@@ -86,6 +87,7 @@ pub async fn serve_with(
         let settings = config.core();
         Arc::new(tokio::task::spawn_blocking(move || Registry::open(settings)).await??)
     };
+    db.watch_storage();
     // Recovery starts now, on a blocking thread, while the models load beside it.
     let started = Instant::now();
     let recovered = {
@@ -238,6 +240,7 @@ pub async fn serve_with(
     let miner = pb::miner_server::MinerServer::new(MinerService { app: app.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let admin = pb::admin_server::AdminServer::new(admin::AdminService { app: app.clone() });
     let app_metrics = app.metrics().clone();
     let models_svc = pb::models_server::ModelsServer::new(ModelsService {
         embedder: app.embedder().clone(),
@@ -277,6 +280,7 @@ pub async fn serve_with(
         .add_service(embedder)
         .add_service(models_svc)
         .add_service(miner)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping.wait_for(|s| *s).await;
         });

@@ -21,6 +21,8 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
+            // The client may retry later; its acknowledged writes are safe.
+            Error::StorageUnavailable(_) => Code::Unavailable,
             Error::Storage(_)
             | Error::Index(_)
             | Error::Io(_)

@@ -29,14 +29,8 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn new(db: sled::Db) -> Self {
-        Self::with_flush(Box::new(move || {
-            db.flush()?;
-            Ok(())
-        }))
-    }
-
-    fn with_flush(flush: FlushFn) -> Self {
+    /// Group commit over `flush`, which makes every write made before it durable.
+    pub fn with_flush(flush: FlushFn) -> Self {
         GroupCommit {
             flush,
             state: Mutex::new(State::default()),

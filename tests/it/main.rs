@@ -5,6 +5,7 @@
 mod common;
 
 mod api;
+mod backup;
 mod bad_input;
 mod cli;
 mod crash;
@@ -22,4 +23,5 @@ mod pair;
 mod recall;
 mod recovery;
 mod shapes;
+mod storage_errors;
 mod streams;
