@@ -20,5 +20,6 @@ mod mine;
 mod pair;
 mod recall;
 mod recovery;
+mod security;
 mod shapes;
 mod streams;
