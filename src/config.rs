@@ -45,6 +45,21 @@ pub struct ServeArgs {
     /// Kubernetes' gRPC probes, which cannot speak TLS) [default: off].
     #[arg(long, env = "LIKENESS_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Serve TLS with this PEM certificate chain (with --tls-key); plaintext is then
+    /// refused on the gRPC port. Re-read on SIGHUP [default: plaintext].
+    #[arg(long, env = "LIKENESS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert. Re-read on SIGHUP.
+    #[arg(long, env = "LIKENESS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these PEM CA certificates (mutual TLS;
+    /// needs --tls-cert). Re-read on SIGHUP [default: no client certificates].
+    #[arg(long, env = "LIKENESS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Require a bearer token on every RPC but health and reflection: a file with one
+    /// `read TOKEN` or `write TOKEN` per line. Re-read on SIGHUP [default: no tokens].
+    #[arg(long, env = "LIKENESS_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
     /// Log format [default: human].
     #[arg(long, env = "LIKENESS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -146,6 +161,10 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub embed_only: Option<bool>,
     pub health_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub tokens_file: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
     pub max_k: Option<usize>,
@@ -179,6 +198,13 @@ pub struct Config {
     pub embed_only: bool,
     /// A second, plaintext listener with grpc.health.v1 only.
     pub health_listen: Option<SocketAddr>,
+    /// TLS on the gRPC port: the certificate chain and its key (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: client certificates must be signed by these CAs.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Bearer tokens (`read TOKEN` / `write TOKEN` lines); None: no tokens needed.
+    pub tokens_file: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log: String,
     pub max_message_bytes: usize,
@@ -205,6 +231,10 @@ impl Default for Config {
             data_dir: PathBuf::from("./likeness-data"),
             embed_only: false,
             health_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tokens_file: None,
             log_format: LogFormat::Human,
             log: "info,ort=warn".into(),
             max_message_bytes: 64 << 20,
@@ -264,6 +294,10 @@ impl Config {
                 .health_listen
                 .or(file.health_listen)
                 .or(d.health_listen),
+            tls_cert: args.tls_cert.clone().or(file.tls_cert),
+            tls_key: args.tls_key.clone().or(file.tls_key),
+            tls_client_ca: args.tls_client_ca.clone().or(file.tls_client_ca),
+            tokens_file: args.tokens_file.clone().or(file.tokens_file),
             log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
             log: args.log.clone().or(file.log).unwrap_or(d.log),
             max_message_bytes: args
@@ -353,6 +387,12 @@ impl Config {
         }
         if self.embed_only && self.models.is_empty() {
             return Err("embed_only serves models only, and none is configured (--model)".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tls_cert and tls_key go together: give both or neither".into());
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)".into());
         }
         // Port 0 (any free port) may well appear on both.
         if self.health_listen == Some(self.listen) && self.listen.port() != 0 {
@@ -463,5 +503,33 @@ mod tests {
         };
         let err = Config::resolve(&args).unwrap_err();
         assert!(err.contains("health_listen"), "{err}");
+    }
+
+    #[test]
+    fn tls_key_and_cert_go_together_and_client_ca_needs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "tls_cert = \"/certs/tls.crt\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        assert!(err.contains("tls_key"), "{err}");
+        let args = ServeArgs {
+            config: Some(path),
+            tls_key: Some("/certs/tls.key".into()),
+            tokens_file: Some("/tokens/tokens".into()),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args).unwrap();
+        assert_eq!(cfg.tls_cert, Some(PathBuf::from("/certs/tls.crt")));
+        assert_eq!(cfg.tokens_file, Some(PathBuf::from("/tokens/tokens")));
+        let args = ServeArgs {
+            tls_client_ca: Some("/certs/ca.crt".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        assert!(err.contains("tls_client_ca"), "{err}");
     }
 }

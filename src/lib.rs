@@ -26,8 +26,9 @@
 //! - [`pool`]: the fixed thread pool that runs searches, with admission control.
 //! - [`memory`]: glibc's malloc arenas limited, and free memory given back when quiet.
 //! - [`grpc`]: tonic services (convert -> app -> convert), the one Error -> Status map,
-//!   health (also alone on a plaintext port), reflection, [`serve`] and its embed-only
-//!   mode (Embedder and Models, no store).
+//!   health (also alone on a plaintext port), reflection, TLS with certificates reloaded
+//!   in place, bearer tokens with a read/write table of every method, [`serve`] and its
+//!   embed-only mode (Embedder and Models, no store).
 //! - [`cli`]: the client subcommands.
 //! - [`rng`], [`synth`]: a seedable PRNG; synthetic data for tests and benchmarks.
 //!
@@ -61,4 +62,4 @@ pub mod pb {
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use grpc::{ServeOptions, serve, serve_with};
+pub use grpc::{Reloader, ServeOptions, serve, serve_with};

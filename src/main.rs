@@ -46,9 +46,28 @@ async fn run_server(config: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    likeness::serve(listener, config, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    let reloader = likeness::Reloader::new();
+    let hangups = tokio::spawn(reload_on_hangup(reloader.clone()));
+    let options = likeness::ServeOptions {
+        reloader: Some(reloader),
+        ..Default::default()
+    };
+    let served = likeness::serve_with(listener, config, options, shutdown_signal()).await;
+    hangups.abort();
+    served.map_err(|e| e.to_string())
+}
+
+/// SIGHUP re-reads the TLS certificates and the tokens file (cert-manager and Secret
+/// rotation write new files; the daemon keeps running). A file that fails to load is
+/// logged, and the old one stays in force.
+async fn reload_on_hangup(reloader: likeness::Reloader) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading certificates and tokens");
+        // The reload logs what it did and what failed.
+        let _ = reloader.reload();
+    }
 }
 
 /// SIGINT or SIGTERM.

@@ -8,6 +8,8 @@ use crate::pb::admin_client::AdminClient;
 
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
+    #[command(flatten)]
+    pub conn: crate::grpc::client::ConnectArgs,
     /// Directory for the backup on the DAEMON's machine (absolute; absent or empty;
     /// outside its data dir). Copy it off the machine afterwards.
     #[arg(long)]
@@ -25,8 +27,8 @@ pub struct RestoreArgs {
 }
 
 /// Prints the backup's summary as JSON.
-pub async fn backup(addr: &str, args: BackupArgs) -> Result<(), String> {
-    let mut client = AdminClient::new(super::connect(addr).await?);
+pub async fn backup(daemon: &super::Daemon, args: BackupArgs) -> Result<(), String> {
+    let mut client = AdminClient::new(super::connect(daemon).await?);
     let info = client
         .backup(pb::BackupRequest {
             path: args.to.display().to_string(),

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use crate::grpc::client::Channel;
 
-use super::{connect, items_client, load, status};
+use super::{Daemon, connect, items_client, load, status};
+use crate::grpc::client::ConnectArgs;
 use crate::pb;
 use crate::pb::embedder_client::EmbedderClient;
 use crate::pb::models_client::ModelsClient;
@@ -28,6 +29,8 @@ const CLASSIFY_WINDOW: usize = 4;
 
 #[derive(Debug, clap::Args)]
 pub struct EmbedArgs {
+    #[command(flatten)]
+    pub conn: ConnectArgs,
     /// Image files (PNG, JPEG, WebP, BMP, GIF), or folders: a folder stands for its
     /// image files, sorted by name. Vectors come out in this order.
     #[arg(required = true)]
@@ -50,6 +53,8 @@ pub struct EmbedArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub conn: ConnectArgs,
     /// A collection with a model (for image queries) or any collection (for --id).
     #[arg(long, short)]
     pub collection: String,
@@ -67,6 +72,8 @@ pub struct ClassifyArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
+    #[command(flatten)]
+    pub conn: ConnectArgs,
     /// The collection whose metric, logistic, threshold and pair model judge the pair.
     #[arg(long, short)]
     pub collection: String,
@@ -365,10 +372,10 @@ impl Drop for Sink {
     }
 }
 
-pub async fn embed(addr: &str, args: EmbedArgs) -> Result<(), String> {
+pub async fn embed(daemon: &Daemon, args: EmbedArgs) -> Result<(), String> {
     let files = image_files(&args.inputs)?;
     let mut sink = Sink::open(args.out.as_deref(), files.len())?;
-    let channel = connect(addr).await?;
+    let channel = connect(daemon).await?;
     let model = match args.model {
         Some(model) => model,
         None => default_model(channel.clone()).await?,
@@ -448,13 +455,13 @@ struct VoteRow {
     count: u32,
 }
 
-pub async fn classify(addr: &str, args: ClassifyArgs) -> Result<(), String> {
+pub async fn classify(daemon: &Daemon, args: ClassifyArgs) -> Result<(), String> {
     let targets: Vec<Target> = image_files(&args.files)?
         .into_iter()
         .map(Target::File)
         .chain(args.id.into_iter().map(Target::Id))
         .collect();
-    let client = items_client(connect(addr).await?);
+    let client = items_client(connect(daemon).await?);
     let calls = targets.into_iter().map(|target| {
         let req = pb::ClassifyRequest {
             collection: args.collection.clone(),
@@ -512,14 +519,14 @@ struct VerifyRow {
     pair_score: Option<f32>,
 }
 
-pub async fn verify(addr: &str, args: VerifyArgs) -> Result<(), String> {
+pub async fn verify(daemon: &Daemon, args: VerifyArgs) -> Result<(), String> {
     let (a, b) = (Target::parse(&args.a), Target::parse(&args.b));
     let req = pb::VerifyRequest {
         collection: args.collection,
         a: Some(a.query()?),
         b: Some(b.query()?),
     };
-    let mut client = items_client(connect(addr).await?);
+    let mut client = items_client(connect(daemon).await?);
     let pb::VerifyResponse {
         distance,
         similarity,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::ValueEnum;
 use tokio_stream::StreamExt;
 
-use super::{connect, load::Progress, status};
+use super::{Daemon, connect, load::Progress, status};
 use crate::pb;
 use crate::pb::miner_client::MinerClient;
 
@@ -36,6 +36,8 @@ impl From<StrategyArg> for pb::Strategy {
 
 #[derive(Debug, clap::Args)]
 pub struct MineArgs {
+    #[command(flatten)]
+    pub conn: crate::grpc::client::ConnectArgs,
     #[arg(long, short)]
     pub collection: String,
     #[arg(long, value_enum, default_value = "semi-hard")]
@@ -102,8 +104,8 @@ fn parse_shard(s: &str) -> Result<(u32, u32), String> {
     Ok((parse(i)?, parse(n)?))
 }
 
-pub async fn mine(addr: &str, args: MineArgs) -> Result<(), String> {
-    let ch = connect(addr).await?;
+pub async fn mine(daemon: &Daemon, args: MineArgs) -> Result<(), String> {
+    let ch = connect(daemon).await?;
     let total = if args.max_triplets > 0 {
         args.max_triplets as usize
     } else {

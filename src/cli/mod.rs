@@ -9,7 +9,7 @@ pub mod mine;
 
 use std::time::Instant;
 
-use crate::grpc::client::Channel;
+use crate::grpc::client::{Channel, ConnectArgs};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::ServeArgs;
@@ -42,8 +42,7 @@ pub enum Command {
     // Boxed: the flags outweigh every client subcommand.
     Serve(Box<ServeArgs>),
     /// Create, list, inspect and delete collections.
-    #[command(subcommand)]
-    Collections(CollectionsCmd),
+    Collections(CollectionsArgs),
     /// Bulk-load items from .npy, JSONL or CSV.
     Upsert(UpsertArgs),
     /// Nearest neighbours of a vector or of a stored item.
@@ -95,6 +94,14 @@ pub enum PrecisionArg {
     I8,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct CollectionsArgs {
+    #[command(subcommand)]
+    pub cmd: CollectionsCmd,
+    #[command(flatten)]
+    pub conn: ConnectArgs,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum CollectionsCmd {
     /// Create a collection.
@@ -134,6 +141,8 @@ pub enum CollectionsCmd {
 
 #[derive(Debug, clap::Args)]
 pub struct UpsertArgs {
+    #[command(flatten)]
+    pub conn: ConnectArgs,
     /// Target collection.
     #[arg(long, short)]
     pub collection: String,
@@ -158,6 +167,8 @@ pub struct UpsertArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct SearchArgs {
+    #[command(flatten)]
+    pub conn: ConnectArgs,
     #[arg(long, short)]
     pub collection: String,
     /// Query vector, comma-separated.
@@ -188,6 +199,8 @@ pub struct SearchArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct GetArgs {
+    #[command(flatten)]
+    pub conn: ConnectArgs,
     #[arg(long, short)]
     pub collection: String,
     #[arg(required = true)]
@@ -198,6 +211,8 @@ pub struct GetArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DeleteArgs {
+    #[command(flatten)]
+    pub conn: ConnectArgs,
     #[arg(long, short)]
     pub collection: String,
     #[arg(required = true)]
@@ -210,8 +225,18 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
+/// The daemon a client subcommand talks to, and how (TLS, token).
+pub struct Daemon {
+    pub addr: String,
+    pub conn: ConnectArgs,
+}
+
 /// Runs one client subcommand; errors are the server's status, printed by `main`.
 pub async fn run(addr: String, command: Command) -> Result<(), String> {
+    let to = |conn: &ConnectArgs| Daemon {
+        addr: addr.clone(),
+        conn: conn.clone(),
+    };
     match command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Pack(args) => {
@@ -219,27 +244,23 @@ pub async fn run(addr: String, command: Command) -> Result<(), String> {
             println!("wrote {}", args.out.display());
             Ok(())
         }
-        Command::Collections(cmd) => collections(&addr, cmd).await,
-        Command::Upsert(args) => upsert(&addr, args).await,
-        Command::Search(args) => search(&addr, args).await,
-        Command::Get(args) => get(&addr, args).await,
-        Command::Delete(args) => delete(&addr, args).await,
-        Command::Embed(args) => infer::embed(&addr, args).await,
-        Command::Classify(args) => infer::classify(&addr, args).await,
-        Command::Verify(args) => infer::verify(&addr, args).await,
-        Command::Mine(args) => mine::mine(&addr, args).await,
-        Command::Backup(args) => admin::backup(&addr, args).await,
+        Command::Collections(args) => collections(&to(&args.conn), args.cmd).await,
+        Command::Upsert(args) => upsert(&to(&args.conn), args).await,
+        Command::Search(args) => search(&to(&args.conn), args).await,
+        Command::Get(args) => get(&to(&args.conn), args).await,
+        Command::Delete(args) => delete(&to(&args.conn), args).await,
+        Command::Embed(args) => infer::embed(&to(&args.conn), args).await,
+        Command::Classify(args) => infer::classify(&to(&args.conn), args).await,
+        Command::Verify(args) => infer::verify(&to(&args.conn), args).await,
+        Command::Mine(args) => mine::mine(&to(&args.conn), args).await,
+        Command::Backup(args) => admin::backup(&to(&args.conn), args).await,
         Command::Restore(args) => admin::restore(args),
     }
 }
 
-/// A connected channel with message limits raised to the server's default.
-pub async fn connect(addr: &str) -> Result<Channel, String> {
-    Channel::from_shared(addr.to_string())
-        .map_err(|e| format!("--addr {addr}: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))
+/// A connected channel (TLS and the token as the target says).
+pub async fn connect(daemon: &Daemon) -> Result<Channel, String> {
+    crate::grpc::client::connect(&daemon.addr, &daemon.conn).await
 }
 
 fn items_client(ch: Channel) -> ItemsClient<Channel> {
@@ -290,8 +311,8 @@ fn print_info(c: &pb::CollectionInfo) {
     );
 }
 
-async fn collections(addr: &str, cmd: CollectionsCmd) -> Result<(), String> {
-    let mut client = CollectionsClient::new(connect(addr).await?);
+async fn collections(daemon: &Daemon, cmd: CollectionsCmd) -> Result<(), String> {
+    let mut client = CollectionsClient::new(connect(daemon).await?);
     match cmd {
         CollectionsCmd::Create {
             name,
@@ -363,14 +384,14 @@ async fn collections(addr: &str, cmd: CollectionsCmd) -> Result<(), String> {
     Ok(())
 }
 
-async fn upsert(addr: &str, args: UpsertArgs) -> Result<(), String> {
+async fn upsert(daemon: &Daemon, args: UpsertArgs) -> Result<(), String> {
     let format = match args.format {
         Some(f) => f,
         None => load::Format::guess(&args.file)?,
     };
     let items = load::read(&args.file, format, &args.id_prefix, args.labels.as_deref())?;
     let total = items.len();
-    let client = items_client(connect(addr).await?);
+    let client = items_client(connect(daemon).await?);
     let batch = args.batch.max(1);
     let start = Instant::now();
     let mut done = 0usize;
@@ -407,7 +428,7 @@ async fn upsert(addr: &str, args: UpsertArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn search(addr: &str, args: SearchArgs) -> Result<(), String> {
+async fn search(daemon: &Daemon, args: SearchArgs) -> Result<(), String> {
     let kind = match (args.vector, args.id) {
         (Some(v), None) => pb::query::Kind::Vector(pb::Vector {
             values: load::parse_floats(&v)?,
@@ -415,7 +436,7 @@ async fn search(addr: &str, args: SearchArgs) -> Result<(), String> {
         (None, Some(id)) => pb::query::Kind::Id(id),
         _ => return Err("give --vector or --id".into()),
     };
-    let mut client = items_client(connect(addr).await?);
+    let mut client = items_client(connect(daemon).await?);
     let r = client
         .search(pb::SearchRequest {
             collection: args.collection,
@@ -450,8 +471,8 @@ async fn search(addr: &str, args: SearchArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn get(addr: &str, args: GetArgs) -> Result<(), String> {
-    let mut client = items_client(connect(addr).await?);
+async fn get(daemon: &Daemon, args: GetArgs) -> Result<(), String> {
+    let mut client = items_client(connect(daemon).await?);
     let r = client
         .get(pb::GetRequest {
             collection: args.collection,
@@ -473,8 +494,8 @@ async fn get(addr: &str, args: GetArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn delete(addr: &str, args: DeleteArgs) -> Result<(), String> {
-    let mut client = items_client(connect(addr).await?);
+async fn delete(daemon: &Daemon, args: DeleteArgs) -> Result<(), String> {
+    let mut client = items_client(connect(daemon).await?);
     let r = client
         .delete(pb::DeleteRequest {
             collection: args.collection,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
+use super::Security;
 use super::embedder::{EmbedderService, ModelsService};
 use crate::config::Config;
 use crate::embed::{EmbedHandle, Models};
@@ -25,6 +25,7 @@ pub(super) async fn serve(
     health_listener: Option<TcpListener>,
     config: Config,
     embedder: Option<EmbedHandle>,
+    security: std::sync::Arc<Security>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let local = listener.local_addr()?;
@@ -72,9 +73,10 @@ pub(super) async fn serve(
     });
     let health_port = health_listener.map(|l| super::health::spawn(l, health.clone()));
     let mut stopping = stop_rx.clone();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = security.incoming(listener);
     let server = Server::builder()
         .layer(super::metrics::RpcMetricsLayer { registry: own })
+        .layer(security.auth())
         .layer(tower::util::MapResponseLayer::new(super::oversize_response))
         .add_service(health)
         .add_service(reflection)
@@ -84,7 +86,7 @@ pub(super) async fn serve(
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping.wait_for(|s| *s).await;
         });
-    tracing::info!(addr = %local, mode = "embed-only", "listening");
+    tracing::info!(addr = %local, mode = "embed-only", tls = security.tls.is_some(), tokens = security.keyring.is_some(), "listening");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut stop_seen = stop_rx;
     tokio::pin!(server);

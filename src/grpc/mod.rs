@@ -1,6 +1,7 @@
 //! The gRPC server: services, health, reflection, limits and graceful shutdown.
 
 mod admin;
+mod auth;
 pub mod client;
 mod collections;
 pub mod convert;
@@ -11,6 +12,7 @@ mod items;
 mod metrics;
 mod miner;
 mod status;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,7 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::Status;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::app::App;
 use crate::collections::Registry;
@@ -64,6 +65,102 @@ pub struct ServeOptions {
     /// Called with the application once recovery is done and the services are SERVING
     /// (tests reach the core behind the server through it).
     pub on_serving: Option<Box<dyn FnOnce(Arc<App>) + Send>>,
+    /// Re-reads the TLS certificates and the tokens file when asked (the binary asks on
+    /// SIGHUP; tests ask directly).
+    pub reloader: Option<Reloader>,
+}
+
+/// A handle that makes a running daemon re-read its certificate, key, client CA and
+/// tokens files, without a restart. Connections that are up keep going; new handshakes
+/// and calls see the new files. A file that fails to load is reported and the daemon
+/// keeps what it had.
+#[derive(Clone, Default)]
+pub struct Reloader {
+    target: Arc<std::sync::Mutex<Option<Arc<Security>>>>,
+}
+
+impl Reloader {
+    pub fn new() -> Reloader {
+        Reloader::default()
+    }
+
+    /// Re-reads the files now; an error says which could not be used (the old ones
+    /// stay in force). Before the daemon has started, there is nothing to reload.
+    pub fn reload(&self) -> std::result::Result<(), String> {
+        let target = self.target.lock().expect("reloader lock").clone();
+        match target {
+            Some(security) => security.reload(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// TLS and tokens, as configured: what the gRPC port accepts and whom it serves.
+struct Security {
+    tls: Option<Arc<tls::Tls>>,
+    keyring: Option<Arc<auth::Keyring>>,
+}
+
+impl Security {
+    /// Loads the configured files; an error names the flag and the path.
+    fn load(config: &Config, reloader: Option<Reloader>) -> Result<Arc<Security>> {
+        let setup = |e: String| Error::Io(std::io::Error::other(e));
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                tls::Tls::load(tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: config.tls_client_ca.clone(),
+                })
+                .map_err(setup)?,
+            )),
+            _ => None,
+        };
+        let keyring = match &config.tokens_file {
+            Some(path) => Some(Arc::new(auth::Keyring::load(path).map_err(setup)?)),
+            None => None,
+        };
+        let security = Arc::new(Security { tls, keyring });
+        if let Some(r) = reloader {
+            *r.target.lock().expect("reloader lock") = Some(security.clone());
+        }
+        Ok(security)
+    }
+
+    /// Each part independently: a bad tokens file does not hold back a new certificate.
+    fn reload(&self) -> std::result::Result<(), String> {
+        let mut errors = Vec::new();
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificates reloaded"),
+                Err(e) => errors.push(e),
+            }
+        }
+        if let Some(keyring) = &self.keyring {
+            match keyring.reload() {
+                Ok(()) => tracing::info!("tokens reloaded"),
+                Err(e) => errors.push(e),
+            }
+        }
+        for e in &errors {
+            tracing::error!(error = %e, "reload failed; keeping the previous files");
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn incoming(&self, listener: TcpListener) -> tls::Incoming {
+        tls::incoming(listener, self.tls.clone())
+    }
+
+    fn auth(&self) -> auth::AuthLayer {
+        auth::AuthLayer {
+            keyring: self.keyring.clone(),
+        }
+    }
 }
 
 /// [`serve`] with [`ServeOptions`].
@@ -76,11 +173,22 @@ pub async fn serve_with(
     let ServeOptions {
         embedder,
         on_serving,
+        reloader,
     } = options;
-    // The health port is bound first, so that a taken port fails the start at once.
+    // Certificates and tokens first, and the health port: a bad file or a taken port
+    // fails the start at once, before anything slow.
+    let security = Security::load(&config, reloader)?;
     let health_listener = health::bind(config.health_listen).await?;
     if config.embed_only {
-        return embed_only::serve(listener, health_listener, config, embedder, shutdown).await;
+        return embed_only::serve(
+            listener,
+            health_listener,
+            config,
+            embedder,
+            security,
+            shutdown,
+        )
+        .await;
     }
     let local: SocketAddr = listener.local_addr()?;
     let db = {
@@ -265,12 +373,13 @@ pub async fn serve_with(
     }
     let health_port = health_listener.map(|l| health::spawn(l, health.clone()));
     let mut stopping = stop_rx.clone();
-    // Small responses must not wait for Nagle's algorithm.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = security.incoming(listener);
+    // Outermost first: metrics see the refusals of auth, by code.
     let server = Server::builder()
         .layer(metrics::RpcMetricsLayer {
             registry: app_metrics,
         })
+        .layer(security.auth())
         .layer(tower::util::MapResponseLayer::new(oversize_response))
         .add_service(health)
         .add_service(reflection)
@@ -284,7 +393,7 @@ pub async fn serve_with(
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping.wait_for(|s| *s).await;
         });
-    tracing::info!(addr = %local, data_dir = %config.data_dir.display(), "listening");
+    tracing::info!(addr = %local, data_dir = %config.data_dir.display(), tls = security.tls.is_some(), mtls = config.tls_client_ca.is_some(), tokens = security.keyring.is_some(), "listening");
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let mut stop_seen = stop_rx;
     tokio::pin!(server);

@@ -21,6 +21,8 @@ pub struct TestServer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<likeness::Result<()>>>,
     app: Option<tokio::sync::oneshot::Receiver<Arc<likeness::app::App>>>,
+    /// Makes the server re-read its certificate and tokens files.
+    pub reloader: likeness::Reloader,
 }
 
 impl TestServer {
@@ -81,12 +83,14 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (app_tx, app_rx) = tokio::sync::oneshot::channel();
+        let reloader = likeness::Reloader::new();
         let options = likeness::ServeOptions {
             embedder: light
                 .then(|| likeness::embed::EmbedHandle::new(likeness::embed::fake::FakeEmbedder)),
             on_serving: Some(Box::new(move |app| {
                 let _ = app_tx.send(app);
             })),
+            reloader: Some(reloader.clone()),
         };
         let task = tokio::spawn(likeness::serve_with(listener, config, options, async {
             let _ = rx.await;
@@ -97,6 +101,7 @@ impl TestServer {
             stop: Some(tx),
             task: Some(task),
             app: Some(app_rx),
+            reloader,
         }
     }
 

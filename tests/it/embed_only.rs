@@ -218,6 +218,7 @@ async fn replica() -> (
             calls: calls.clone(),
         })),
         on_serving: None,
+        reloader: None,
     };
     tokio::spawn(likeness::serve_with(listener, config, options, async {
         let _ = stopped.await;

@@ -22,6 +22,7 @@ mod mine;
 mod pair;
 mod recall;
 mod recovery;
+mod security;
 mod shapes;
 mod storage_errors;
 mod streams;

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def daemon_binary() -> Path:
 
 
 class Daemon:
-    def __init__(self, binary: Path, data_dir: Path):
+    def __init__(self, binary: Path, data_dir: Path, extra: Sequence[str] = ()):
         self.log: list[str] = []
         self.proc = subprocess.Popen(
             [
@@ -58,6 +59,7 @@ class Daemon:
                 # A port of its own: another daemon on this machine may hold 9090.
                 "--metrics-listen",
                 "127.0.0.1:0",
+                *extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

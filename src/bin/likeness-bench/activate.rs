@@ -17,7 +17,7 @@ use likeness::pb::embedder_client::EmbedderClient;
 use likeness::pb::models_client::ModelsClient;
 
 use crate::Ctx;
-use crate::daemon::{COLLECTION, Daemon, connect, items_client, status};
+use crate::daemon::{COLLECTION, Daemon, items_client, status};
 
 const NEW: &str = "fmnist-triplet@2";
 
@@ -41,7 +41,7 @@ async fn searchers(
 ) -> Result<tokio::task::JoinSet<Result<Vec<Duration>, String>>, String> {
     let mut set = tokio::task::JoinSet::new();
     for c in 0..clients {
-        let mut items = items_client(connect(&d.url).await?);
+        let mut items = items_client(d.channel().await?);
         let (queries, stop) = (queries.clone(), stop.clone());
         set.spawn(async move {
             let mut lat = Vec::new();
@@ -96,7 +96,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
         images.extend(crate::embed::png_inputs(&fixtures.join("fmnist").join(f))?);
     }
     let d = Daemon::start(&ctx.spec).await?;
-    CollectionsClient::new(connect(&d.url).await?)
+    CollectionsClient::new(d.channel().await?)
         .create_collection(pb::CreateCollectionRequest {
             name: COLLECTION.into(),
             model: "fmnist-triplet".into(),
@@ -116,13 +116,13 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
         manifest,
         bytes: onnx,
     }];
-    ModelsClient::new(connect(&d.url).await?)
+    ModelsClient::new(d.channel().await?)
         .publish(tokio_stream::iter(chunks))
         .await
         .map_err(status)?;
 
     // The new model's plain throughput over gRPC: the same images, batches of 256.
-    let mut embedder = EmbedderClient::new(connect(&d.url).await?)
+    let mut embedder = EmbedderClient::new(d.channel().await?)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let t = Instant::now();
@@ -138,7 +138,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     let embed_rate = n as f64 / t.elapsed().as_secs_f64();
 
     // Queries: stored vectors of the current generation.
-    let got = items_client(connect(&d.url).await?)
+    let got = items_client(d.channel().await?)
         .get(pb::GetRequest {
             collection: COLLECTION.into(),
             ids: (0..200.min(n)).map(|i| format!("v{i}")).collect(),
@@ -168,7 +168,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let during = searchers(&d, queries.clone(), clients, stop.clone()).await?;
     let writer = {
-        let mut items = items_client(connect(&d.url).await?);
+        let mut items = items_client(d.channel().await?);
         let (stop, images) = (stop.clone(), images.clone());
         tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -191,9 +191,9 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
             Ok::<_, String>((lat, i * 10))
         })
     };
-    let mut colls = CollectionsClient::new(connect(&d.url).await?);
+    let mut colls = CollectionsClient::new(d.channel().await?);
     let started = Instant::now();
-    ModelsClient::new(connect(&d.url).await?)
+    ModelsClient::new(d.channel().await?)
         .activate(pb::ActivateRequest {
             collection: COLLECTION.into(),
             model: "fmnist-triplet".into(),

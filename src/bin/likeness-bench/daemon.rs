@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use likeness::grpc::client::{Channel, ConnectArgs};
 use likeness::pb;
 use likeness::pb::collections_client::CollectionsClient;
 use likeness::pb::embedder_client::EmbedderClient;
 use likeness::pb::items_client::ItemsClient;
-use tonic::transport::Channel;
 
 use crate::procfs::{Cpu, Meter};
 
@@ -25,11 +25,13 @@ pub const BATCH_QUERIES: usize = 16;
 const START_LIMIT: Duration = Duration::from_secs(900);
 
 /// How to run the daemon: its executable and the `serve` flags besides --listen and
-/// --data-dir.
+/// --data-dir; and how to reach it (TLS and a token, for a daemon started with
+/// `--daemon-arg=--tls-cert=...` and the like).
 #[derive(Debug)]
 pub struct Spec {
     pub exe: PathBuf,
     pub flags: Vec<String>,
+    pub conn: ConnectArgs,
 }
 
 /// A running (or stopped) daemon and its data dir; the process is killed and the dir
@@ -94,13 +96,9 @@ pub fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
-pub async fn connect(url: &str) -> Result<Channel, String> {
-    Channel::from_shared(url.to_string())
-        .map_err(|e| format!("{url}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {url}: {e}"))
+/// A channel to the daemon at `url`, with the bench's TLS and token flags.
+pub async fn connect(spec: &Spec, url: &str) -> Result<Channel, String> {
+    likeness::grpc::client::connect(url, &spec.conn).await
 }
 
 pub fn items_client(ch: Channel) -> ItemsClient<Channel> {
@@ -158,6 +156,11 @@ impl Daemon {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// How this daemon runs and is reached.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -260,7 +263,10 @@ impl Daemon {
         loop {
             self.check_alive()?;
             if health.is_none() {
-                health = connect(&self.url).await.ok().map(HealthClient::new);
+                health = connect(&self.spec, &self.url)
+                    .await
+                    .ok()
+                    .map(HealthClient::new);
             }
             if let Some(h) = health.as_mut()
                 && let Ok(r) = h
@@ -300,7 +306,7 @@ impl Daemon {
                     return Err(e);
                 }
                 if client.is_none() {
-                    client = connect(&self.url).await.ok().map(items_client);
+                    client = connect(&self.spec, &self.url).await.ok().map(items_client);
                 }
                 if let Some(c) = client.as_mut() {
                     match c.search(search_request(query.to_vec())).await {
@@ -362,11 +368,13 @@ impl Daemon {
     }
 
     pub async fn items(&self) -> Result<ItemsClient<Channel>, String> {
-        Ok(items_client(connect(&self.url).await?))
+        Ok(items_client(connect(&self.spec, &self.url).await?))
     }
 
     async fn collections(&self) -> Result<CollectionsClient<Channel>, String> {
-        Ok(CollectionsClient::new(connect(&self.url).await?))
+        Ok(CollectionsClient::new(
+            connect(&self.spec, &self.url).await?,
+        ))
     }
 
     pub async fn create(&self, dim: usize, metric: pb::Metric) -> Result<(), String> {
@@ -571,7 +579,7 @@ impl Daemon {
         let mut conns = Vec::new();
         for _ in 0..clients {
             conns.push(
-                EmbedderClient::new(connect(&self.url).await?)
+                EmbedderClient::new(connect(&self.spec, &self.url).await?)
                     .max_decoding_message_size(64 << 20)
                     .max_encoding_message_size(64 << 20),
             );
@@ -704,6 +712,11 @@ impl Daemon {
         });
         let ingest_run = ingest.map(|_| Run::new(upserted, write_end - start, write_lat, cpu));
         Ok((search_run, ingest_run, cpu))
+    }
+
+    /// A new channel to the daemon, with the bench's TLS and token settings.
+    pub async fn channel(&self) -> Result<Channel, String> {
+        connect(&self.spec, &self.url).await
     }
 
     /// The data dir the daemon runs on (its --data-dir).

@@ -20,15 +20,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use likeness::grpc::client::Channel;
 use likeness::pb;
 use likeness::pb::embedder_client::EmbedderClient;
 use likeness::pb::items_client::ItemsClient;
 use likeness::pb::miner_client::MinerClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::Ctx;
-use crate::daemon::{COLLECTION, Daemon, connect, search_request};
+use crate::daemon::{COLLECTION, Daemon, search_request};
 
 const KINDS: [&str; 4] = ["EmbedStream", "Session", "MineTriplets", "UpsertStream"];
 const UNARY: [&str; 3] = ["Search", "Upsert", "Embed"];
@@ -313,11 +313,11 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     let (streams, conns) = (args.load_streams, args.load_connections.max(1));
     let mut channels = Vec::with_capacity(conns);
     for _ in 0..conns {
-        channels.push(connect(&d.url).await?);
+        channels.push(d.channel().await?);
     }
     let mut unary_channels = Vec::new();
     for _ in 0..args.load_unary.min(conns).max(1) {
-        unary_channels.push(connect(&d.url).await?);
+        unary_channels.push(d.channel().await?);
     }
     let rss_before = d.memory_kib()?;
     let start = Instant::now();

@@ -58,6 +58,11 @@ pub struct Args {
     /// (repeatable).
     #[arg(long = "daemon-arg", allow_hyphen_values = true)]
     pub daemon_args: Vec<String>,
+    /// How the bench's clients reach the daemon: --tls-ca, --tls-cert, --tls-key and
+    /// --token, for a daemon given TLS or tokens through --daemon-arg (e.g.
+    /// --daemon-arg=--tls-cert=server.pem --daemon-arg=--tls-key=server.key --tls-ca ca.pem).
+    #[command(flatten)]
+    pub conn: likeness::grpc::client::ConnectArgs,
     /// The vectors: synthetic clusters, or Fashion-MNIST's images (784-d, L2).
     #[arg(long, value_enum, default_value = "synthetic")]
     pub dataset: data::Which,
@@ -328,7 +333,11 @@ async fn run(args: Args) -> Result<(), String> {
         flags.extend(["--embed-threads".into(), args.embed_threads.to_string()]);
     }
     flags.extend(args.daemon_args.iter().cloned());
-    let spec = Arc::new(Spec { exe, flags });
+    let spec = Arc::new(Spec {
+        exe,
+        flags,
+        conn: args.conn.clone(),
+    });
     let only = args.only.clone();
     let want = |part: &str| {
         only.iter().any(|p| p == part) || (only.is_empty() && !ON_REQUEST.contains(&part))

@@ -219,8 +219,8 @@ fn request(
     }
 }
 
-async fn miner(d: &Daemon) -> Result<MinerClient<tonic::transport::Channel>, String> {
-    Ok(MinerClient::new(connect(&d.url).await?)
+async fn miner(d: &Daemon) -> Result<MinerClient<likeness::grpc::client::Channel>, String> {
+    Ok(MinerClient::new(connect(d.spec(), &d.url).await?)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
 }

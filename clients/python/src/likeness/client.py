@@ -36,6 +36,63 @@ from likeness.v1 import likeness_pb2_grpc as rpc
 # The daemon's default limit is 64 MiB per message; the client matches it.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+PemSource = Union[str, "os.PathLike[str]", bytes]
+
+
+def _pem(source: Optional[PemSource]) -> Optional[bytes]:
+    """PEM bytes as given, or read from a path."""
+    if source is None or isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
+        return f.read()
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer TOKEN`` to every call, streams included. An
+    interceptor rather than call credentials, which gRPC sends only over TLS: a daemon
+    behind a TLS-terminating proxy sees plaintext and still wants the token."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
 
 def _read_manifest(manifest: Union[str, os.PathLike]) -> Tuple[str, Optional[str]]:
     """A manifest's TOML and the folder it was read from (None for TOML text)."""
@@ -78,10 +135,13 @@ def _health_status(data: bytes) -> int:
 class Client:
     """A client of one likeness daemon.
 
-    ``Client("127.0.0.1:50051")`` opens an insecure channel; pass ``channel=`` to use
-    one of your own (for example ``grpc.secure_channel``). ``timeout`` (seconds) applies
-    to every unary call. The client is thread-safe; close it, or use it as a context
-    manager.
+    ``Client("127.0.0.1:50051")`` opens an insecure channel. ``tls_ca`` (the CA that
+    signed the daemon's certificate: a path or PEM bytes) or an ``https://`` address
+    (then the system's roots) makes it TLS; ``tls_cert`` and ``tls_key`` present a
+    client certificate (mutual TLS); ``token`` is sent as ``authorization: Bearer
+    TOKEN`` with every call. Or pass ``channel=`` to use one of your own. ``timeout``
+    (seconds) applies to every unary call. The client is thread-safe; close it, or use
+    it as a context manager.
     """
 
     def __init__(
@@ -90,18 +150,41 @@ class Client:
         *,
         timeout: Optional[float] = None,
         channel: Optional[grpc.Channel] = None,
+        tls_ca: Optional[PemSource] = None,
+        tls_cert: Optional[PemSource] = None,
+        tls_key: Optional[PemSource] = None,
+        token: Optional[str] = None,
     ):
-        if address.startswith("http://"):
-            address = address[len("http://") :]
+        tls = tls_ca is not None or address.startswith("https://")
+        for scheme in ("http://", "https://"):
+            if address.startswith(scheme):
+                address = address[len(scheme) :]
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls_cert is not None and not tls:
+            raise ValueError("a client certificate needs TLS: give tls_ca too")
         self.address = address
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(
-            address,
-            options=[
+        if channel is None:
+            options = [
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+            ]
+            if tls:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_pem(tls_ca),
+                    private_key=_pem(tls_key),
+                    certificate_chain=_pem(tls_cert),
+                )
+                channel = grpc.secure_channel(address, credentials, options=options)
+            else:
+                channel = grpc.insecure_channel(address, options=options)
+        # Closed through the underlying channel: an intercepted one has no close of its
+        # own in older grpcio.
+        self._base_channel = channel
+        if token is not None:
+            channel = grpc.intercept_channel(channel, _Bearer(token))
+        self._channel = channel
         self._collections = rpc.CollectionsStub(self._channel)
         self._items = rpc.ItemsStub(self._channel)
         self._embedder = rpc.EmbedderStub(self._channel)
@@ -114,7 +197,7 @@ class Client:
         )
 
     def close(self) -> None:
-        self._channel.close()
+        self._base_channel.close()
 
     def __enter__(self) -> "Client":
         return self
