@@ -1,0 +1,739 @@
+#!/usr/bin/env python3
+"""What mining buys: one small CNN, one step budget, six ways to pick its examples.
+
+Methods (the same network, optimiser, schedule, augmentation, step budget and about
+96 images per step for each):
+
+  siamese            contrastive loss on random pairs (half same class)
+  triplet-random     triplet loss, random positive and negative per anchor
+  triplet-inbatch    triplet loss, semi-hard triplets mined inside each P x K batch
+                     by pytorch-metric-learning's TripletMarginMiner
+  likeness-semihard  triplet loss, SEMI_HARD triplets mined by likeness over the
+                     whole training collection (MineTriplets)
+  likeness-margin    margin loss (Wu et al. 2017), DISTANCE_WEIGHTED negatives mined
+                     by likeness
+  likeness-dbl       distance-based logistic loss (Vo & Hays 2016) on SEMI_HARD pairs
+                     mined by likeness (MinePairs)
+
+For the likeness methods the trainer embeds every training image with its current
+weights and upserts the vectors (generation = step) before step 0 and every
+--refresh steps; the daemon mines from the collection as it stands, the trainer
+embeds the mined ids' images afresh and applies the loss. Refreshing and waiting for
+the stream are counted in the method's wall time.
+
+Evaluation on classes never trained on, as training/MODEL_CARD.md: identification
+recall@1 against an enrolled gallery, verification accuracy at the best threshold on
+the same pairs (and ROC AUC), with clean and perturbed (re-id) queries, beside cosine
+kNN on raw pixels. The embeddings come from the torch module (not an ONNX export).
+
+  python3 experiment.py --benchmark fmnist --seeds 0 1 2 3 4 --out results/fmnist.json
+  python3 experiment.py --report results/fmnist.json results/glyphs.json
+
+--report writes docs/experiment-<result file's name>.png.
+
+Runs merge into --out, keyed by (method, seed), so a benchmark may be run in pieces.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import fmnist_common as fc  # noqa: E402
+
+METHODS = ("siamese", "triplet-random", "triplet-inbatch",
+           "likeness-semihard", "likeness-margin", "likeness-dbl")
+LIKENESS_METHODS = METHODS[3:]
+TRIPLET_MARGIN = 0.2
+
+# --------------------------------------------------------------------------
+# Benchmarks: uint8 [N,28,28] training images with int labels, a validation
+# set for the learning curves and a test protocol, all on unseen classes.
+# --------------------------------------------------------------------------
+
+
+def _enrol_query(labels, classes, per_class, rng):
+    enrol, query = [], []
+    for c in classes:
+        perm = rng.permutation(np.flatnonzero(labels == c))
+        enrol.append(np.sort(perm[:per_class]))
+        query.append(np.sort(perm[per_class:2 * per_class]))
+    return np.concatenate(enrol), np.concatenate(query)
+
+
+def fmnist_benchmark(train_per_class):
+    """Training: classes 0-5 of the TRAIN split (train_per_class each, seeded).
+    Test: the model card's protocol exactly (TEST split, classes 6-9, its seeds).
+    Validation (curves only): classes 6-9 of the TRAIN split, never trained on."""
+    import evaluate as ev
+    images, labels = fc.load_split("train")
+    rng = np.random.default_rng(20260101)
+    pick = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:train_per_class]
+                           for c in fc.TRAIN_CLASSES])
+    v_e, v_q = _enrol_query(labels, fc.HELDOUT_CLASSES, 50, rng)
+    t_img, t_lab = fc.load_split("test")
+    e_idx, q_idx = ev.select_split(t_lab, 100, 20240601)
+    query = t_img[q_idx]
+    reid, _ = fc.reid_perturb(query, 20240602)
+    pairs = ev.make_pairs(t_lab[q_idx], t_lab[e_idx], 2000, 20240603)
+    return {
+        "name": "fmnist",
+        "train_images": images[pick], "train_labels": labels[pick],
+        "val": {"enrol": images[v_e], "enrol_labels": labels[v_e],
+                "query": images[v_q], "query_labels": labels[v_q]},
+        "test": {"enrol": t_img[e_idx], "enrol_labels": t_lab[e_idx],
+                 "query": query, "reid": reid, "query_labels": t_lab[q_idx],
+                 "pairs": pairs},
+        "describe": {"train_classes": list(fc.TRAIN_CLASSES),
+                     "unseen_classes": list(fc.HELDOUT_CLASSES),
+                     "train_images": int(len(pick)),
+                     "test": "model card protocol: 400 enrol, 400 queries, 2000 pairs"},
+    }
+
+
+def glyph_benchmark(train_per_class, per_class=10):
+    """Training: train characters in train fonts (up to train_per_class fonts each).
+    Test: per unseen character, per_class enrolled and per_class query glyphs from
+    held-out fonts; validation: per_class / 2 more of each, other fonts again."""
+    import glyphs
+    d = glyphs.load()
+    rng = np.random.default_rng(20260102)
+    tr = np.flatnonzero(d["train_mask"])
+    pick = np.concatenate([rng.permutation(tr[d["labels"][tr] == c])[:train_per_class]
+                           for c in d["train_chars"]])
+    un = np.flatnonzero(d["unseen_mask"])
+    need = 3 * per_class
+    classes = [c for c in np.unique(d["labels"][un]) if (d["labels"][un] == c).sum() >= need]
+    enrol, query, v_e, v_q = [], [], [], []
+    for c in classes:
+        perm = rng.permutation(un[d["labels"][un] == c])
+        enrol.append(perm[:per_class])
+        query.append(perm[per_class:2 * per_class])
+        h = per_class // 2
+        v_e.append(perm[2 * per_class:2 * per_class + h])
+        v_q.append(perm[2 * per_class + h:3 * per_class])
+    enrol, query = np.concatenate(enrol), np.concatenate(query)
+    v_e, v_q = np.concatenate(v_e), np.concatenate(v_q)
+    img, lab = d["images"], d["labels"]
+    q_img = img[query]
+    reid, _ = fc.reid_perturb(q_img, 20260103)
+    pairs = fc.balanced_pairs(lab[query], lab[enrol], 2000, 20260104)
+    info = glyphs.summary(d)
+    info.update({"train_images": int(len(pick)), "unseen_classes_tested": len(classes),
+                 "train_chars": "".join(str(d["chars"][c]) for c in d["train_chars"]),
+                 "unseen_chars": "".join(str(d["chars"][c]) for c in classes),
+                 "test": f"{per_class} enrol + {per_class} queries per unseen character, "
+                         "held-out fonts; 2000 pairs"})
+    return {
+        "name": "glyphs",
+        "train_images": img[pick], "train_labels": lab[pick],
+        "val": {"enrol": img[v_e], "enrol_labels": lab[v_e],
+                "query": img[v_q], "query_labels": lab[v_q]},
+        "test": {"enrol": img[enrol], "enrol_labels": lab[enrol], "query": q_img,
+                 "reid": reid, "query_labels": lab[query], "pairs": pairs},
+        "describe": info,
+    }
+
+
+# --------------------------------------------------------------------------
+# Metrics (the model card's: fmnist_common's recall@1, best threshold, AUC)
+# --------------------------------------------------------------------------
+
+
+def protocol_metrics(embed, test):
+    """embed: uint8 [n,28,28] -> [n,d]. Clean and re-id figures."""
+    e = embed(test["enrol"])
+    pairs = test["pairs"]
+    same = pairs[:, 2].astype(bool)
+    out = {}
+    for kind in ("clean", "reid"):
+        q = embed(test["query"] if kind == "clean" else test["reid"])
+        dist = fc.pair_distances(q, e, pairs)
+        _, acc = fc.best_threshold(dist, same)
+        out[kind] = {"recall_at_1": fc.recall_at_1(q, test["query_labels"], e,
+                                                   test["enrol_labels"]),
+                     "verification_accuracy": acc,
+                     "roc_auc": fc.roc_auc(dist, same)}
+    return out
+
+
+def pixels(u8):
+    return u8.reshape(len(u8), -1).astype(np.float64) / 255.0
+
+
+# --------------------------------------------------------------------------
+# The daemon (methods 4-6): started here unless --address names one
+# --------------------------------------------------------------------------
+
+
+class Daemon:
+    """`likeness serve` on 127.0.0.1:0 with a temporary data dir; its address is read
+    from the JSON "listening" log line."""
+
+    def __init__(self, binary):
+        self.dir = tempfile.mkdtemp(prefix="likeness-exp-")
+        env = dict(os.environ, LIKENESS_METRICS_LISTEN="127.0.0.1:0")
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", self.dir,
+             "--log-format", "json", "--log", "warn,likeness=info"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env=env)
+        self.address = None
+        self.tail = []
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.tail = (self.tail + [line.rstrip()])[-20:]
+                if self.address is None:
+                    try:
+                        fields = json.loads(line).get("fields", {})
+                    except ValueError:
+                        continue
+                    if fields.get("message") == "listening":
+                        self.address = fields["addr"]
+                        ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(60) or self.address is None:
+            self.stop()
+            raise RuntimeError("likeness did not start:\n" + "\n".join(self.tail))
+
+    def cpu_seconds(self):
+        """User + system CPU time of the daemon so far (Linux /proc)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            return float("nan")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def default_binary():
+    given = os.environ.get("LIKENESS_BIN")
+    if given:
+        return given
+    built = [os.path.join(ROOT, "target", p, "likeness") for p in ("release", "debug")]
+    built = [b for b in built if os.path.isfile(b)]
+    return built[0] if built else "likeness"
+
+
+# --------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------
+
+
+class DBLLoss:
+    """Distance-based logistic loss (Vo & Hays 2016) on labelled pairs:
+    p(match) = (1 + e^-m) / (1 + e^(s D - m)), binary cross-entropy against `same`.
+    The paper's D is an unnormalised feature distance with s = 1; our embeddings are
+    unit-norm (D <= 2), where p could never fall near 0, so the scale s is learnt
+    beside m (both are trainable parameters, initialised at s = 4, m = 2)."""
+
+    def __init__(self):
+        import torch
+        self.m = torch.nn.Parameter(torch.tensor(2.0))
+        self.log_s = torch.nn.Parameter(torch.tensor(float(np.log(4.0))))
+
+    def parameters(self):
+        return [self.m, self.log_s]
+
+    def __call__(self, d, same):
+        import torch.nn.functional as F
+        z = self.log_s.exp() * d
+        log_p = F.softplus(-self.m) - F.softplus(z - self.m)
+        # 1 - p = e^-m (e^z - 1) / (1 + e^(z - m)), in log space
+        log_q = -self.m + (z.clamp_min(1e-6).expm1()).log() - F.softplus(z - self.m)
+        return -(same * log_p + (~same) * log_q).mean()
+
+
+def contrastive_loss(d, same, neg_margin=1.0):
+    """Hadsell et al.: y D^2 + (1 - y) max(0, m - D)^2, mean over pairs."""
+    import torch
+    return torch.where(same, d * d, (neg_margin - d).clamp_min(0) ** 2).mean()
+
+
+def euclid(a, b):
+    return ((a - b) ** 2).sum(dim=1).clamp_min(1e-12).sqrt()
+
+
+# --------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------
+
+
+class Run:
+    """Trains one method for `steps` steps with one seed and evaluates it."""
+
+    def __init__(self, bench, method, seed, args, client=None, daemon=None, log=print):
+        import torch
+        self.torch = torch
+        self.bench, self.method, self.seed, self.args = bench, method, seed, args
+        self.client, self.daemon, self.log = client, daemon, log
+        self.x_u8 = bench["train_images"]
+        self.y = np.asarray(bench["train_labels"], dtype=np.int64)
+        x01 = self.x_u8.astype(np.float64) / 255.0
+        self.mean, self.std = float(x01.mean()), float(x01.std())
+        self.x = torch.from_numpy(self.x_u8.astype(np.float32) / 255.0).unsqueeze(1)
+        self.classes = np.unique(self.y)
+        self.by_class = {int(c): np.flatnonzero(self.y == c) for c in self.classes}
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.model = fc.build_model(width=args.width)
+        params = list(self.model.parameters())
+        self.dbl = DBLLoss() if method == "likeness-dbl" else None
+        groups = [{"params": params}]
+        if self.dbl is not None:
+            groups.append({"params": self.dbl.parameters(), "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=5e-4)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(
+            self.opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.15,
+            anneal_strategy="cos")
+        from pytorch_metric_learning import losses, miners
+        self.triplet = losses.TripletMarginLoss(margin=TRIPLET_MARGIN)
+        self.margin_loss = losses.MarginLoss(margin=0.2, beta=1.2)
+        self.miner = miners.TripletMarginMiner(margin=TRIPLET_MARGIN,
+                                               type_of_triplets="semihard")
+        self.collection = None
+        self.stream_iter = None
+        self.pass_no = 0
+        self.mined = {"triplets": 0, "pairs": 0, "label_violations": 0}
+
+    # ---- images -> embeddings
+    def forward(self, idx, train=True):
+        import train as tr
+        xb = self.x[self.torch.as_tensor(idx)]
+        if train and self.args.aug_prob > 0:
+            xb = tr.augment(xb, self.gen, self.args.aug_prob)
+        return self.model((xb - self.mean) / self.std)
+
+    def embed_u8(self, u8):
+        torch = self.torch
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(u8), 1024):
+                xb = torch.from_numpy(u8[i:i + 1024].astype(np.float32) / 255.0).unsqueeze(1)
+                out.append(self.model((xb - self.mean) / self.std).numpy())
+        self.model.train()
+        return np.concatenate(out)
+
+    # ---- the collection (likeness methods)
+    def refresh(self, step):
+        vectors = self.embed_u8(self.x_u8)
+        ids = [str(i) for i in range(len(self.y))]
+        labels = [str(int(v)) for v in self.y]
+        if self.collection is None:
+            self.collection = f"{self.bench['name']}-{self.method}-{self.seed}-{os.getpid()}"
+            self.client.create_collection(self.collection, vectors.shape[1], "l2")
+        self.client.upsert(self.collection, ids, vectors, labels=labels, generation=step,
+                           batch_size=4096)
+
+    def _new_stream(self):
+        opts = dict(batch_size=self.args.anchors, positives_per_anchor=1,
+                    negatives_per_anchor=1, seed=self.seed * 1000 + self.pass_no)
+        self.pass_no += 1
+        if self.method == "likeness-semihard":
+            s = self.client.mine_triplets(self.collection, "semi_hard", margin=TRIPLET_MARGIN,
+                                          **opts)
+        elif self.method == "likeness-margin":
+            s = self.client.mine_triplets(self.collection, "distance_weighted", **opts)
+        else:
+            s = self.client.mine_pairs(self.collection, "semi_hard", margin=TRIPLET_MARGIN,
+                                       **opts)
+        self.stream = s
+        return iter(s)
+
+    def next_mined(self):
+        for _ in range(3):
+            if self.stream_iter is None:
+                self.stream_iter = self._new_stream()
+            try:
+                b = next(self.stream_iter)
+                if len(b):
+                    return b
+            except StopIteration:
+                self.stream_iter = None
+        raise RuntimeError("the miner returned nothing")
+
+    # ---- one step's loss
+    def step_loss(self):
+        torch = self.torch
+        m, rng, B = self.method, self.rng, self.args.batch
+        if m == "siamese":
+            n = B // 2
+            a = rng.integers(len(self.y), size=n)
+            same = np.arange(n) < n // 2
+            b = np.array([self._other(a[i], same[i]) for i in range(n)])
+            e = self.forward(np.concatenate([a, b]))
+            d = euclid(e[:n], e[n:])
+            return contrastive_loss(d, torch.from_numpy(same))
+        if m == "triplet-random":
+            n = B // 3
+            a = rng.integers(len(self.y), size=n)
+            p = np.array([self._other(i, True) for i in a])
+            q = np.array([self._other(i, False) for i in a])
+            e = self.forward(np.concatenate([a, p, q]))
+            r = torch.arange(n)
+            labels = torch.from_numpy(self.y[np.concatenate([a, p, q])])
+            return self.triplet(e, labels, (r, r + n, r + 2 * n))
+        if m == "triplet-inbatch":
+            P = min(len(self.classes), self.args.pk_classes)
+            K = B // P
+            cls = rng.choice(self.classes, P, replace=False)
+            idx = np.concatenate([rng.choice(self.by_class[int(c)], K,
+                                             replace=len(self.by_class[int(c)]) < K)
+                                  for c in cls])
+            e = self.forward(idx)
+            labels = torch.from_numpy(self.y[idx])
+            trip = self.miner(e, labels)
+            self.mined["triplets"] += int(len(trip[0]))
+            return self.triplet(e, labels, trip)
+        # likeness: ids of the whole collection's mined examples
+        b = self.next_mined()
+        if m == "likeness-dbl":
+            ids = [int(i) for i in b.a_ids + b.b_ids]
+            uniq, inv = np.unique(ids, return_inverse=True)
+            e = self.forward(uniq)
+            k = len(b.a_ids)
+            ia, ib = torch.from_numpy(inv[:k]), torch.from_numpy(inv[k:])
+            same = torch.from_numpy(b.same.copy())
+            ok = (self.y[uniq][inv[:k]] == self.y[uniq][inv[k:]]) == b.same
+            self.mined["pairs"] += k
+            self.mined["label_violations"] += int((~ok).sum())
+            return self.dbl(euclid(e[ia], e[ib]), same)
+        ids = [int(i) for i in b.anchor_ids + b.positive_ids + b.negative_ids]
+        uniq, inv = np.unique(ids, return_inverse=True)
+        k = len(b.anchor_ids)
+        e = self.forward(uniq)
+        ya = self.y[uniq][inv[:k]]
+        yp = self.y[uniq][inv[k:2 * k]]
+        yn = self.y[uniq][inv[2 * k:]]
+        self.mined["triplets"] += k
+        self.mined["label_violations"] += int(((ya != yp) | (ya == yn)).sum())
+        labels = torch.from_numpy(self.y[uniq])
+        trip = tuple(torch.from_numpy(inv[j * k:(j + 1) * k]) for j in range(3))
+        loss_fn = self.triplet if m == "likeness-semihard" else self.margin_loss
+        return loss_fn(e, labels, trip)
+
+    def _other(self, i, same):
+        y = self.y[i]
+        if same:
+            pool = self.by_class[int(y)]
+            while True:
+                j = pool[self.rng.integers(len(pool))]
+                if j != i or len(pool) == 1:
+                    return j
+        while True:
+            j = self.rng.integers(len(self.y))
+            if self.y[j] != y:
+                return j
+
+    def val_recall(self):
+        v = self.bench["val"]
+        q = self.embed_u8(v["query"])
+        e = self.embed_u8(v["enrol"])
+        return fc.recall_at_1(q, v["query_labels"], e, v["enrol_labels"])
+
+    def train(self):
+        torch, args = self.torch, self.args
+        uses_daemon = self.method in LIKENESS_METHODS
+        curve = {"step": [], "loss": [], "val_step": [], "val_recall_at_1": []}
+        wall = refresh_s = eval_s = 0.0
+        cpu0 = time.process_time()
+        d_cpu0 = self.daemon.cpu_seconds() if (uses_daemon and self.daemon) else None
+        t = time.perf_counter()
+        if uses_daemon:
+            self.refresh(0)
+            refresh_s += time.perf_counter() - t
+        self.model.train()
+        for step in range(args.steps):
+            if uses_daemon and step > 0 and step % args.refresh == 0:
+                t_r = time.perf_counter()
+                self.refresh(step)
+                refresh_s += time.perf_counter() - t_r
+            loss = self.step_loss()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            lv = float(loss.detach())
+            curve["step"].append(step)
+            curve["loss"].append(round(lv, 5))
+            if not np.isfinite(lv):
+                raise FloatingPointError(f"{self.method}: loss {lv} at step {step}")
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                t_e = time.perf_counter()
+                wall += t_e - t
+                curve["val_step"].append(step + 1)
+                curve["val_recall_at_1"].append(self.val_recall())
+                t = time.perf_counter()
+                eval_s += t - t_e
+        wall += time.perf_counter() - t
+        if uses_daemon and self.stream_iter is not None:
+            self.stream.cancel()
+        cpu = time.process_time() - cpu0
+        info = {"wall_seconds": wall, "refresh_seconds": refresh_s,
+                "val_eval_seconds": eval_s, "trainer_cpu_seconds": cpu,
+                "mined": dict(self.mined)}
+        if d_cpu0 is not None:
+            info["daemon_cpu_seconds"] = self.daemon.cpu_seconds() - d_cpu0
+        if self.dbl is not None:
+            info["dbl"] = {"m": float(self.dbl.m.detach()), "s": float(self.dbl.log_s.detach().exp())}
+        if uses_daemon and self.collection:
+            self.client.delete_collection(self.collection)
+        return curve, info
+
+    def evaluate(self):
+        return protocol_metrics(self.embed_u8, self.bench["test"])
+
+
+# --------------------------------------------------------------------------
+# Reporting: table and plots from result files
+# --------------------------------------------------------------------------
+
+
+def aggregate(result):
+    rows = {}
+    for key, r in result["runs"].items():
+        rows.setdefault(r["method"], []).append(r)
+    out = {}
+    for m in METHODS:
+        if m not in rows:
+            continue
+        rs = rows[m]
+
+        def stat(get):
+            v = np.array([get(r) for r in rs], dtype=np.float64)
+            return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+        out[m] = {"seeds": sorted(r["seed"] for r in rs)}
+        for kind in ("clean", "reid"):
+            for metric in ("recall_at_1", "verification_accuracy", "roc_auc"):
+                out[m][f"{metric}_{kind}"] = stat(lambda r: r["test"][kind][metric])
+        out[m]["wall_seconds"] = stat(lambda r: r["info"]["wall_seconds"])
+        out[m]["refresh_seconds"] = stat(lambda r: r["info"]["refresh_seconds"])
+        out[m]["daemon_cpu_seconds"] = stat(lambda r: r["info"].get("daemon_cpu_seconds", 0.0))
+        out[m]["trainer_cpu_seconds"] = stat(lambda r: r["info"]["trainer_cpu_seconds"])
+    return out
+
+
+def table(result):
+    agg = aggregate(result)
+    cols = [("recall_at_1_clean", "R@1 clean"), ("recall_at_1_reid", "R@1 re-id"),
+            ("verification_accuracy_clean", "verif. clean"),
+            ("verification_accuracy_reid", "verif. re-id"),
+            ("roc_auc_clean", "AUC clean"), ("roc_auc_reid", "AUC re-id")]
+    lines = ["| method | " + " | ".join(c[1] for c in cols)
+             + " | wall s/run (refresh) | CPU s/run, trainer + daemon |",
+             "|---" * (len(cols) + 3) + "|"]
+    for m, a in agg.items():
+        cells = [f"{a[k][0]:.3f} ± {a[k][1]:.3f}" for k, _ in cols]
+        w, r = a["wall_seconds"], a["refresh_seconds"]
+        extra = f" ({r[0]:.0f})" if r[0] > 0 else ""
+        tc, dc = a["trainer_cpu_seconds"][0], a["daemon_cpu_seconds"][0]
+        lines.append(f"| {m} (n={len(a['seeds'])}) | " + " | ".join(cells)
+                     + f" | {w[0]:.0f} ± {w[1]:.0f}{extra} | {tc:.0f} + {dc:.0f} |")
+    px = result["pixels"]
+    cells = [f"{px[k.rsplit('_', 1)[1]][k.rsplit('_', 1)[0]]:.3f}" for k, _ in cols]
+    lines.append("| raw pixels, cosine | " + " | ".join(cells) + " | - | - |")
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    """Per method, the mean over seeds (band: min to max) of the smoothed training loss
+    (divided by its first value, since the losses differ in scale) and of the
+    validation recall@1 on unseen classes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    runs = {}
+    for r in result["runs"].values():
+        runs.setdefault(r["method"], []).append(r["curve"])
+    for m in METHODS:
+        if m not in runs:
+            continue
+        curves = runs[m]
+        w = 20
+        rel = []
+        for c in curves:
+            loss = np.asarray(c["loss"], dtype=np.float64)
+            smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+            rel.append(smooth / max(smooth[0], 1e-9))
+        rel = np.stack(rel)
+        x = np.arange(rel.shape[1]) + w - 1
+        ax1.plot(x, rel.mean(0), color=colours[m], label=m)
+        ax1.fill_between(x, rel.min(0), rel.max(0), color=colours[m], alpha=0.15)
+        val = np.array([c["val_recall_at_1"] for c in curves])
+        vx = curves[0]["val_step"]
+        ax2.plot(vx, val.mean(0), color=colours[m], marker="o", ms=3, label=m)
+        ax2.fill_between(vx, val.min(0), val.max(0), color=colours[m], alpha=0.12)
+    ax2.axhline(result["pixels_val_recall_at_1"], color="k", ls="--", lw=1,
+                label="raw pixels")
+    n = len(next(iter(runs.values())))
+    ax1.set(title=f"{result['benchmark']}: training loss / its first value "
+                  f"(moving mean of {w}; {n} seeds)", xlabel="step", ylabel="relative loss")
+    ax2.set(title=f"{result['benchmark']}: validation recall@1, unseen classes (clean)",
+            xlabel="step", ylabel="recall@1")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", choices=["fmnist", "glyphs"], default="fmnist")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=96, help="images per step (about)")
+    p.add_argument("--anchors", type=int, default=32,
+                   help="anchors per mined message (likeness methods): 32 -> <= 96 images")
+    p.add_argument("--pk-classes", type=int, default=12,
+                   help="classes per P x K batch (triplet-inbatch)")
+    p.add_argument("--refresh", type=int, default=100,
+                   help="re-embed and upsert the training collection every R steps")
+    p.add_argument("--train-per-class", type=int, default=None,
+                   help="training images per class (fmnist default 600; glyphs: fonts "
+                        "per character, default 50)")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--aug-prob", type=float, default=0.5)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--address", help="an existing daemon; default: start one")
+    p.add_argument("--binary", default=default_binary())
+    p.add_argument("--out", help="results JSON (runs merge into it)")
+    p.add_argument("--report", nargs="+", help="result files: print tables, write plots")
+    p.add_argument("--plots", default=os.path.join(ROOT, "docs"))
+    return p.parse_args(argv)
+
+
+def load_benchmark(args):
+    if args.benchmark == "fmnist":
+        args.train_per_class = args.train_per_class or 600
+        return fmnist_benchmark(args.train_per_class)
+    args.train_per_class = args.train_per_class or 50
+    return glyph_benchmark(args.train_per_class)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        for path in args.report:
+            with open(path) as fh:
+                res = json.load(fh)
+            print(f"\n### {res['benchmark']} ({res['settings']['steps']} steps)\n")
+            print(table(res))
+            stem = os.path.splitext(os.path.basename(path))[0]
+            png = os.path.join(args.plots, f"experiment-{stem}.png")
+            plot(res, png)
+            print("\nwrote", png)
+        return
+    # a SIGTERM still runs the finally blocks, so the daemon started here stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}")
+    t0 = time.perf_counter()
+    bench = load_benchmark(args)
+    print(json.dumps(bench["describe"]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    result = {"benchmark": args.benchmark, "runs": {}}
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as fh:
+            result = json.load(fh)
+    settings = {k: getattr(args, k) for k in (
+        "steps", "batch", "anchors", "pk_classes", "refresh", "train_per_class", "width",
+        "lr", "aug_prob", "eval_every", "threads")}
+    if result.get("settings", settings) != settings:
+        raise SystemExit(f"{args.out} holds runs with other settings: {result['settings']}")
+    result["settings"] = settings
+    result["describe"] = bench["describe"]
+    test, val = bench["test"], bench["val"]
+    result["pixels"] = protocol_metrics(pixels, test)
+    result["pixels_val_recall_at_1"] = fc.recall_at_1(
+        pixels(val["query"]), val["query_labels"], pixels(val["enrol"]), val["enrol_labels"])
+    result["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
+                             "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+    daemon = client = None
+    if any(m in LIKENESS_METHODS for m in methods):
+        import likeness
+        if args.address is None:
+            daemon = Daemon(args.binary)
+            args.address = daemon.address
+        client = likeness.Client(args.address, timeout=120)
+        client.wait_ready(60)
+    try:
+        for seed in args.seeds:
+            for m in methods:
+                run = Run(bench, m, seed, args, client, daemon)
+                curve, info = run.train()
+                test_res = run.evaluate()
+                result["runs"][f"{m}/{seed}"] = {"method": m, "seed": seed, "test": test_res,
+                                                 "info": info, "curve": curve}
+                print(json.dumps({"method": m, "seed": seed,
+                                  "r1": [round(test_res[k]["recall_at_1"], 4)
+                                         for k in ("clean", "reid")],
+                                  "verif": [round(test_res[k]["verification_accuracy"], 4)
+                                            for k in ("clean", "reid")],
+                                  "val": [round(v, 3) for v in curve["val_recall_at_1"]],
+                                  "wall": round(info["wall_seconds"], 1),
+                                  "refresh": round(info["refresh_seconds"], 1),
+                                  "mined": info["mined"]}), flush=True)
+                if args.out:
+                    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                    tmp = args.out + ".tmp"
+                    with open(tmp, "w") as fh:
+                        json.dump(result, fh)
+                    os.replace(tmp, args.out)
+    finally:
+        if client is not None:
+            client.close()
+        if daemon is not None:
+            daemon.stop()
+    if args.out:
+        print(table(result))
+
+
+if __name__ == "__main__":
+    main()
