@@ -57,8 +57,7 @@ class Daemon:
                 "--shutdown-grace-secs",
                 "2",
                 # A port of its own: another daemon on this machine may hold 9090.
-                "--metrics-listen",
-                "127.0.0.1:0",
+                *([] if "--metrics-listen" in extra else ["--metrics-listen", "127.0.0.1:0"]),
                 *extra,
             ],
             stdin=subprocess.DEVNULL,
