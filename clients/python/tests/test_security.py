@@ -12,7 +12,7 @@ import pytest
 import likeness
 from conftest import Daemon, clustered, daemon_binary
 
-x509 = pytest.importorskip("cryptography.x509")
+from cryptography import x509  # noqa: E402  (requirements-test.txt pins it)
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
