@@ -191,12 +191,15 @@ impl App {
                 version.to_string(),
             );
             blocking(move || {
+                // The count first: writes landing meanwhile add inputs as well as items,
+                // so they cannot make the check fail. (An item written by vector after
+                // it fails the run itself, which then says which.)
+                let items = source.len();
                 let stored = source.stored_input_count();
-                if stored < source.len() {
+                if stored < items {
                     return Err(Error::FailedPrecondition(format!(
-                        "{} of the {} items of collection {:?} have no stored input to re-embed",
-                        source.len() - stored,
-                        source.len(),
+                        "{} of the {items} items of collection {:?} have no stored input to re-embed",
+                        items - stored,
                         source.name()
                     )));
                 }

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod infer;
 pub mod load;
 pub mod mine;
+pub mod models;
 
 use std::time::Instant;
 
@@ -68,6 +69,11 @@ pub enum Command {
     /// Restore a backup into a new data dir, offline; `likeness serve --data-dir` then
     /// serves it.
     Restore(admin::RestoreArgs),
+    /// Publish a new version of a model to the daemon (manifest + .onnx; JSON out).
+    Publish(models::PublishArgs),
+    /// Switch a collection to another model or version: re-embedded in the background,
+    /// then switched at once (`--wait` follows it).
+    Activate(models::ActivateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -255,6 +261,8 @@ pub async fn run(addr: String, command: Command) -> Result<(), String> {
         Command::Mine(args) => mine::mine(&to(&args.conn), args).await,
         Command::Backup(args) => admin::backup(&to(&args.conn), args).await,
         Command::Restore(args) => admin::restore(args),
+        Command::Publish(args) => models::publish(&to(&args.conn), args).await,
+        Command::Activate(args) => models::activate(&to(&args.conn), args).await,
     }
 }
 

@@ -278,6 +278,19 @@ async fn enrol(url: &str, name: &str, pngs: &[Vec<u8>], keep_inputs: Option<bool
     }
 }
 
+/// Collection "c" of 800 fixture images enrolled by input, and the second model
+/// published; returns the images (item i is `x<i>`).
+async fn enrol_and_publish(url: &str) -> Vec<Vec<u8>> {
+    let mut pngs = fixture_pngs("enrol_images.npy");
+    pngs.extend(fixture_pngs("query_clean_images.npy"));
+    enrol(url, "c", &pngs, None).await;
+    let (manifest, bytes) = proj();
+    publish(url, MODEL, &manifest, &bytes, 1 << 20)
+        .await
+        .unwrap();
+    pngs
+}
+
 async fn info(url: &str, name: &str) -> pb::CollectionInfo {
     likeness::pb::collections_client::CollectionsClient::new(channel(url).await)
         .get_collection(pb::GetCollectionRequest { name: name.into() })
@@ -365,14 +378,8 @@ async fn activate_reembeds_then_switches_with_reads_never_mixed() {
     // A cap on the re-embedding rate keeps the run long enough to watch.
     let server = TestServer::start_in(dir.path(), |c| c.reembed_rate = 400).await;
     let url = server.url();
-    let mut pngs = fixture_pngs("enrol_images.npy");
-    pngs.extend(fixture_pngs("query_clean_images.npy"));
+    let pngs = enrol_and_publish(&url).await;
     let n = pngs.len();
-    enrol(&url, "c", &pngs, None).await;
-    let (manifest, bytes) = proj();
-    publish(&url, MODEL, &manifest, &bytes, 1 << 20)
-        .await
-        .unwrap();
 
     // What each generation must answer: every hit at the distance that generation's
     // model puts it, for items enrolled before and written during the run.
@@ -583,14 +590,8 @@ async fn activation_killed_halfway_resumes_at_start() {
     let mut daemon = spawn_daemon(dir.path(), &slow, &[]);
     let url = format!("http://{}", daemon.addr);
     crate::common::wait_serving(&url).await;
-    let mut pngs = fixture_pngs("enrol_images.npy");
-    pngs.extend(fixture_pngs("query_clean_images.npy"));
+    let pngs = enrol_and_publish(&url).await;
     let n = pngs.len();
-    enrol(&url, "c", &pngs, None).await;
-    let (manifest, bytes) = proj();
-    publish(&url, MODEL, &manifest, &bytes, 1 << 20)
-        .await
-        .unwrap();
     let new_vectors = embed(&url, NEW, &pngs).await;
     activate(&url, "c", "2").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -648,4 +649,69 @@ async fn activation_killed_halfway_resumes_at_start() {
     for (i, (got, want)) in now_vectors.iter().zip(&new_vectors).enumerate() {
         assert!(crate::common::max_diff(got, want) < 1e-5, "item x{i}");
     }
+}
+
+async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_likeness"));
+    cmd.arg("--addr").arg(url).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_publishes_and_activates() {
+    let (server, dir) = TestServer::start().await;
+    let url = server.url();
+    let pngs = fixture_pngs("enrol_images.npy");
+    enrol(&url, "c", &pngs[..30], None).await;
+    // A manifest without its digest: the CLI adds it from the file it names.
+    let (manifest, bytes) = proj();
+    let bare: String = manifest
+        .lines()
+        .filter(|l| !l.starts_with("sha256"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let model_dir = dir.path().join("upload");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::fs::write(model_dir.join("model.toml"), bare).unwrap();
+    std::fs::write(model_dir.join("proj.onnx"), &bytes).unwrap();
+    let manifest_path = model_dir.join("model.toml");
+    let (ok, out, err) = cli(
+        &url,
+        &["publish", "--manifest", manifest_path.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let published: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(published["name"], NEW, "{out}");
+
+    let args = [
+        "activate",
+        "-c",
+        "c",
+        "--model",
+        MODEL,
+        "--version",
+        "2",
+        "--wait",
+    ];
+    let (ok, out, err) = cli(&url, &args).await;
+    assert!(ok, "{err}");
+    let done: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(done["model_version"], "2", "{out}");
+    assert_eq!(done["count"], 30, "{out}");
+    assert_eq!(done["activation"]["state"], "DONE", "{out}");
+    // Again: refused, with the status on stderr and a failing exit.
+    let (ok, _, err) = cli(&url, &args).await;
+    assert!(
+        !ok && err.contains("FailedPrecondition") && err.contains("already uses"),
+        "{err}"
+    );
+    server.stop().await;
 }

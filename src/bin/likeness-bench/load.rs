@@ -107,6 +107,29 @@ async fn tick(next: &mut Instant, sh: &Shared) -> bool {
     true
 }
 
+/// One message out on a bidirectional stream and its answer back, timed into `t`;
+/// false when the call's request side has closed.
+async fn round_trip<Req, Resp>(
+    tx: &tokio::sync::mpsc::Sender<Req>,
+    out: &mut tonic::Streaming<Resp>,
+    msg: Req,
+    name: &'static str,
+    t: &mut Tally,
+) -> Result<bool, tonic::Status> {
+    let sent = Instant::now();
+    if tx.send(msg).await.is_err() {
+        return Ok(false);
+    }
+    match out.next().await {
+        Some(r) => {
+            r?;
+            t.ok(name, sent.elapsed());
+            Ok(true)
+        }
+        None => Err(tonic::Status::aborted(format!("{name} ended early"))),
+    }
+}
+
 /// One stream of `kind` on `ch`, for the whole run.
 async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
     let mut t = Tally::default();
@@ -119,40 +142,29 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
         match name {
             "EmbedStream" => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let mut client = EmbedderClient::new(ch);
-                let mut out = client
+                let mut out = EmbedderClient::new(ch)
                     .embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await?
                     .into_inner();
                 let mut i = n;
                 loop {
-                    let sent = Instant::now();
                     let req = pb::EmbedRequest {
                         model: sh.model.clone(),
                         inputs: vec![sh.images[i % sh.images.len()].clone()],
                     };
                     i += 1;
-                    if tx.send(req).await.is_err() {
+                    if !round_trip(&tx, &mut out, req, name, &mut t).await? {
                         break;
                     }
-                    match out.next().await {
-                        Some(r) => {
-                            r?;
-                            t.ok(name, sent.elapsed());
-                            answered = true;
-                        }
-                        None => return Err(tonic::Status::aborted("EmbedStream ended early")),
-                    }
+                    answered = true;
                     if !tick(&mut next, &sh).await {
                         break;
                     }
                 }
-                drop(tx);
             }
             "Session" => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let mut client = MinerClient::new(ch);
-                let mut out = client
+                let mut out = MinerClient::new(ch)
                     .session(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await?
                     .into_inner();
@@ -168,29 +180,20 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
                             }
                         })
                         .collect();
-                    let sent = Instant::now();
                     let msg = pb::MineStep {
                         step,
                         request: (step == 0).then(|| mine_request(n as u64)),
                         anchors,
                     };
                     step += 1;
-                    if tx.send(msg).await.is_err() {
+                    if !round_trip(&tx, &mut out, msg, name, &mut t).await? {
                         break;
                     }
-                    match out.next().await {
-                        Some(r) => {
-                            r?;
-                            t.ok(name, sent.elapsed());
-                            answered = true;
-                        }
-                        None => return Err(tonic::Status::aborted("Session ended early")),
-                    }
+                    answered = true;
                     if !tick(&mut next, &sh).await {
                         break;
                     }
                 }
-                drop(tx);
             }
             "MineTriplets" => {
                 let mut client = MinerClient::new(ch);
@@ -311,6 +314,13 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     let model = crate::embed::model_name(&args.embed_model)?;
     let secs = args.load_secs;
     let (streams, conns) = (args.load_streams, args.load_connections.max(1));
+    // The stream kinds in turn (--load-kinds picks some, to see what each costs).
+    let kinds: Vec<usize> = (0..KINDS.len())
+        .filter(|&k| args.load_kinds.is_empty() || args.load_kinds.iter().any(|n| n == KINDS[k]))
+        .collect();
+    if kinds.is_empty() {
+        return Err(format!("--load-kinds: the kinds are {}", KINDS.join(", ")));
+    }
     let mut channels = Vec::with_capacity(conns);
     for _ in 0..conns {
         channels.push(d.channel().await?);
@@ -350,7 +360,8 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..streams {
         let ch = channels[n % conns].clone();
-        tasks.spawn(stream(ch, n % KINDS.len(), n, sh.clone()));
+        let kind = kinds[n % kinds.len()];
+        tasks.spawn(stream(ch, kind, n, sh.clone()));
     }
     for c in 0..args.load_unary {
         let ch = unary_channels[c % unary_channels.len()].clone();

@@ -163,6 +163,10 @@ pub struct Args {
     /// UpsertStream in turn).
     #[arg(long, default_value_t = 1000)]
     pub load_streams: usize,
+    /// load: only these stream kinds (EmbedStream, Session, MineTriplets, UpsertStream);
+    /// default all four in turn.
+    #[arg(long, value_delimiter = ',')]
+    pub load_kinds: Vec<String>,
     /// load: HTTP/2 connections the streams share.
     #[arg(long, default_value_t = 50)]
     pub load_connections: usize,

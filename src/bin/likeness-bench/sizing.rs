@@ -185,7 +185,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
         );
     }
     println!(
-        "\nRSS after ingest includes sled's page cache as far as the ingest filled it (bounded by --cache-mb, 512 MiB by default); after a clean restart the index is a mapping of its snapshot, paged in as searches touch it; the first write replaces it with a private copy, so RSS after a restart and a write is what a daemon that takes writes holds (with sled's cache still cold). A raw f32 vector of d components is 4d bytes.\n"
+        "\nRSS after ingest includes sled's page cache as far as the ingest filled it (bounded by --cache-mb, 32 MiB by default); after a clean restart the index is a mapping of its snapshot, paged in as searches touch it; the first write replaces it with a private copy, so RSS after a restart and a write is what a daemon that takes writes holds (with sled's cache still cold). A raw f32 vector of d components is 4d bytes.\n"
     );
     Ok(())
 }
