@@ -142,29 +142,29 @@ pub async fn activate(daemon: &super::Daemon, args: ActivateArgs) -> Result<(), 
         .await
         .map_err(super::status)?
         .into_inner();
-    let mut colls = CollectionsClient::new(channel);
-    while args.wait {
-        let a = info.activation.clone().unwrap_or_default();
-        match a.state() {
-            pb::activation::State::Done => break,
-            pb::activation::State::Failed => {
-                return Err(format!("the activation failed: {}", a.error));
-            }
-            _ => eprint!(
-                "\rre-embedding {}: {} of {} ({:.0} items/s)   ",
-                args.collection, a.done, a.total, a.rate
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        info = colls
-            .get_collection(pb::GetCollectionRequest {
-                name: args.collection.clone(),
-            })
-            .await
-            .map_err(super::status)?
-            .into_inner();
-    }
     if args.wait {
+        let mut colls = CollectionsClient::new(channel);
+        loop {
+            let a = info.activation.clone().unwrap_or_default();
+            match a.state() {
+                pb::activation::State::Done => break,
+                pb::activation::State::Failed => {
+                    return Err(format!("the activation failed: {}", a.error));
+                }
+                _ => eprint!(
+                    "\rre-embedding {}: {} of {} ({:.0} items/s)   ",
+                    args.collection, a.done, a.total, a.rate
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            info = colls
+                .get_collection(pb::GetCollectionRequest {
+                    name: args.collection.clone(),
+                })
+                .await
+                .map_err(super::status)?
+                .into_inner();
+        }
         eprintln!();
     }
     println!("{}", activation_json(&info));
