@@ -14,7 +14,7 @@ use super::Security;
 use super::embedder::{EmbedderService, ModelsService};
 use crate::config::Config;
 use crate::embed::{EmbedHandle, Models};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::pb::embedder_server::EmbedderServer;
 use crate::pb::models_server::ModelsServer;
 
@@ -87,16 +87,7 @@ pub(super) async fn serve(
             let _ = stopping.wait_for(|s| *s).await;
         });
     tracing::info!(addr = %local, mode = "embed-only", tls = security.tls.is_some(), tokens = security.keyring.is_some(), "listening");
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let mut stop_seen = stop_rx;
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r.map_err(|e| Error::Io(std::io::Error::other(e)))?,
-        () = async {
-            let _ = stop_seen.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining RPCs"),
-    }
+    super::drain(server, stop_rx, Duration::from_secs(config.shutdown_grace_secs)).await?;
     if let Some(h) = health_port {
         h.abort();
     }

@@ -394,16 +394,7 @@ pub async fn serve_with(
             let _ = stopping.wait_for(|s| *s).await;
         });
     tracing::info!(addr = %local, data_dir = %config.data_dir.display(), tls = security.tls.is_some(), mtls = config.tls_client_ca.is_some(), tokens = security.keyring.is_some(), "listening");
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let mut stop_seen = stop_rx;
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r.map_err(|e| Error::Io(std::io::Error::other(e)))?,
-        () = async {
-            let _ = stop_seen.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining RPCs"),
-    }
+    drain(server, stop_rx, Duration::from_secs(config.shutdown_grace_secs)).await?;
     recovery.abort();
     trimmer.abort();
     if let Some(e) = exporter {
@@ -419,6 +410,25 @@ pub async fn serve_with(
         tokio::task::spawn_blocking(move || db.shutdown()).await??;
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs the server until it ends by itself (its shutdown signal drained every RPC) or,
+/// once `stop` is set, until the grace period has passed; then what is still running
+/// is dropped.
+async fn drain<E: std::error::Error + Send + Sync + 'static>(
+    server: impl Future<Output = std::result::Result<(), E>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<()> {
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(|e| Error::Io(std::io::Error::other(e)))?,
+        () = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining RPCs"),
+    }
     Ok(())
 }
 
