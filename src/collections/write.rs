@@ -235,22 +235,35 @@ impl Collection {
             m.put(key, item);
             keys.push(key);
         }
+        let change = Change::Upsert {
+            items,
+            keys,
+            replaced,
+        };
+        self.write(&mut w, m, state, change).map(Some)
+    }
+
+    /// Applies `m` with the next state (the mutation counter bumped) and takes the
+    /// batch's ticket in the publication order; the writer is held by the caller.
+    fn write<'a>(
+        &'a self,
+        w: &mut Writer,
+        m: Mutation,
+        mut state: TreeState,
+        change: Change<'a>,
+    ) -> Result<Written<'a>> {
         state.seq += 1;
         self.items.apply(m, state)?;
         w.state = state;
-        Ok(Some(Written {
+        Ok(Written {
             coll: self,
             turn: Turn {
                 turns: &self.turns,
                 ticket: w.take_ticket(),
             },
             seq: state.seq,
-            change: Change::Upsert {
-                items,
-                keys,
-                replaced,
-            },
-        }))
+            change,
+        })
     }
 
     /// Removes items by id and publishes at once; returns how many existed. Not durable
@@ -281,19 +294,8 @@ impl Collection {
         for (id, key) in &found {
             m.remove(id, *key);
         }
-        let mut state = w.state;
-        state.seq += 1;
-        self.items.apply(m, state)?;
-        w.state = state;
-        Ok(Some(Written {
-            coll: self,
-            turn: Turn {
-                turns: &self.turns,
-                ticket: w.take_ticket(),
-            },
-            seq: state.seq,
-            change: Change::Delete { found },
-        }))
+        let state = w.state;
+        self.write(&mut w, m, state, Change::Delete { found }).map(Some)
     }
 }
 
