@@ -295,7 +295,8 @@ impl Collection {
             m.remove(id, *key);
         }
         let state = w.state;
-        self.write(&mut w, m, state, Change::Delete { found }).map(Some)
+        self.write(&mut w, m, state, Change::Delete { found })
+            .map(Some)
     }
 }
 

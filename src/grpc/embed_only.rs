@@ -87,7 +87,12 @@ pub(super) async fn serve(
             let _ = stopping.wait_for(|s| *s).await;
         });
     tracing::info!(addr = %local, mode = "embed-only", tls = security.tls.is_some(), tokens = security.keyring.is_some(), "listening");
-    super::drain(server, stop_rx, Duration::from_secs(config.shutdown_grace_secs)).await?;
+    super::drain(
+        server,
+        stop_rx,
+        Duration::from_secs(config.shutdown_grace_secs),
+    )
+    .await?;
     if let Some(h) = health_port {
         h.abort();
     }

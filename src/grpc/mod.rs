@@ -394,7 +394,12 @@ pub async fn serve_with(
             let _ = stopping.wait_for(|s| *s).await;
         });
     tracing::info!(addr = %local, data_dir = %config.data_dir.display(), tls = security.tls.is_some(), mtls = config.tls_client_ca.is_some(), tokens = security.keyring.is_some(), "listening");
-    drain(server, stop_rx, Duration::from_secs(config.shutdown_grace_secs)).await?;
+    drain(
+        server,
+        stop_rx,
+        Duration::from_secs(config.shutdown_grace_secs),
+    )
+    .await?;
     recovery.abort();
     trimmer.abort();
     if let Some(e) = exporter {

@@ -2,25 +2,11 @@
 //! delete, embed, classify, verify, and errors that print the status and exit non-zero.
 
 use std::path::Path;
-use std::process::Command;
 
 use likeness::pb;
 use likeness::pb::embedder_client::EmbedderClient;
 
 use crate::common::*;
-
-async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_likeness"));
-    cmd.arg("--addr").arg(url).args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_subcommands_round_trip() {

@@ -526,3 +526,17 @@ pub async fn upsert_clustered(
             .unwrap();
     }
 }
+
+/// The binary as a client of `url`: (exit success, stdout, stderr).
+pub async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_likeness"));
+    cmd.arg("--addr").arg(url).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -17,7 +17,7 @@ use likeness::pb::models_client::ModelsClient;
 use tonic::Code;
 
 use crate::common::{
-    TestServer, assert_status, channel, fixture_pngs, image_input, input_query, spawn_daemon,
+    TestServer, assert_status, channel, cli, fixture_pngs, image_input, input_query, spawn_daemon,
 };
 
 const MODEL: &str = "fmnist-triplet";
@@ -649,19 +649,6 @@ async fn activation_killed_halfway_resumes_at_start() {
     for (i, (got, want)) in now_vectors.iter().zip(&new_vectors).enumerate() {
         assert!(crate::common::max_diff(got, want) < 1e-5, "item x{i}");
     }
-}
-
-async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_likeness"));
-    cmd.arg("--addr").arg(url).args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
