@@ -369,15 +369,19 @@ impl Registry {
         })
     }
 
-    pub fn list(&self) -> Result<Vec<CollectionInfo>> {
-        self.check_ready()?;
-        let colls: Vec<Arc<Collection>> = self
-            .collections
+    /// Every collection now in the map (a snapshot: the map's lock is not held).
+    fn all(&self) -> Vec<Arc<Collection>> {
+        self.collections
             .read()
             .expect("registry lock")
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    pub fn list(&self) -> Result<Vec<CollectionInfo>> {
+        self.check_ready()?;
+        let colls = self.all();
         Ok(colls.iter().map(|c| c.info()).collect())
     }
 
@@ -526,13 +530,7 @@ impl Registry {
         }
         self.store.probe_space()?;
         let _ddl = self.ddl.lock().expect("ddl lock");
-        let colls: Vec<Arc<Collection>> = self
-            .collections
-            .read()
-            .expect("registry lock")
-            .values()
-            .cloned()
-            .collect();
+        let colls = self.all();
         // Name order, as the map is: the only place that holds more than one writer.
         let mut writers: Vec<_> = colls
             .iter()
@@ -686,13 +684,7 @@ impl Registry {
             tracing::warn!("storage is failing: no index snapshots saved at shutdown");
             return Ok(());
         }
-        let colls: Vec<_> = self
-            .collections
-            .read()
-            .expect("registry lock")
-            .values()
-            .cloned()
-            .collect();
+        let colls = self.all();
         for coll in colls {
             let start = Instant::now();
             coll.save_snapshot(&self.snapshots)?;
