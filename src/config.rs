@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::embed::{BatchConfig, Device};
+use crate::embed::{BatchConfig, ConvSearch, Device};
 use crate::types::Limits;
 
 /// Log line format.
@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// Where inference runs: auto, cpu, cuda or cuda:N [default: auto].
     #[arg(long, env = "LIKENESS_DEVICE")]
     pub device: Option<String>,
+    /// On CUDA, how cuDNN picks convolution algorithms: heuristic, exhaustive (benchmarks
+    /// each new batch shape on its first request) or default [default: heuristic].
+    #[arg(long, env = "LIKENESS_CUDA_CONV_SEARCH")]
+    pub cuda_conv_search: Option<String>,
     /// Largest dynamic batch per model [default: 64].
     #[arg(long, env = "LIKENESS_EMBED_MAX_BATCH")]
     pub embed_max_batch: Option<usize>,
@@ -122,6 +126,11 @@ pub struct ServeArgs {
     /// but they take cores from gRPC and decoding) [default: false].
     #[arg(long, env = "LIKENESS_EMBED_SPIN")]
     pub embed_spin: Option<bool>,
+    /// Pad every inference batch to --embed-max-batch rows, so that each run has one
+    /// shape: cuDNN is set up again, at a cost of milliseconds, whenever the shape of a
+    /// convolution's input changes [default: true on CUDA, false on CPU].
+    #[arg(long, env = "LIKENESS_EMBED_PAD")]
+    pub embed_pad: Option<bool>,
 }
 
 /// An address, or `off`.
@@ -180,11 +189,13 @@ pub struct FileConfig {
     /// name -> manifest path
     pub models: Option<std::collections::BTreeMap<String, PathBuf>>,
     pub device: Option<String>,
+    pub cuda_conv_search: Option<String>,
     pub embed_max_batch: Option<usize>,
     pub embed_max_delay_ms: Option<u64>,
     pub embed_queue: Option<usize>,
     pub embed_threads: Option<usize>,
     pub embed_spin: Option<bool>,
+    pub embed_pad: Option<bool>,
 }
 
 /// The resolved configuration.
@@ -353,8 +364,13 @@ impl Config {
                     Some(s) => s.parse::<Device>()?,
                     None => d.batch.device,
                 },
+                conv_search: match args.cuda_conv_search.clone().or(file.cuda_conv_search) {
+                    Some(s) => s.parse::<ConvSearch>()?,
+                    None => d.batch.conv_search,
+                },
                 threads: or_cores(args.embed_threads.or(file.embed_threads).unwrap_or(0)),
                 spin: args.embed_spin.or(file.embed_spin).unwrap_or(d.batch.spin),
+                pad: args.embed_pad.or(file.embed_pad).or(d.batch.pad),
             },
             limits: Limits {
                 max_k: args.max_k.or(file.max_k).unwrap_or(d.limits.max_k),
@@ -469,6 +485,36 @@ mod tests {
         assert_eq!(cfg.limits.max_k, 7);
         assert_eq!(cfg.cache_mb, 64);
         assert_eq!(cfg.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn gpu_batching_settings_parse_and_a_bad_conv_search_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "cuda_conv_search = \"exhaustive\"\nembed_pad = true\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(&args).unwrap();
+        assert_eq!(cfg.batch.conv_search, ConvSearch::Exhaustive);
+        assert_eq!(cfg.batch.pad, Some(true));
+        let cfg = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(cfg.batch.conv_search, ConvSearch::Heuristic);
+        assert_eq!(cfg.batch.pad, None, "padding decided by the provider");
+        let args = ServeArgs {
+            cuda_conv_search: Some("fastest".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        assert!(
+            err.contains("\"fastest\"") && err.contains("heuristic"),
+            "{err}"
+        );
     }
 
     #[test]

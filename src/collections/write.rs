@@ -202,6 +202,7 @@ impl Collection {
         let mut keys = Vec::with_capacity(items.len());
         let mut replaced = Vec::new();
         let mut w = self.lock_writer()?;
+        self.items.check_writable()?;
         let mut state = w.state;
         let mut m = Mutation::default();
         for item in items {
@@ -279,6 +280,7 @@ impl Collection {
     pub(super) fn write_delete<'a>(&'a self, ids: &'a [String]) -> Result<Option<Written<'a>>> {
         let mut found: Vec<(&str, u64)> = Vec::new();
         let mut w = self.lock_writer()?;
+        self.items.check_writable()?;
         let mut seen = HashSet::new();
         for id in ids {
             if seen.insert(id.as_str())

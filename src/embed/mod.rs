@@ -30,7 +30,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use crate::error::{Error, Field, Result};
 pub use crate::types::{Input, InputData};
 use manifest::{InputSpec, Manifest, PairSpec, TowerSpec};
-pub use runtime::Device;
+pub use runtime::{ConvSearch, Device};
 
 /// How batching behaves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,10 +40,18 @@ pub struct BatchConfig {
     /// Inputs that may wait per tower before unary calls are refused.
     pub queue: usize,
     pub device: Device,
+    /// cuDNN's convolution algorithm choice on CUDA.
+    pub conv_search: ConvSearch,
     /// Intra-op threads per graph.
     pub threads: usize,
     /// Let idle intra-op threads spin (ONNX Runtime's default) instead of sleeping.
     pub spin: bool,
+    /// Pad every batch to `max_batch` rows so that each run has the same shape. None:
+    /// on CUDA only. There ONNX Runtime sets cuDNN up again whenever a convolution's
+    /// input shape differs from its previous run, which costs milliseconds of CPU, far
+    /// more than the GPU spends on the padding rows; dynamic batches change size all
+    /// the time (measured on an H200: 2,900 images/s unpadded, see docs/benchmarks.md).
+    pub pad: Option<bool>,
 }
 
 impl Default for BatchConfig {
@@ -53,8 +61,10 @@ impl Default for BatchConfig {
             max_delay: Duration::from_millis(2),
             queue: 4096,
             device: Device::Auto,
+            conv_search: ConvSearch::Heuristic,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             spin: false,
+            pad: None,
         }
     }
 }
@@ -308,15 +318,20 @@ impl Batcher {
             file,
             check,
             config.device,
+            config.conv_search,
             config.threads.max(1),
             config.spin,
         )?;
         let (tx, rx) = channel::<Job>();
         let stats = Arc::new(BatchStats::default());
         let counted = stats.clone();
+        let pad = config
+            .pad
+            .unwrap_or(provider == "CUDAExecutionProvider")
+            .then_some(config.max_batch);
         std::thread::Builder::new()
             .name(format!("embed-{}", graph.label))
-            .spawn(move || worker(session, &graph, &rx, config, &counted))
+            .spawn(move || worker(session, &graph, &rx, config, pad, &counted))
             .map_err(Error::Io)?;
         Ok(Batcher {
             queue: tx,
@@ -630,7 +645,9 @@ fn input_bytes(data: &InputData) -> usize {
 }
 
 /// Runs `f` (decoding: CPU work) inline when the inputs are small, else on the blocking
-/// pool, off the async workers.
+/// pool, off the async workers. One request decodes on one core: splitting a large one
+/// over all cores was measured on a 16-core GPU host and gained nothing (see
+/// docs/benchmarks.md, "CUDA").
 async fn off_async_if_large<T: Send + 'static>(
     bytes: usize,
     f: impl FnOnce() -> Result<T> + Send + 'static,
@@ -731,6 +748,7 @@ fn worker(
     graph: &Graph,
     rx: &Receiver<Job>,
     cfg: BatchConfig,
+    pad: Option<usize>,
     stats: &BatchStats,
 ) {
     // Jobs in the previous batch: how many concurrent callers to wait for.
@@ -793,7 +811,7 @@ fn worker(
             let _enter = span.enter();
             stats.sizes.observe(n as f64);
             let started = Instant::now();
-            let result = run(&mut session, graph, &jobs);
+            let result = run(&mut session, graph, &jobs, pad);
             stats.inference.observe_duration(started.elapsed());
             stats
                 .queued
@@ -815,21 +833,26 @@ fn worker(
     }
 }
 
-/// Runs one batch of same-shaped jobs.
+/// Runs one batch of same-shaped jobs, padded with rows of zeros up to `pad` rows when
+/// given (whose outputs are dropped).
 fn run(
     session: &mut Session,
     graph: &Graph,
     jobs: &[Job],
+    pad: Option<usize>,
 ) -> std::result::Result<Vec<Vec<f32>>, String> {
     let n = jobs.len();
-    let mut shape = vec![n as i64];
+    let rows = pad.map_or(n, |p| p.max(n));
+    let mut shape = vec![rows as i64];
     shape.extend_from_slice(&jobs[0].dims);
     let mut inputs = Vec::with_capacity(graph.inputs.len());
     for (i, name) in graph.inputs.iter().enumerate() {
-        let mut data = Vec::with_capacity(n * jobs[0].values[i].len());
+        let per = jobs[0].values[i].len();
+        let mut data = Vec::with_capacity(rows * per);
         for job in jobs {
             data.extend_from_slice(&job.values[i]);
         }
+        data.resize(rows * per, 0.0);
         let tensor =
             ort::value::Tensor::from_array((shape.clone(), data)).map_err(|e| e.to_string())?;
         inputs.push((name.as_str(), tensor));
@@ -840,14 +863,16 @@ fn run(
         .map_err(|e| e.to_string())?;
     let dim = graph.width;
     let ok = match out_shape.len() {
-        1 => dim == 1 && out_shape[0] as usize == n,
-        2 => out_shape[0] as usize == n && out_shape[1] as usize == dim,
+        1 => dim == 1 && out_shape[0] as usize == rows,
+        2 => out_shape[0] as usize == rows && out_shape[1] as usize == dim,
         _ => false,
     };
     if !ok {
-        return Err(format!("output shape {out_shape:?}, expected [{n}, {dim}]"));
+        return Err(format!(
+            "output shape {out_shape:?}, expected [{rows}, {dim}]"
+        ));
     }
-    Ok(values
+    Ok(values[..n * dim]
         .chunks_exact(dim)
         .map(|row| {
             let mut v = row.to_vec();

@@ -34,6 +34,42 @@ impl std::str::FromStr for Device {
     }
 }
 
+/// How cuDNN picks a convolution algorithm on CUDA (ONNX Runtime's
+/// `cudnn_conv_algo_search`). Exhaustive benchmarks every algorithm the first time each
+/// input shape is seen, and dynamic batching sees up to `--embed-max-batch` shapes, each
+/// paying that search on a live request; heuristic asks cuDNN for its best guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvSearch {
+    Heuristic,
+    Exhaustive,
+    /// cuDNN's default algorithm, no search.
+    Default,
+}
+
+impl std::str::FromStr for ConvSearch {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "heuristic" => Ok(ConvSearch::Heuristic),
+            "exhaustive" => Ok(ConvSearch::Exhaustive),
+            "default" => Ok(ConvSearch::Default),
+            _ => Err(format!(
+                "cuda conv search {s:?}: use heuristic, exhaustive or default"
+            )),
+        }
+    }
+}
+
+impl ConvSearch {
+    fn ort(self) -> ort::ep::cuda::ConvAlgorithmSearch {
+        match self {
+            ConvSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
+            ConvSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
+            ConvSearch::Default => ort::ep::cuda::ConvAlgorithmSearch::Default,
+        }
+    }
+}
+
 /// The ONNX Runtime library: LIKENESS_ORT_DYLIB, ORT_DYLIB_PATH, or the one the build
 /// fetched (compiled in).
 pub fn library_path() -> PathBuf {
@@ -76,12 +112,13 @@ pub struct GraphCheck<'a> {
     pub score: bool,
 }
 
-/// Opens a session on `device` with `threads` intra-op threads and checks it against
-/// `check`; returns it with the execution provider it really runs on.
+/// Opens a session on `device` with `threads` intra-op threads (and `conv` on CUDA) and
+/// checks it against `check`; returns it with the execution provider it really runs on.
 pub fn open_session(
     file: &Path,
     check: &GraphCheck<'_>,
     device: Device,
+    conv: ConvSearch,
     threads: usize,
     spin: bool,
 ) -> Result<(Session, &'static str)> {
@@ -100,7 +137,9 @@ pub fn open_session(
         Device::Auto => Some(0),
     };
     if let Some(id) = cuda_id {
-        let cuda = ort::ep::CUDA::default().with_device_id(id);
+        let cuda = ort::ep::CUDA::default()
+            .with_device_id(id)
+            .with_conv_algorithm_search(conv.ort());
         let available = ort::ep::CUDA::is_available().unwrap_or(false);
         if available {
             match builder.with_execution_providers([cuda.build().error_on_failure()]) {

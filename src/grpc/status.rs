@@ -23,6 +23,13 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             // The client may retry later; its acknowledged writes are safe.
             Error::StorageUnavailable(_) => Code::Unavailable,
+            // The store maps its own I/O errors to StorageUnavailable (and marks itself
+            // failed); one that reaches here another way is still the disk, not a bug.
+            Error::Storage(sled::Error::Io(io)) => {
+                return Status::unavailable(format!(
+                    "storage unavailable: {io}; writes resume once the data dir takes writes again"
+                ));
+            }
             Error::Storage(_)
             | Error::Index(_)
             | Error::Io(_)
@@ -63,6 +70,17 @@ mod tests {
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("usearch"), "{}", s.message());
         assert!(s.message().contains("request id"), "{}", s.message());
+        let s = Status::from(Error::Storage(sled::Error::Unsupported("x".into())));
+        assert_eq!(s.code(), Code::Internal);
+        let s = Status::from(Error::Storage(sled::Error::Io(
+            std::io::Error::from_raw_os_error(28),
+        )));
+        assert_eq!(s.code(), Code::Unavailable, "a disk error is not a bug");
+        assert!(
+            s.message().starts_with("storage unavailable"),
+            "{}",
+            s.message()
+        );
         let s = Status::from(Error::invalid("items", "must not be empty"));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "items: must not be empty");

@@ -128,8 +128,10 @@ impl Shared {
         }
     }
 
-    /// The error of a write or flush. An I/O error marks the store failed.
-    fn write_failed(&self, e: sled::Error) -> Error {
+    /// The error of any sled call on the live database, a read too: sled's reads finish
+    /// splits and merges left half done, which write, so after a failed write they give
+    /// back its stored I/O error. An I/O error marks the store failed.
+    fn sled_failed(&self, e: sled::Error) -> Error {
         match e {
             sled::Error::Io(io) => self.fail(&io),
             other => Error::Storage(other),
@@ -163,7 +165,7 @@ impl Shared {
         }
         let open = self.open.read().expect("store lock");
         let open = open.as_ref().ok_or_else(|| self.unavailable())?;
-        open.db.flush().map_err(|e| self.write_failed(e))?;
+        open.db.flush().map_err(|e| self.sled_failed(e))?;
         Ok(())
     }
 
@@ -206,7 +208,7 @@ impl Store {
         open.specs
             .iter()
             .map(|kv| {
-                let (k, v) = kv?;
+                let (k, v) = kv.map_err(|e| self.shared.sled_failed(e))?;
                 serde_json::from_slice(&v).map_err(|e| {
                     Error::Corrupt(format!("collection {}: {e}", String::from_utf8_lossy(&k)))
                 })
@@ -223,7 +225,7 @@ impl Store {
             let open = open.as_ref().expect("checked");
             open.specs
                 .insert(spec.name.as_bytes(), json)
-                .map_err(|e| self.shared.write_failed(e))?;
+                .map_err(|e| self.shared.sled_failed(e))?;
         }
         self.commit()
     }
@@ -237,8 +239,8 @@ impl Store {
             let open = open.as_ref().expect("checked");
             open.specs
                 .remove(spec.name.as_bytes())
-                .map_err(|e| self.shared.write_failed(e))?;
-            take_shadow(open, &spec.name).map_err(|e| self.shared.write_failed(e))?
+                .map_err(|e| self.shared.sled_failed(e))?;
+            take_shadow(open, &spec.name).map_err(|e| self.shared.sled_failed(e))?
         };
         self.commit()?;
         self.drop_tree(&spec.tree_name())?;
@@ -259,7 +261,7 @@ impl Store {
         for name in db.tree_names() {
             if name.starts_with(b"c/") && !trees.iter().any(|t| t.as_bytes() == &name[..]) {
                 db.drop_tree(&name)
-                    .map_err(|e| self.shared.write_failed(e))?;
+                    .map_err(|e| self.shared.sled_failed(e))?;
                 dropped += 1;
             }
         }
@@ -270,7 +272,12 @@ impl Store {
     pub fn items(&self, spec: &CollectionSpec) -> Result<ItemsTree> {
         let open = self.shared.open()?;
         let name = spec.tree_name().into_bytes();
-        let tree = open.as_ref().expect("checked").db.open_tree(&name)?;
+        let tree = open
+            .as_ref()
+            .expect("checked")
+            .db
+            .open_tree(&name)
+            .map_err(|e| self.shared.sled_failed(e))?;
         let slot = Arc::new(Slot {
             name,
             tree: RwLock::new(Some(tree)),
@@ -291,7 +298,7 @@ impl Store {
         open.shadows
             .iter()
             .map(|kv| {
-                let (k, v) = kv?;
+                let (k, v) = kv.map_err(|e| self.shared.sled_failed(e))?;
                 serde_json::from_slice(&v).map_err(|e| {
                     Error::Corrupt(format!("shadow {}: {e}", String::from_utf8_lossy(&k)))
                 })
@@ -308,7 +315,7 @@ impl Store {
             .expect("checked")
             .shadows
             .insert(record.spec.name.as_bytes(), json)
-            .map_err(|e| self.shared.write_failed(e))?;
+            .map_err(|e| self.shared.sled_failed(e))?;
         Ok(())
     }
 
@@ -316,7 +323,7 @@ impl Store {
     pub fn take_shadow(&self, name: &str) -> Result<Option<ShadowRecord>> {
         self.shared.check_writable()?;
         let open = self.shared.open()?;
-        take_shadow(open.as_ref().expect("checked"), name).map_err(|e| self.shared.write_failed(e))
+        take_shadow(open.as_ref().expect("checked"), name).map_err(|e| self.shared.sled_failed(e))
     }
 
     /// The switch: `spec` becomes the collection's spec and its shadow record goes, in
@@ -336,7 +343,7 @@ impl Store {
                     Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
                 })
                 .map_err(|e| match e {
-                    sled::transaction::TransactionError::Storage(e) => self.shared.write_failed(e),
+                    sled::transaction::TransactionError::Storage(e) => self.shared.sled_failed(e),
                     sled::transaction::TransactionError::Abort(()) => {
                         Error::Worker("switch transaction aborted".into())
                     }
@@ -355,7 +362,7 @@ impl Store {
                 .expect("checked")
                 .db
                 .drop_tree(tree.as_bytes())
-                .map_err(|e| self.shared.write_failed(e))?;
+                .map_err(|e| self.shared.sled_failed(e))?;
         }
         self.commit()
     }
@@ -518,13 +525,18 @@ impl ItemsTree {
         }
     }
 
+    /// A sled error of this tree, mapped as every live-store error is.
+    fn sled_err(&self, e: sled::Error) -> Error {
+        self.shared.sled_failed(e)
+    }
+
     /// A handle for an iteration (the slot's lock is not held across it).
     fn handle(&self) -> Result<sled::Tree> {
         self.with(|t| Ok(t.clone()))
     }
 
     pub fn state(&self) -> Result<TreeState> {
-        match self.with(|t| Ok(t.get(STATE)?))? {
+        match self.with(|t| t.get(STATE).map_err(|e| self.sled_err(e)))? {
             None => Ok(TreeState::default()),
             Some(v) if v.len() == 16 => Ok(TreeState {
                 seq: u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
@@ -544,8 +556,14 @@ impl ItemsTree {
         m.batch.insert(STATE, v);
         self.with(|t| {
             t.apply_batch(m.batch)
-                .map_err(|e| self.shared.write_failed(e))
+                .map_err(|e| self.shared.sled_failed(e))
         })
+    }
+
+    /// Refuses a write at once while storage is failing (before it reads anything: a
+    /// read of a failed database can give back the failure too).
+    pub fn check_writable(&self) -> Result<()> {
+        self.shared.check_writable()
     }
 
     /// Whether the store accepts writes (see [`Store::writable`]).
@@ -554,7 +572,7 @@ impl ItemsTree {
     }
 
     pub fn get(&self, id: &str, with_vector: bool) -> Result<Option<(u64, ItemData)>> {
-        match self.with(|t| Ok(t.get(item_key(id))?))? {
+        match self.with(|t| t.get(item_key(id)).map_err(|e| self.sled_err(e)))? {
             None => Ok(None),
             Some(v) => codec::decode_item(id, &v, with_vector).map(Some),
         }
@@ -562,7 +580,11 @@ impl ItemsTree {
 
     /// The raw input stored for an item, if any.
     pub fn input(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        self.with(|t| Ok(t.get(input_key(id))?.map(|v| v.to_vec())))
+        self.with(|t| {
+            t.get(input_key(id))
+                .map(|v| v.map(|v| v.to_vec()))
+                .map_err(|e| self.sled_err(e))
+        })
     }
 
     /// Every item with its ANN key, in id order.
@@ -590,8 +612,12 @@ impl ItemsTree {
             ),
             Err(e) => (None, Some(Err(e))),
         };
-        err.into_iter()
-            .chain(iter.into_iter().flatten().map(|kv| Ok(kv?)))
+        let shared = self.shared.clone();
+        err.into_iter().chain(
+            iter.into_iter()
+                .flatten()
+                .map(move |kv| kv.map_err(|e| shared.sled_failed(e))),
+        )
     }
 
     /// Every record, for a backup.
@@ -608,7 +634,7 @@ impl ItemsTree {
             t.range(&start[..]..&end[..])
                 .take(limit)
                 .map(|kv| {
-                    let (k, v) = kv?;
+                    let (k, v) = kv.map_err(|e| self.sled_err(e))?;
                     let key = u64::from_be_bytes(k[1..9].try_into().expect("9-byte key record"));
                     let id = String::from_utf8(v.to_vec())
                         .map_err(|_| Error::Corrupt("item id is not UTF-8".into()))?;

@@ -530,3 +530,56 @@ async fn a_lone_client_does_not_wait_for_company() {
     );
     server.stop().await;
 }
+
+/// The batchprobe fixture's fourth value is the number of rows of the batch it ran in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padded_batches_run_at_max_batch_rows_and_reply_only_with_the_real_rows() {
+    let probe = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/batchprobe/model.toml");
+    // None: the provider decides, and on CPU it does not pad.
+    for pad in [Some(true), Some(false), None] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start_in(dir.path(), |c| {
+            c.models = vec![("batchprobe".into(), probe.clone())];
+            c.batch.max_batch = 16;
+            c.batch.pad = pad;
+        })
+        .await;
+        let (mut c, _) = clients(&server).await;
+        for n in [1usize, 3, 16] {
+            let inputs = (0..n)
+                .map(|i| pb::Input {
+                    kind: Some(pb::input::Kind::Tensor(pb::Tensor {
+                        shape: vec![1, 28, 28],
+                        values: vec![i as f32 + 1.0; 784],
+                    })),
+                    tower: String::new(),
+                })
+                .collect();
+            let out = c
+                .embed(pb::EmbedRequest {
+                    model: "batchprobe".into(),
+                    inputs,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .embeddings;
+            assert_eq!(out.len(), n, "pad {pad:?}: one reply row per input");
+            for (i, row) in out.iter().enumerate() {
+                let v = i as f32 + 1.0;
+                assert_eq!(row.values[..3], [v, v, v], "pad {pad:?}, input {i} of {n}");
+                let rows = row.values[3];
+                if pad == Some(true) {
+                    assert_eq!(rows, 16.0, "a padded batch has max_batch rows");
+                } else {
+                    assert!(
+                        rows >= 1.0 && rows <= n as f32,
+                        "pad {pad:?}: an unpadded batch of {rows} rows for {n} inputs"
+                    );
+                }
+            }
+        }
+        server.stop().await;
+    }
+}

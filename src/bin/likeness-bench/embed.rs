@@ -91,9 +91,20 @@ pub async fn run(
     d: &Daemon,
     model: &Path,
     images: &Path,
+    ref_device: &str,
     threads: usize,
     runs: usize,
 ) -> Result<(), String> {
+    let cuda_id: Option<i32> = match ref_device {
+        "cpu" => None,
+        "cuda" => Some(0),
+        other => Some(
+            other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("--embed-ref-device {other:?}: use cpu, cuda or cuda:N"))?,
+        ),
+    };
     let text = std::fs::read_to_string(model).map_err(|e| format!("{}: {e}", model.display()))?;
     let manifest: Manifest =
         toml::from_str(&text).map_err(|e| format!("{}: {e}", model.display()))?;
@@ -129,12 +140,25 @@ pub async fn run(
         .build()
         .map_err(|e| e.to_string())?;
     let file = model.parent().unwrap_or(Path::new(".")).join(&tower.file);
-    let mut session = ort::session::Session::builder(&env)
+    let mut builder = ort::session::Session::builder(&env)
         .map_err(|e| e.to_string())?
         .with_intra_threads(threads)
         .map_err(|e| e.to_string())?
         .with_intra_op_spinning(true) // ONNX Runtime's default
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let provider = match cuda_id {
+        None => "CPUExecutionProvider",
+        Some(id) => {
+            let cuda = ort::ep::CUDA::default()
+                .with_device_id(id)
+                .with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic);
+            builder = builder
+                .with_execution_providers([cuda.build().error_on_failure()])
+                .map_err(|e| format!("the reference on CUDA device {id}: {e}"))?;
+            "CUDAExecutionProvider"
+        }
+    };
+    let mut session = builder
         .commit_from_file(&file)
         .map_err(|e| format!("{}: {e}", file.display()))?;
     let per = tensors[0].len();
@@ -162,13 +186,18 @@ pub async fn run(
     let mut grpc_best = (0usize, 0f64);
     let mut inproc_best = (0usize, 0f64);
     println!(
-        "## Embedding ({name} on CPUExecutionProvider, {threads} intra-op threads in-process; the daemon runs one session per tower with its own --embed-threads)\n"
+        "## Embedding ({name} on {provider}, {threads} intra-op threads in-process; the daemon runs one session per tower with its own --device and --embed-threads)\n"
     );
     println!(
         "| batch | in-process ONNX Runtime, images/s | likeness Embed over gRPC (PNG in), images/s | likeness / in-process | in-process CPU µs/image | daemon CPU µs/image | client CPU µs/image |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for batch in [1usize, 8, 32, 64, 128] {
+    let batches: &[usize] = if cuda_id.is_some() {
+        &[1, 8, 32, 64, 128, 256, 512]
+    } else {
+        &[1, 8, 32, 64, 128]
+    };
+    for &batch in batches {
         let mut ort_rates = Vec::new();
         let mut ort_cpu = Vec::new();
         let mut grpc_rates = Vec::new();

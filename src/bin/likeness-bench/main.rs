@@ -108,6 +108,11 @@ pub struct Args {
     /// model of the same name (it loads the shipped ones by default).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-triplet/model.toml"))]
     pub embed_model: PathBuf,
+    /// Where the in-process reference session runs: cpu, or cuda / cuda:N (CUDA's own
+    /// provider, heuristic cuDNN search, as the daemon's default); on CUDA the figures
+    /// add batches of 256 and 512. Give the daemon --device too (--daemon-arg).
+    #[arg(long, default_value = "cpu")]
+    pub embed_ref_device: String,
     /// Grayscale images (uint8 N x H x W .npy) for the embedding figures.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fmnist/enrol_images.npy"))]
     pub embed_images: PathBuf,
@@ -411,6 +416,7 @@ async fn run(args: Args) -> Result<(), String> {
             &d,
             &ctx.args.embed_model,
             &ctx.args.embed_images,
+            &ctx.args.embed_ref_device,
             threads,
             runs,
         )
