@@ -104,6 +104,16 @@ impl Activations {
             .map(|p| p.info())
     }
 
+    /// The latest activation of every collection that had one since the start.
+    pub fn all(&self) -> HashMap<String, ActivationInfo> {
+        self.jobs
+            .lock()
+            .expect("activations lock")
+            .iter()
+            .map(|(name, p)| (name.clone(), p.info()))
+            .collect()
+    }
+
     /// Whether `collection` is being re-embedded now.
     pub fn running(&self, collection: &str) -> bool {
         self.info(collection)

@@ -99,15 +99,18 @@ impl App {
     }
 
     pub fn collection_info(&self, name: &str) -> Result<CollectionInfo> {
+        // The activation first: see [`with_activation`].
+        let activation = self.activations.info(name);
         let mut info = self.registry.collection(name)?.info();
-        info.activation = self.activations.info(name);
+        with_activation(&mut info, activation);
         Ok(info)
     }
 
     pub fn list_collections(&self) -> Result<Vec<CollectionInfo>> {
+        let mut activations = self.activations.all();
         let mut all = self.registry.list()?;
         for info in &mut all {
-            info.activation = self.activations.info(&info.spec.name);
+            with_activation(info, activations.remove(&info.spec.name));
         }
         Ok(all)
     }
@@ -623,4 +626,82 @@ pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+/// A collection's info with its activation, read before it. An activation switches the
+/// collection to its generation and only then says it is done, so a reader can find it
+/// still running on a collection that already serves the new model: that one is done.
+/// (Read the other way round, the switch and the end could both fall between the two
+/// reads and show a finished activation beside the old model.)
+fn with_activation(
+    info: &mut CollectionInfo,
+    activation: Option<crate::activation::ActivationInfo>,
+) {
+    info.activation = activation.map(|mut a| {
+        if a.state == crate::activation::State::Running
+            && info.spec.model == a.model
+            && info.spec.model_version == a.version
+        {
+            a.state = crate::activation::State::Done;
+        }
+        a
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::activation::{ActivationInfo, State};
+    use crate::types::{CollectionSpec, IndexParams, Metric, Precision};
+
+    fn info(version: &str) -> CollectionInfo {
+        CollectionInfo {
+            spec: CollectionSpec {
+                name: "c".into(),
+                dimension: 4,
+                metric: Metric::Cosine,
+                index: IndexParams::default(),
+                precision: Precision::F32,
+                model: "m".into(),
+                keep_inputs: true,
+                dbl_margin: None,
+                dbl_scale: None,
+                pair_model: String::new(),
+                pair_threshold: None,
+                threshold: None,
+                uid: 1,
+                model_version: version.into(),
+                tree: String::new(),
+            },
+            count: 0,
+            activation: None,
+        }
+    }
+
+    fn running(version: &str) -> ActivationInfo {
+        ActivationInfo {
+            state: State::Running,
+            model: "m".into(),
+            version: version.into(),
+            done: 10,
+            total: 10,
+            rate: 0.0,
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_running_activation_whose_generation_serves_is_reported_done() {
+        // Read before the switch: still running, on the old model.
+        let mut before = info("");
+        with_activation(&mut before, Some(running("2")));
+        assert_eq!(before.activation.unwrap().state, State::Running);
+        // The switch fell between the two reads: the new model serves, so it is done.
+        let mut after = info("2");
+        with_activation(&mut after, Some(running("2")));
+        assert_eq!(after.activation.unwrap().state, State::Done);
+        let mut none = info("2");
+        with_activation(&mut none, None);
+        assert!(none.activation.is_none());
+    }
 }

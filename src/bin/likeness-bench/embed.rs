@@ -92,6 +92,7 @@ pub async fn run(
     model: &Path,
     images: &Path,
     ref_device: &str,
+    batches: &[usize],
     threads: usize,
     runs: usize,
 ) -> Result<(), String> {
@@ -192,11 +193,14 @@ pub async fn run(
         "| batch | in-process ONNX Runtime, images/s | likeness Embed over gRPC (PNG in), images/s | likeness / in-process | in-process CPU µs/image | daemon CPU µs/image | client CPU µs/image |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let batches: &[usize] = if cuda_id.is_some() {
-        &[1, 8, 32, 64, 128, 256, 512]
-    } else {
-        &[1, 8, 32, 64, 128]
+    let batches: &[usize] = match (batches, cuda_id) {
+        ([_, ..], _) => batches,
+        ([], Some(_)) => &[1, 8, 32, 64, 128, 256, 512],
+        ([], None) => &[1, 8, 32, 64, 128],
     };
+    if batches.contains(&0) {
+        return Err("--embed-batches: a batch has at least one image".into());
+    }
     for &batch in batches {
         let mut ort_rates = Vec::new();
         let mut ort_cpu = Vec::new();

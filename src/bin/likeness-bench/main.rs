@@ -113,6 +113,10 @@ pub struct Args {
     /// add batches of 256 and 512. Give the daemon --device too (--daemon-arg).
     #[arg(long, default_value = "cpu")]
     pub embed_ref_device: String,
+    /// The batch sizes of the embedding table (comma-separated) [default: 1, 8, 32, 64,
+    /// 128, and on CUDA also 256 and 512].
+    #[arg(long, value_delimiter = ',')]
+    pub embed_batches: Vec<usize>,
     /// Grayscale images (uint8 N x H x W .npy) for the embedding figures.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fmnist/enrol_images.npy"))]
     pub embed_images: PathBuf,
@@ -417,6 +421,7 @@ async fn run(args: Args) -> Result<(), String> {
             &ctx.args.embed_model,
             &ctx.args.embed_images,
             &ctx.args.embed_ref_device,
+            &ctx.args.embed_batches,
             threads,
             runs,
         )
