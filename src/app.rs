@@ -652,26 +652,13 @@ fn with_activation(
 mod tests {
     use super::*;
     use crate::activation::{ActivationInfo, State};
-    use crate::types::{CollectionSpec, IndexParams, Metric, Precision};
+    use crate::types::{CollectionSpec, Metric};
 
     fn info(version: &str) -> CollectionInfo {
         CollectionInfo {
             spec: CollectionSpec {
-                name: "c".into(),
-                dimension: 4,
-                metric: Metric::Cosine,
-                index: IndexParams::default(),
-                precision: Precision::F32,
-                model: "m".into(),
-                keep_inputs: true,
-                dbl_margin: None,
-                dbl_scale: None,
-                pair_model: String::new(),
-                pair_threshold: None,
-                threshold: None,
-                uid: 1,
                 model_version: version.into(),
-                tree: String::new(),
+                ..CollectionSpec::for_test("c", Metric::Cosine)
             },
             count: 0,
             activation: None,

@@ -135,6 +135,28 @@ pub struct CollectionSpec {
 }
 
 impl CollectionSpec {
+    /// A plain spec for unit tests: model "m" as loaded from the config, 4 dimensions.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str, metric: Metric) -> CollectionSpec {
+        CollectionSpec {
+            name: name.into(),
+            dimension: 4,
+            metric,
+            index: IndexParams::default(),
+            precision: Precision::F32,
+            model: "m".into(),
+            keep_inputs: false,
+            dbl_margin: None,
+            dbl_scale: None,
+            pair_model: String::new(),
+            pair_threshold: None,
+            threshold: None,
+            uid: 1,
+            model_version: String::new(),
+            tree: String::new(),
+        }
+    }
+
     /// The name the embedder serves this collection's model under: `model`, or
     /// `model@version` for a published version.
     pub fn model_key(&self) -> String {

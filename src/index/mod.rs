@@ -386,25 +386,11 @@ impl Drop for SlotGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::IndexParams;
 
     fn spec(metric: Metric) -> CollectionSpec {
         CollectionSpec {
-            name: "t".into(),
-            dimension: 4,
-            metric,
-            index: IndexParams::default(),
-            precision: Precision::F32,
             model: String::new(),
-            keep_inputs: false,
-            dbl_margin: None,
-            dbl_scale: None,
-            pair_model: String::new(),
-            pair_threshold: None,
-            threshold: None,
-            uid: 1,
-            model_version: String::new(),
-            tree: String::new(),
+            ..CollectionSpec::for_test("t", metric)
         }
     }
 
