@@ -36,11 +36,7 @@ pub async fn backup(daemon: &super::Daemon, args: BackupArgs) -> Result<(), Stri
         .await
         .map_err(super::status)?
         .into_inner();
-    let collections: serde_json::Map<String, serde_json::Value> = info
-        .collections
-        .iter()
-        .map(|c| (c.name.clone(), c.items.into()))
-        .collect();
+    let collections = items_by_name(info.collections.iter().map(|c| (&c.name, c.items)));
     println!(
         "{}",
         serde_json::json!({
@@ -59,11 +55,7 @@ pub async fn backup(daemon: &super::Daemon, args: BackupArgs) -> Result<(), Stri
 pub fn restore(args: RestoreArgs) -> Result<(), String> {
     let manifest = crate::store::backup::restore(&args.from, &args.data_dir)
         .map_err(|e| format!("restore from {}: {e}", args.from.display()))?;
-    let collections: serde_json::Map<String, serde_json::Value> = manifest
-        .collections
-        .iter()
-        .map(|c| (c.name.clone(), c.items.into()))
-        .collect();
+    let collections = items_by_name(manifest.collections.iter().map(|c| (&c.name, c.items)));
     println!(
         "{}",
         serde_json::json!({
@@ -73,4 +65,13 @@ pub fn restore(args: RestoreArgs) -> Result<(), String> {
         })
     );
     Ok(())
+}
+
+/// `{"name": items, ...}` for the JSON summaries.
+fn items_by_name<'a>(
+    collections: impl Iterator<Item = (&'a String, u64)>,
+) -> serde_json::Map<String, serde_json::Value> {
+    collections
+        .map(|(name, items)| (name.clone(), items.into()))
+        .collect()
 }

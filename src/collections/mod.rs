@@ -135,6 +135,18 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Opens a stored collection (or generation) with this registry's snapshots and
+    /// settings; the bool says whether its index came from a snapshot.
+    fn open_collection(&self, spec: &CollectionSpec) -> Result<(Collection, bool)> {
+        Collection::open(
+            spec.clone(),
+            self.store.items(spec)?,
+            &self.snapshots,
+            self.settings.limits.clone(),
+            self.settings.index_threads,
+        )
+    }
+
     /// Opens the store. Collections are not usable until [`Registry::recover`] has run.
     pub fn open(settings: Settings) -> Result<Self> {
         std::fs::create_dir_all(&settings.data_dir)?;
@@ -164,13 +176,7 @@ impl Registry {
         let mut report = Vec::new();
         for spec in specs {
             let start = Instant::now();
-            let (coll, from_snapshot) = Collection::open(
-                spec.clone(),
-                self.store.items(&spec)?,
-                &self.snapshots,
-                self.settings.limits.clone(),
-                self.settings.index_threads,
-            )?;
+            let (coll, from_snapshot) = self.open_collection(&spec)?;
             report.push(Recovered {
                 name: spec.name.clone(),
                 items: coll.len(),
@@ -198,13 +204,7 @@ impl Registry {
                 self.store.drop_tree(&record.spec.tree_name())?;
                 continue;
             }
-            let (coll, _) = Collection::open(
-                record.spec.clone(),
-                self.store.items(&record.spec)?,
-                &self.snapshots,
-                self.settings.limits.clone(),
-                self.settings.index_threads,
-            )?;
+            let (coll, _) = self.open_collection(&record.spec)?;
             tracing::info!(collection = %name, items = coll.len(), of = record.total, "reopened a generation being built");
             self.shadows
                 .write()
@@ -570,13 +570,7 @@ impl Registry {
                 continue;
             }
             tracing::warn!(collection = %spec.name, "collection found in the reopened store");
-            let (coll, _) = Collection::open(
-                spec.clone(),
-                self.store.items(&spec)?,
-                &self.snapshots,
-                self.settings.limits.clone(),
-                self.settings.index_threads,
-            )?;
+            let (coll, _) = self.open_collection(&spec)?;
             self.collections
                 .write()
                 .expect("registry lock")

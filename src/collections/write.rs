@@ -328,17 +328,21 @@ fn lock(state: &Mutex<TxnState>) -> MutexGuard<'_, TxnState> {
 }
 
 impl TxnTable {
-    /// Whether an open stream has staged items in collection `name`. A stream whose
-    /// state is busy (mid-stage, possibly waiting for that collection's writer) counts
-    /// as touching it.
-    pub(super) fn touches(&self, name: &str) -> bool {
-        let open: Vec<Arc<Mutex<TxnState>>> = self
-            .open
+    /// The open transactions' states, taken out of the table's lock.
+    fn open_states(&self) -> Vec<Arc<Mutex<TxnState>>> {
+        self.open
             .lock()
             .expect("txn table lock")
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Whether an open stream has staged items in collection `name`. A stream whose
+    /// state is busy (mid-stage, possibly waiting for that collection's writer) counts
+    /// as touching it.
+    pub(super) fn touches(&self, name: &str) -> bool {
+        let open = self.open_states();
         open.iter().any(|state| match state.try_lock() {
             Ok(st) => st.status == TxnStatus::Open && st.undo.collections.contains_key(name),
             Err(_) => true,
@@ -349,13 +353,7 @@ impl TxnTable {
     /// stage or a rollback in progress to finish first.
     pub(super) fn close_all(&self, store: &Store, max_batch: usize) -> Result<usize> {
         self.closing.store(true, Ordering::SeqCst);
-        let open: Vec<Arc<Mutex<TxnState>>> = self
-            .open
-            .lock()
-            .expect("txn table lock")
-            .values()
-            .cloned()
-            .collect();
+        let open = self.open_states();
         let mut undone = 0;
         for state in open {
             let mut st = lock(&state);

@@ -76,13 +76,7 @@ async fn an_online_backup_restores_every_acknowledged_write_and_serves() {
         let batch: Vec<_> = (0..2000)
             .map(|i| full_item(&format!("{name}{i}"), base + i))
             .collect();
-        items
-            .upsert(pb::UpsertRequest {
-                collection: name.into(),
-                items: batch,
-            })
-            .await
-            .unwrap();
+        upsert_ok(&mut items, name, batch).await;
         let mut a = acked.lock().unwrap();
         a.extend((0..2000).map(|i| (name.to_string(), format!("{name}{i}"), base + i)));
     }
@@ -114,13 +108,12 @@ async fn an_online_backup_restores_every_acknowledged_write_and_serves() {
                             .iter()
                             .map(|(id, n)| (name.to_string(), id.clone(), *n)),
                     );
-                    items
-                        .upsert(pb::UpsertRequest {
-                            collection: name.into(),
-                            items: batch.iter().map(|(id, n)| full_item(id, *n)).collect(),
-                        })
-                        .await
-                        .unwrap();
+                    upsert_ok(
+                        &mut items,
+                        name,
+                        batch.iter().map(|(id, n)| full_item(id, *n)).collect(),
+                    )
+                    .await;
                     acked
                         .lock()
                         .unwrap()
@@ -293,13 +286,12 @@ async fn cli_backup_restore_serve() {
     let mut colls = pb::collections_client::CollectionsClient::new(channel(&url).await);
     create(&mut colls, "c", DIM as u32, pb::Metric::Cosine).await;
     let mut items = ItemsClient::new(channel(&url).await);
-    items
-        .upsert(pb::UpsertRequest {
-            collection: "c".into(),
-            items: (0..300).map(|i| full_item(&format!("c{i}"), i)).collect(),
-        })
-        .await
-        .unwrap();
+    upsert_ok(
+        &mut items,
+        "c",
+        (0..300).map(|i| full_item(&format!("c{i}"), i)).collect(),
+    )
+    .await;
     let to = dir.path().join("bk");
     let run = |args: Vec<String>| async move {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_likeness"));
@@ -451,13 +443,7 @@ async fn a_backup_that_fills_its_disk_fails_cleanly_and_leaves_nothing() {
     let batch: Vec<_> = (0..4000)
         .map(|i| item(&format!("x{i}"), "l", vec![i as f32; 256]))
         .collect();
-    items
-        .upsert(pb::UpsertRequest {
-            collection: "big".into(),
-            items: batch,
-        })
-        .await
-        .unwrap();
+    upsert_ok(&mut items, "big", batch).await;
     let to = fs.path.join("bk");
     let err = backup(&server.url(), to.to_str().unwrap())
         .await
@@ -470,13 +456,7 @@ async fn a_backup_that_fills_its_disk_fails_cleanly_and_leaves_nothing() {
     );
     assert!(!to.exists(), "the partial backup is gone");
     // The daemon's own store is unaffected: writes go on.
-    items
-        .upsert(pb::UpsertRequest {
-            collection: "big".into(),
-            items: vec![item("after", "l", vec![1.0; 256])],
-        })
-        .await
-        .unwrap();
+    upsert_ok(&mut items, "big", vec![item("after", "l", vec![1.0; 256])]).await;
     server.stop().await;
 }
 
@@ -499,13 +479,7 @@ async fn backup_pause_at_100k() {
                 item(&format!("x{}", b * 2000 + i), "l", v)
             })
             .collect();
-        items
-            .upsert(pb::UpsertRequest {
-                collection: "big".into(),
-                items: batch,
-            })
-            .await
-            .unwrap();
+        upsert_ok(&mut items, "big", batch).await;
     }
     let to = dir.path().join("bk");
     let info = backup(&server.url(), to.to_str().unwrap()).await.unwrap();

@@ -517,14 +517,19 @@ pub async fn upsert_clustered(
                 item(&format!("p{n}"), &format!("c{}", clusters[n]), v.clone())
             })
             .collect();
-        items
-            .upsert(pb::UpsertRequest {
-                collection: collection.into(),
-                items: batch,
-            })
-            .await
-            .unwrap();
+        upsert_ok(items, collection, batch).await;
     }
+}
+
+/// Upserts `batch` into `collection`; panics unless it is acknowledged.
+pub async fn upsert_ok(items: &mut ItemsClient<Channel>, collection: &str, batch: Vec<pb::Item>) {
+    items
+        .upsert(pb::UpsertRequest {
+            collection: collection.into(),
+            items: batch,
+        })
+        .await
+        .unwrap();
 }
 
 /// The binary as a client of `url`: (exit success, stdout, stderr).
