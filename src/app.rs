@@ -29,7 +29,7 @@ pub struct App {
     searches: Arc<WorkPool>,
     miner: Miner,
     metrics: Arc<crate::metrics::Registry>,
-    activations: crate::activation::Activations,
+    activations: Arc<crate::activation::Activations>,
 }
 
 /// An UpsertStream in progress (see [`StreamTxn`]): dropped before [`App::commit_stream`],
@@ -41,10 +41,24 @@ pub struct UpsertStream {
 
 impl App {
     pub fn new(registry: Arc<Registry>, embedder: EmbedHandle, searches: Arc<WorkPool>) -> Self {
+        let activations: Arc<crate::activation::Activations> = Arc::default();
+        // A Session's write-back is a vector-only write: refused, as Upsert refuses
+        // one, while its collection is being re-embedded with another model.
+        let gate = {
+            let activations = activations.clone();
+            Arc::new(move |collection: &str| {
+                if activations.running(collection) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "collection {collection:?} is being re-embedded with another model; write-back resumes once it switches"
+                    )));
+                }
+                Ok(())
+            })
+        };
         App {
-            miner: Miner::new(registry.clone(), searches.clone()),
+            miner: Miner::new(registry.clone(), searches.clone()).with_write_gate(gate),
             metrics: Arc::default(),
-            activations: Default::default(),
+            activations,
             registry,
             embedder,
             searches,

@@ -386,6 +386,24 @@ pub fn render(app: &crate::app::App) -> String {
 
     header(
         &mut out,
+        "likeness_mine_knn_queries_total",
+        "counter",
+        "The miner's kNN queries, by path: plain (exclusions applied after a plain HNSW search) or filtered (a filtered walk, when the plain one came up short or keeps doing so).",
+    );
+    for c in &colls {
+        let s = c.search_stats();
+        for (path, n) in [("plain", &s.knn_plain), ("filtered", &s.knn_filtered)] {
+            sample(
+                &mut out,
+                "likeness_mine_knn_queries_total",
+                &[("collection", c.name()), ("path", path)],
+                n.load(Relaxed) as f64,
+            );
+        }
+    }
+
+    header(
+        &mut out,
         "likeness_commit_flushes_total",
         "counter",
         "Group-commit flushes of the store (concurrent writers share one).",

@@ -91,6 +91,28 @@ pub struct MineArgs {
     /// ...and negatives nearer than this.
     #[arg(long)]
     pub neg_margin: Option<f32>,
+    /// Uniform negatives drawn beside the kNN pool by window strategies (0: the
+    /// server's default).
+    #[arg(long, default_value_t = 0)]
+    pub sample: u32,
+    /// Stream P x K batches of neighbouring classes (MineBatches) instead: one JSON line
+    /// per batch (its classes, ids and labels). Takes --classes, --per-class,
+    /// --neighbours, --max-batches, --seed, --shard, --min-generation.
+    #[arg(long, conflicts_with_all = ["pairs", "anchors", "label"])]
+    pub batches: bool,
+    /// Batches: classes per batch (P).
+    #[arg(long, default_value_t = 8)]
+    pub classes: u32,
+    /// Batches: items per class (K).
+    #[arg(long, default_value_t = 4)]
+    pub per_class: u32,
+    /// Batches: how many of the P - 1 other classes are the anchor class's neighbours
+    /// (default: all; the rest are random).
+    #[arg(long)]
+    pub neighbours: Option<u32>,
+    /// Batches: stop after this many (0: one pass over the items).
+    #[arg(long, default_value_t = 0)]
+    pub max_batches: u64,
     /// Where to write the JSON lines (default: standard output).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
@@ -105,6 +127,9 @@ fn parse_shard(s: &str) -> Result<(u32, u32), String> {
 }
 
 pub async fn mine(daemon: &Daemon, args: MineArgs) -> Result<(), String> {
+    if args.batches {
+        return mine_batches(daemon, args).await;
+    }
     let ch = connect(daemon).await?;
     let total = if args.max_triplets > 0 {
         args.max_triplets as usize
@@ -148,14 +173,10 @@ pub async fn mine(daemon: &Daemon, args: MineArgs) -> Result<(), String> {
         exclude_ids: args.exclude,
         min_generation: args.min_generation,
         shard: args.shard.map(|(index, count)| pb::Shard { index, count }),
+        sample: args.sample,
         ..Default::default()
     };
-    let mut out: Box<dyn Write> = match &args.out {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-    };
+    let mut out = output(&args.out)?;
     let mut client = MinerClient::new(ch).max_decoding_message_size(256 << 20);
     // The bar counts triplets when a cap is set, else anchors (one pass).
     let progress = Progress::counting(
@@ -257,5 +278,104 @@ pub async fn mine(daemon: &Daemon, args: MineArgs) -> Result<(), String> {
     };
     show("rejections", &s.rejections);
     show("fallbacks", &s.fallbacks);
+    show("negatives by source", &s.sources);
+    Ok(())
+}
+
+/// Where the JSON lines go: a file, or standard output.
+fn output(path: &Option<std::path::PathBuf>) -> Result<Box<dyn Write>, String> {
+    Ok(match path {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    })
+}
+
+/// `likeness mine --batches`: MineBatches as JSON lines, one per batch.
+async fn mine_batches(daemon: &Daemon, args: MineArgs) -> Result<(), String> {
+    let ch = connect(daemon).await?;
+    let total = if args.max_batches > 0 {
+        args.max_batches as usize
+    } else {
+        pb::collections_client::CollectionsClient::new(ch.clone())
+            .get_collection(pb::GetCollectionRequest {
+                name: args.collection.clone(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .count as usize
+    };
+    let req = pb::BatchRequest {
+        collection: args.collection,
+        classes: args.classes,
+        per_class: args.per_class,
+        neighbours: args.neighbours,
+        seed: args.seed,
+        shard: args.shard.map(|(index, count)| pb::Shard { index, count }),
+        min_generation: args.min_generation,
+        max_batches: args.max_batches,
+        candidates: args.candidates,
+        ..Default::default()
+    };
+    let mut out = output(&args.out)?;
+    let write_err = |e: std::io::Error| format!("writing: {e}");
+    let mut client = MinerClient::new(ch).max_decoding_message_size(256 << 20);
+    // The bar counts batches when a cap is set, else distinct items (one pass).
+    let progress = Progress::counting(
+        total,
+        if args.max_batches > 0 {
+            "batches"
+        } else {
+            "items"
+        },
+    );
+    let start = Instant::now();
+    let mut seen = std::collections::HashSet::new();
+    let mut stream = client.mine_batches(req).await.map_err(status)?.into_inner();
+    let mut stats = None;
+    let mut batches = 0usize;
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(status)?;
+        if b.last {
+            stats = b.stats;
+            break;
+        }
+        batches += 1;
+        let ids: Vec<&str> = b.items.iter().map(|i| i.id.as_str()).collect();
+        let labels: Vec<&str> = b.items.iter().map(|i| i.label.as_str()).collect();
+        let distances: Vec<Option<f32>> = b
+            .class_distances
+            .iter()
+            .map(|d| d.is_finite().then_some(*d))
+            .collect();
+        let line = serde_json::json!({
+            "batch": b.batch, "pass": b.pass, "classes": b.classes,
+            "neighbours": b.neighbours, "class_distances": distances,
+            "ids": ids, "labels": labels,
+        });
+        writeln!(out, "{line}").map_err(write_err)?;
+        seen.extend(b.items.into_iter().map(|i| i.id));
+        let done = if args.max_batches > 0 {
+            batches
+        } else {
+            seen.len()
+        };
+        progress.show(done.min(total), start.elapsed());
+    }
+    out.flush().map_err(write_err)?;
+    progress.finish();
+    let Some(s) = stats else {
+        return Err("the stream ended without its stats".into());
+    };
+    eprintln!(
+        "{} batches ({} neighbour and {} random classes beside the anchor classes), {} distinct items, in {:.2} s",
+        s.batches,
+        s.neighbour_classes,
+        s.random_classes,
+        seen.len(),
+        s.seconds
+    );
     Ok(())
 }

@@ -23,8 +23,83 @@ pub struct Catalogue {
     labels: Labels,
     /// Every key, densely, so that a uniform sample of the collection is one index.
     all: Vec<u64>,
+    /// Label and generation by key, in an array: what the miner's kNN checks for every
+    /// candidate HNSW visits (a hash lookup there was a cache miss per visited node).
+    tags: Tags,
     /// The store's mutation counter as of the last write published here.
     seq: u64,
+}
+
+/// What the kNN filters need of a key, 16 bytes, kept densely by key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    pub label: LabelId,
+    pub generation: u64,
+}
+
+/// [`Tag`]s indexed by key - `base`. ANN keys are handed out in increasing order, so the
+/// array is dense from the oldest live key to the newest; when more than half of it is
+/// dead keys at the front (items replaced since), the front is cut off. Memory: 16 bytes
+/// per key between the oldest live key and the newest.
+#[derive(Default)]
+struct Tags {
+    base: u64,
+    slots: Vec<Option<Tag>>,
+    /// Dead slots at the front of `slots`.
+    dead_front: usize,
+}
+
+impl Tags {
+    #[inline]
+    fn get(&self, key: u64) -> Option<Tag> {
+        let i = key.checked_sub(self.base)? as usize;
+        self.slots.get(i).copied().flatten()
+    }
+
+    fn set(&mut self, key: u64, tag: Tag) {
+        if self.slots.is_empty() {
+            self.base = key;
+            self.dead_front = 0;
+        }
+        if key < self.base {
+            // Keys grow as writes come, but a catalogue loaded from a snapshot or the
+            // store comes in any order: the front grows geometrically, so that loading
+            // stays linear.
+            let shift = ((self.base - key) as usize).max(self.slots.len());
+            let shift = shift.min(self.base as usize);
+            self.slots.splice(0..0, std::iter::repeat_n(None, shift));
+            self.base -= shift as u64;
+            self.dead_front = 0;
+            while self.slots.get(self.dead_front).is_some_and(Option::is_none) {
+                self.dead_front += 1;
+            }
+        }
+        let i = (key - self.base) as usize;
+        if i >= self.slots.len() {
+            self.slots.resize(i + 1, None);
+        }
+        self.slots[i] = Some(tag);
+    }
+
+    fn clear(&mut self, key: u64) {
+        let Some(i) = key.checked_sub(self.base).map(|i| i as usize) else {
+            return;
+        };
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = None;
+        }
+        while self.slots.get(self.dead_front).is_some_and(Option::is_none) {
+            self.dead_front += 1;
+        }
+        if self.dead_front == self.slots.len() {
+            self.slots.clear();
+            self.dead_front = 0;
+        } else if self.dead_front > 1024 && self.dead_front * 2 > self.slots.len() {
+            self.slots.drain(..self.dead_front);
+            self.base += self.dead_front as u64;
+            self.dead_front = 0;
+        }
+    }
 }
 
 /// What the catalogue knows about one ANN key.
@@ -68,6 +143,7 @@ impl Catalogue {
         members.push(key);
         let all_slot = self.all.len() as u32;
         self.all.push(key);
+        self.tags.set(key, Tag { label, generation });
         self.by_key.insert(
             key,
             Entry {
@@ -93,6 +169,7 @@ impl Catalogue {
         let Some(e) = self.by_key.remove(&key) else {
             return;
         };
+        self.tags.clear(key);
         let members = &mut self.labels.members[e.label as usize];
         members.swap_remove(e.slot as usize);
         if let Some(&moved) = members.get(e.slot as usize) {
@@ -123,7 +200,14 @@ impl Catalogue {
     }
 
     pub fn contains_key(&self, key: u64) -> bool {
-        self.by_key.contains_key(&key)
+        self.tags.get(key).is_some()
+    }
+
+    /// A key's label and generation from the dense array: the cheap lookup for checks
+    /// on every HNSW candidate.
+    #[inline]
+    pub fn tag(&self, key: u64) -> Option<Tag> {
+        self.tags.get(key)
     }
 
     /// The key an id has now.
@@ -361,6 +445,48 @@ mod tests {
         let mut m = c.members(c.label_id(label).unwrap()).to_vec();
         m.sort();
         m
+    }
+
+    #[test]
+    fn dense_tags_follow_the_entries_in_any_insertion_order() {
+        let mut c = Catalogue::default();
+        // Out of order, as a snapshot's hash order gives them.
+        let mut rng = crate::rng::Rng::new(5);
+        let mut keys: Vec<u64> = (100..5100).collect();
+        for i in (1..keys.len()).rev() {
+            keys.swap(i, rng.below(i + 1));
+        }
+        for &k in &keys {
+            c.insert(
+                k,
+                &format!("i{k}"),
+                &format!("l{}", k % 7),
+                k / 10,
+                BTreeMap::new(),
+            );
+        }
+        for k in 90..5110 {
+            let want = c.get(k).map(|e| Tag {
+                label: e.label,
+                generation: e.generation,
+            });
+            assert_eq!(c.tag(k), want, "key {k}");
+        }
+        // Replacing every item (new keys) leaves the old front dead, and it is cut off.
+        for &k in &keys {
+            c.insert(k + 10_000, &format!("i{k}"), "z", 3, BTreeMap::new());
+        }
+        assert!(c.tag(100).is_none() && c.tag(5099).is_none());
+        let z = c.label_id("z").unwrap();
+        assert_eq!(c.tag(10_100).map(|t| (t.label, t.generation)), Some((z, 3)));
+        assert!(
+            c.tags.base >= 5100,
+            "the dead front was kept: base {}",
+            c.tags.base
+        );
+        assert_eq!(c.tags.slots.iter().flatten().count(), c.len());
+        c.remove("i100");
+        assert!(c.tag(10_100).is_none());
     }
 
     #[test]

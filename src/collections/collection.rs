@@ -43,6 +43,15 @@ pub struct SearchStats {
     pub expanded: AtomicU64,
     /// Searches answered by brute force over the store after that.
     pub fallbacks: AtomicU64,
+    /// The miner's kNN queries answered by a plain search with the exclusions applied
+    /// afterwards, and those that needed the filtered search.
+    pub knn_plain: AtomicU64,
+    pub knn_filtered: AtomicU64,
+    /// Of the recent plain attempts, the share (per mille) that came up short: the
+    /// miner's kNN goes straight to the filtered search while it is high (a collection
+    /// whose nearest neighbours mostly share the anchor's label), and probes the plain
+    /// one now and then to notice when that changes.
+    pub(super) knn_shortfall: std::sync::atomic::AtomicU32,
 }
 
 /// Whether the ANN index holds exactly the keys the store holds.

@@ -142,7 +142,7 @@ impl Registry {
             None
         } else {
             validate::items(items, &shadow.spec, &self.settings.limits)?;
-            shadow.write_upsert(items, None)?
+            shadow.write_upsert(items, None, false)?
         };
         self.store.put_shadow(record)?;
         // Durable first, then published (as every write is).

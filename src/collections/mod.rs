@@ -416,10 +416,21 @@ impl Registry {
             return Err(Error::invalid("items", "must not be empty"));
         }
         validate::items(items, &coll.spec, &self.settings.limits)?;
-        let Some(written) = coll.write_upsert(items, None)? else {
+        let Some(written) = coll.write_upsert(items, None, false)? else {
             return Ok(0);
         };
         // Durable first: a batch whose commit fails is dropped here unpublished.
+        self.store.commit()?;
+        written.publish()
+    }
+
+    /// A vector-only upsert (a training Session's write-back): as [`Registry::upsert`],
+    /// but each item keeps its stored input. Durable on return.
+    pub fn write_back(&self, coll: &Arc<Collection>, items: &[ItemData]) -> Result<usize> {
+        validate::items(items, &coll.spec, &self.settings.limits)?;
+        let Some(written) = coll.write_upsert(items, None, true)? else {
+            return Ok(0);
+        };
         self.store.commit()?;
         written.publish()
     }

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::catalogue::{Catalogue, LabelId};
 use super::collection::Collection;
@@ -220,9 +221,21 @@ impl Collection {
     }
 
     /// Batched kNN for the miner: per query, the k nearest keys that are not excluded
-    /// (the query's own key and label, `opts`' keys and labels) and lie within the
-    /// distance bounds. Each query walks the graph; a starved one grows its expansion
-    /// up to three times and then returns what it found, never a scan of the store.
+    /// (the query's own key and label, `opts`' keys and labels, older generations) and
+    /// lie within the distance bounds. Each query walks the graph; a starved one grows
+    /// its expansion up to three times and then returns what it found, never a scan of
+    /// the store.
+    ///
+    /// Most queries need no filter inside the walk: with many labels the anchor's own
+    /// rarely fills its neighbourhood, so a plain search for k plus a little slack,
+    /// with the exclusions dropped afterwards, is enough, at usearch's plain speed
+    /// (a filtered walk calls back into Rust for every node it visits). Only a query
+    /// that comes up short takes the filtered walk. Where the exclusions do fill the
+    /// neighbourhood (a trained embedding, whose nearest items share the anchor's
+    /// label), the collection remembers that plain attempts keep coming up short and
+    /// goes straight to the filtered walk, probing the plain one every
+    /// [`PLAIN_PROBE`]th query. Either way the predicate reads the catalogue's dense
+    /// tag array, not its hash map.
     pub fn knn_batch(&self, queries: &[KnnQuery], opts: &KnnOptions) -> Result<KnnResult> {
         let mut out = KnnResult {
             neighbours: Vec::with_capacity(queries.len()),
@@ -230,17 +243,12 @@ impl Collection {
             expanded: 0,
         };
         let base = self.index.candidates(opts.k, opts.expansion);
-        for q in queries {
-            let c = self.catalogue();
-            let keep = |key: u64| {
-                Some(key) != q.exclude_key
-                    && !opts.exclude_keys.contains(&key)
-                    && c.get(key).is_some_and(|e| {
-                        Some(e.label) != q.exclude_label
-                            && e.generation >= opts.min_generation
-                            && !opts.exclude_labels.contains(&e.label)
-                    })
-            };
+        let plain_count = self
+            .index
+            .candidates(opts.k + knn_slack(opts.k), opts.expansion);
+        let hint = self.stats.knn_shortfall.load(Ordering::Relaxed);
+        let (mut tried, mut short, mut plain, mut filtered) = (0u32, 0u32, 0u64, 0u64);
+        for (qi, q) in queries.iter().enumerate() {
             let min_distance = match (opts.min_distance, q.min_distance) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
@@ -248,6 +256,39 @@ impl Collection {
             let within = |d: f32| {
                 min_distance.is_none_or(|m| d >= m) && opts.max_distance.is_none_or(|m| d <= m)
             };
+            // A floor on distance excludes the nearest: the plain walk cannot serve it.
+            let try_plain =
+                min_distance.is_none() && (hint < SHORTFALL_LIMIT || qi % PLAIN_PROBE == 0);
+            if try_plain {
+                tried += 1;
+                let raw = self.index.search(&q.vector, plain_count, plain_count)?;
+                let walked_all = raw.len() < plain_count;
+                let c = self.catalogue();
+                let keep = |key: u64| keep_key(&c, q, opts, key);
+                let mut found: Vec<Neighbour> = Vec::with_capacity(opts.k);
+                for (key, d) in raw {
+                    if found.len() == opts.k {
+                        break;
+                    }
+                    if within(d) && keep(key) {
+                        let label = c.tag(key).map_or(0, |t| t.label);
+                        found.push(Neighbour {
+                            key,
+                            label,
+                            distance: d,
+                        });
+                    }
+                }
+                if found.len() == opts.k || walked_all {
+                    plain += 1;
+                    out.neighbours.push(found);
+                    continue;
+                }
+                short += 1;
+            }
+            filtered += 1;
+            let c = self.catalogue();
+            let keep = |key: u64| keep_key(&c, q, opts, key);
             // How many keys could pass at most: the label index makes this cheap.
             let mut labels: Vec<LabelId> = opts.exclude_labels.clone();
             labels.extend(q.exclude_label);
@@ -285,9 +326,9 @@ impl Collection {
                 found
                     .into_iter()
                     .filter_map(|(key, distance)| {
-                        c.get(key).map(|e| Neighbour {
+                        c.tag(key).map(|t| Neighbour {
                             key,
-                            label: e.label,
+                            label: t.label,
                             distance,
                         })
                     })
@@ -297,10 +338,45 @@ impl Collection {
         if out.expanded > 0 {
             self.stats
                 .expanded
-                .fetch_add(out.expanded, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(out.expanded, Ordering::Relaxed);
+        }
+        self.stats.knn_plain.fetch_add(plain, Ordering::Relaxed);
+        self.stats
+            .knn_filtered
+            .fetch_add(filtered, Ordering::Relaxed);
+        if let Some(now) = (short * 1000).checked_div(tried) {
+            // Half the old reading, half this call's: a few calls change the mode.
+            self.stats
+                .knn_shortfall
+                .store((hint + now) / 2, Ordering::Relaxed);
         }
         Ok(out)
     }
+}
+
+/// Plain kNN attempts that may come up short before the miner's kNN goes straight to
+/// the filtered walk (per mille).
+const SHORTFALL_LIMIT: u32 = 250;
+/// While it does, every this many-th query still tries the plain walk.
+const PLAIN_PROBE: usize = 16;
+
+/// How many more than k a plain kNN asks for, to make up for the few it will drop (the
+/// anchor's own label, excluded ids). Within the walk's own ef this costs nothing.
+fn knn_slack(k: usize) -> usize {
+    (k / 8).max(4)
+}
+
+/// Whether a key may be returned for `q`: in the catalogue (not a copy being replaced),
+/// not excluded by key or label, fresh enough. Reads the dense tag array only.
+#[inline]
+fn keep_key(c: &Catalogue, q: &KnnQuery, opts: &KnnOptions, key: u64) -> bool {
+    Some(key) != q.exclude_key
+        && c.tag(key).is_some_and(|t| {
+            Some(t.label) != q.exclude_label
+                && t.generation >= opts.min_generation
+                && !opts.exclude_labels.contains(&t.label)
+        })
+        && (opts.exclude_keys.is_empty() || !opts.exclude_keys.contains(&key))
 }
 
 /// [`Collection::knn_batch`] split into chunks that run in parallel on the search pool.

@@ -183,18 +183,20 @@ impl Collection {
         items: &[ItemData],
         undo: Option<&mut Undo>,
     ) -> Result<usize> {
-        match self.write_upsert(items, undo)? {
+        match self.write_upsert(items, undo, false)? {
             Some(w) => w.publish(),
             None => Ok(0),
         }
     }
 
     /// Writes a batch to the store (not yet durable) and takes its place in the
-    /// publication order; see [`Written`]. None for no items.
+    /// publication order; see [`Written`]. None for no items. With `keep_inputs`, an
+    /// item without an input keeps the one stored for its id (a vector-only update).
     pub(super) fn write_upsert<'a>(
         self: &'a Arc<Self>,
         items: &'a [ItemData],
         mut undo: Option<&mut Undo>,
+        keep_inputs: bool,
     ) -> Result<Option<Written<'a>>> {
         if items.is_empty() {
             return Ok(None);
@@ -233,7 +235,11 @@ impl Collection {
             }
             let key = state.next_key;
             state.next_key += 1;
-            m.put(key, item);
+            if keep_inputs && item.input.is_none() {
+                m.put_keeping_input(key, item);
+            } else {
+                m.put(key, item);
+            }
             keys.push(key);
         }
         let change = Change::Upsert {

@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::app::App;
 use crate::error::{Error, Field, Result};
 use crate::mine::{
-    Anchors, Batch, MinedItem, Mode, Pair, RawSpec, Shard, Stats, Step, StepAnchor, Strategy,
-    Triplet,
+    Anchors, Batch, ClassBatch, MinedItem, Mode, Pair, RawBatchSpec, RawSpec, Shard, Stats, Step,
+    StepAnchor, Strategy, Triplet,
 };
 use crate::pb;
 
@@ -27,6 +27,18 @@ impl pb::miner_server::Miner for MinerService {
     type MineTripletsStream = BoxStream<pb::MinedBatch>;
     type MinePairsStream = BoxStream<pb::MinedPairBatch>;
     type SessionStream = BoxStream<pb::MinedBatch>;
+    type MineBatchesStream = BoxStream<pb::ClassBatch>;
+
+    async fn mine_batches(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> std::result::Result<Response<Self::MineBatchesStream>, Status> {
+        let raw = batch_spec_from(request.into_inner());
+        let rx = self.app.miner().mine_batches(raw).await?;
+        let out = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|r| r.map(class_batch_to).map_err(Status::from));
+        Ok(Response::new(Box::pin(out)))
+    }
 
     async fn mine_triplets(
         &self,
@@ -115,6 +127,7 @@ pub fn spec_from(req: pb::MineRequest, root: &Field) -> Result<RawSpec> {
         with_vectors,
         with_inputs,
         expansion,
+        sample,
     } = req;
     let anchors = match anchors.and_then(|a| a.kind) {
         None | Some(pb::anchor_set::Kind::All(_)) => Anchors::All,
@@ -132,6 +145,7 @@ pub fn spec_from(req: pb::MineRequest, root: &Field) -> Result<RawSpec> {
         max_triplets,
         seed,
         candidates,
+        sample,
         skip_nearest,
         min_distance,
         max_distance,
@@ -151,6 +165,7 @@ fn step_from(m: pb::MineStep, root: &Field) -> Result<Step> {
         step,
         request,
         anchors,
+        write_back,
     } = m;
     let request = request
         .map(|r| spec_from(r, &Field::name("request").under(root)))
@@ -162,7 +177,65 @@ fn step_from(m: pb::MineStep, root: &Field) -> Result<Step> {
             .into_iter()
             .map(|pb::StepAnchor { id, label, vector }| StepAnchor { id, label, vector })
             .collect(),
+        write_back,
     })
+}
+
+/// A BatchRequest as the core's [`RawBatchSpec`]; checks happen in the core.
+fn batch_spec_from(req: pb::BatchRequest) -> RawBatchSpec {
+    let pb::BatchRequest {
+        collection,
+        classes,
+        per_class,
+        neighbours,
+        seed,
+        shard,
+        min_generation,
+        max_batches,
+        with_vectors,
+        with_inputs,
+        expansion,
+        candidates,
+    } = req;
+    RawBatchSpec {
+        collection,
+        classes,
+        per_class,
+        neighbours,
+        seed,
+        shard: shard.map(|pb::Shard { index, count }| Shard { index, count }),
+        min_generation,
+        max_batches,
+        with_vectors,
+        with_inputs,
+        expansion,
+        candidates,
+    }
+}
+
+fn class_batch_to(b: ClassBatch) -> pb::ClassBatch {
+    let ClassBatch {
+        items,
+        classes,
+        neighbours,
+        class_distances,
+        batch,
+        pass,
+        generations,
+        stats,
+        last,
+    } = b;
+    pb::ClassBatch {
+        items: items.into_iter().map(item_to).collect(),
+        classes: classes.iter().map(|c| c.to_string()).collect(),
+        neighbours,
+        class_distances,
+        batch,
+        pass,
+        generation: generations_to(generations),
+        stats: stats.map(stats_to),
+        last,
+    }
 }
 
 fn triplet_to(t: Triplet) -> pb::Triplet {
@@ -225,6 +298,11 @@ fn stats_to(s: Stats) -> pb::MineStats {
         candidates_examined,
         rejections,
         fallbacks,
+        sources,
+        written,
+        batches,
+        neighbour_classes,
+        random_classes,
         seconds,
     } = s;
     let rate = |n: u64| {
@@ -248,6 +326,14 @@ fn stats_to(s: Stats) -> pb::MineStats {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
+        sources: sources
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        written,
+        batches,
+        neighbour_classes,
+        random_classes,
         seconds,
         anchors_per_second: rate(anchors),
         triplets_per_second: rate(triplets.max(pairs)),
@@ -267,6 +353,7 @@ fn batch_to(b: Batch) -> pb::MinedBatch {
         step,
         stats,
         last,
+        written_step,
     } = b;
     pb::MinedBatch {
         triplets: triplets.into_iter().map(triplet_to).collect(),
@@ -275,6 +362,7 @@ fn batch_to(b: Batch) -> pb::MinedBatch {
         step,
         stats: stats.map(stats_to),
         last,
+        written_step,
     }
 }
 
@@ -287,6 +375,7 @@ fn pair_batch_to(b: Batch) -> pb::MinedPairBatch {
         step: _,
         stats,
         last,
+        written_step: _,
     } = b;
     pb::MinedPairBatch {
         pairs: pairs.into_iter().map(pair_to).collect(),

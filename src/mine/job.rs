@@ -85,6 +85,14 @@ pub struct Stats {
     pub candidates_examined: u64,
     pub rejections: BTreeMap<&'static str, u64>,
     pub fallbacks: BTreeMap<&'static str, u64>,
+    /// Per source ("knn", "sample", "second_search", "random"), the negatives used.
+    pub sources: BTreeMap<&'static str, u64>,
+    /// Session write-back: items written.
+    pub written: u64,
+    /// MineBatches: batches, and the classes chosen as neighbours and at random.
+    pub batches: u64,
+    pub neighbour_classes: u64,
+    pub random_classes: u64,
     pub seconds: f64,
 }
 
@@ -101,6 +109,13 @@ impl Stats {
         for (k, v) in &o.fallbacks {
             *self.fallbacks.entry(k).or_default() += v;
         }
+        for (k, v) in &o.sources {
+            *self.sources.entry(k).or_default() += v;
+        }
+        self.written += o.written;
+        self.batches += o.batches;
+        self.neighbour_classes += o.neighbour_classes;
+        self.random_classes += o.random_classes;
     }
 
     fn reject(&mut self, rule: &'static str, n: usize) {
@@ -136,11 +151,37 @@ pub struct Rules<'a> {
     pub cancel: &'a AtomicBool,
 }
 
-/// A positive or negative as the strategies see it: a key and its distance.
+/// Where a negative candidate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    /// The batched kNN: the anchor's nearest negatives.
+    Knn,
+    /// A uniform sample of the collection's negatives.
+    Sample,
+    /// SEMI_HARD's look beyond d_ap.
+    Beyond,
+    /// RANDOM's uniform draw.
+    Random,
+}
+
+impl From {
+    fn name(self) -> &'static str {
+        match self {
+            From::Knn => "knn",
+            From::Sample => "sample",
+            From::Beyond => "second_search",
+            From::Random => "random",
+        }
+    }
+}
+
+/// A positive or negative as the strategies see it: a key, its distance, and (for a
+/// negative) where it was found.
 #[derive(Debug, Clone, Copy)]
 struct Near {
     key: u64,
     distance: f32,
+    from: From,
 }
 
 /// One anchor's choice, still in keys.
@@ -184,7 +225,7 @@ pub fn mine_chunk(coll: &Collection, anchors: &[AnchorIn], rules: &Rules) -> Res
         Some(r.neighbours)
     };
 
-    let mut chosen_all: Vec<(usize, Vec<Chosen>, Vec<Near>)> = Vec::with_capacity(anchors.len());
+    let mut chosen_all: Vec<(usize, Vec<Chosen>)> = Vec::with_capacity(anchors.len());
     for (i, anchor) in anchors.iter().enumerate() {
         if rules.cancel.load(Ordering::Relaxed) {
             break;
@@ -202,6 +243,7 @@ pub fn mine_chunk(coll: &Collection, anchors: &[AnchorIn], rules: &Rules) -> Res
                 positives.push(Near {
                     key,
                     distance: metric.distance(&anchor.vector, &v),
+                    from: From::Knn,
                 });
             }
         }
@@ -211,11 +253,14 @@ pub fn mine_chunk(coll: &Collection, anchors: &[AnchorIn], rules: &Rules) -> Res
                 out.stats.candidates_examined += n.len() as u64;
                 out.stats
                     .reject("skip_nearest", n.len().min(spec.skip_nearest));
-                n.iter().skip(spec.skip_nearest).map(near).collect()
+                n.iter()
+                    .skip(spec.skip_nearest)
+                    .map(|n| near(n, From::Knn))
+                    .collect()
             }
             None => Vec::new(),
         };
-        let (chosen, extra_negatives) = choose(
+        let chosen = choose(
             coll,
             anchor,
             rules,
@@ -226,16 +271,17 @@ pub fn mine_chunk(coll: &Collection, anchors: &[AnchorIn], rules: &Rules) -> Res
             &mut rng,
             &mut out.stats,
         )?;
-        chosen_all.push((i, chosen, extra_negatives));
+        chosen_all.push((i, chosen));
     }
     resolve(coll, anchors, rules, chosen_all, &mut out)?;
     Ok(out)
 }
 
-fn near(n: &Neighbour) -> Near {
+fn near(n: &Neighbour, from: From) -> Near {
     Near {
         key: n.key,
         distance: n.distance,
+        from,
     }
 }
 
@@ -308,7 +354,8 @@ fn sample_positives(
 }
 
 /// Up to `n` distinct uniform negatives for an anchor: other label, not unlabelled,
-/// not excluded, fresh enough, not in `taken`, within the distance bounds.
+/// not excluded, fresh enough, not in `taken`, within the distance bounds. Rejection
+/// sampling from the dense key list, checked against the dense tag array: O(n).
 #[allow(clippy::too_many_arguments)]
 fn random_negatives(
     coll: &Collection,
@@ -316,11 +363,15 @@ fn random_negatives(
     rules: &Rules,
     n: usize,
     taken: &HashSet<u64>,
-    metric: Metric,
+    from: From,
     rng: &mut Rng,
     stats: &mut Stats,
 ) -> Result<Vec<Near>> {
     let spec = rules.spec;
+    let metric = coll.spec().metric;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
     let keys: Vec<u64> = {
         let c = coll.catalogue();
         let all = c.all_keys();
@@ -342,11 +393,11 @@ fn random_negatives(
             if !seen.insert(key) || taken.contains(&key) || Some(key) == anchor.key {
                 continue;
             }
-            let Some(e) = c.get(key) else { continue };
-            if Some(e.label) == anchor.label
-                || Some(e.label) == rules.unlabelled
-                || e.generation < spec.min_generation
-                || rules.exclude.contains(&key)
+            let Some(t) = c.tag(key) else { continue };
+            if Some(t.label) == anchor.label
+                || Some(t.label) == rules.unlabelled
+                || t.generation < spec.min_generation
+                || (!rules.exclude.is_empty() && rules.exclude.contains(&key))
             {
                 continue;
             }
@@ -365,7 +416,11 @@ fn random_negatives(
             stats.reject("distance_bounds", 1);
             continue;
         }
-        out.push(Near { key, distance: d });
+        out.push(Near {
+            key,
+            distance: d,
+            from,
+        });
     }
     stats.candidates_examined += out.len() as u64;
     Ok(out)
@@ -380,9 +435,13 @@ fn sphere_distance(metric: Metric, d: f32) -> f32 {
     }
 }
 
-/// The strategy's choice for one anchor: per positive, its negatives. The second value
-/// is every negative candidate the anchor saw (MinePairs draws its negative pairs from
-/// the chosen ones; this is kept for stats).
+/// The strategy's choice for one anchor: per positive, its negatives.
+///
+/// `pool` is the anchor's kNN (nearest first). Strategies whose target may lie beyond
+/// it (a window: SEMI_HARD, MULTI_SIMILARITY; DISTANCE_WEIGHTED's whole distribution)
+/// also draw a uniform sample of the collection's negatives, choose by the exact
+/// distances of both, and count where each chosen negative came from. The sample is
+/// drawn only when the pool cannot settle the choice alone.
 #[allow(clippy::too_many_arguments)]
 fn choose(
     coll: &Collection,
@@ -394,11 +453,11 @@ fn choose(
     dim: usize,
     rng: &mut Rng,
     stats: &mut Stats,
-) -> Result<(Vec<Chosen>, Vec<Near>)> {
+) -> Result<Vec<Chosen>> {
     let spec = rules.spec;
     let n = spec.negatives;
     if positives.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Vec::new());
     }
     let as_cands = |v: &[Near]| -> Vec<Candidate> {
         v.iter()
@@ -411,12 +470,49 @@ fn choose(
     };
     let pick =
         |v: &[Near], cs: &[Candidate]| -> Vec<Near> { cs.iter().map(|c| v[c.index]).collect() };
+    // The pool holds the nearest `candidates`; when it was cut there, it says nothing
+    // past its last one.
+    let full = pool.len() + spec.skip_nearest >= spec.candidates;
+    let farthest = pool.last().map_or(f32::NEG_INFINITY, |c| c.distance);
+    // Whether the pool sees every negative nearer than `d`.
+    let covers = |d: f32| !full || farthest >= d;
+    // The pool and a uniform sample of the rest, nearest first (drawn once per anchor).
+    let mut mixed: Option<Vec<Near>> = None;
+    let mut mix = |rng: &mut Rng, stats: &mut Stats| -> Result<Vec<Near>> {
+        if let Some(m) = &mixed {
+            return Ok(m.clone());
+        }
+        let taken: HashSet<u64> = pool.iter().map(|c| c.key).collect();
+        let sample = random_negatives(
+            coll,
+            anchor,
+            rules,
+            spec.sample,
+            &taken,
+            From::Sample,
+            rng,
+            stats,
+        )?;
+        let mut m: Vec<Near> = pool.to_vec();
+        m.extend(sample);
+        m.sort_by(|a, b| a.distance.total_cmp(&b.distance));
+        mixed = Some(m.clone());
+        Ok(m)
+    };
     let mut chosen = Vec::new();
     match spec.strategy {
         Strategy::Random => {
             for p in positives {
-                let negs =
-                    random_negatives(coll, anchor, rules, n, &HashSet::new(), metric, rng, stats)?;
+                let negs = random_negatives(
+                    coll,
+                    anchor,
+                    rules,
+                    n,
+                    &HashSet::new(),
+                    From::Random,
+                    rng,
+                    stats,
+                )?;
                 if !negs.is_empty() {
                     chosen.push(Chosen {
                         positive: *p,
@@ -439,20 +535,33 @@ fn choose(
             }
         }
         Strategy::SemiHard => {
-            let cands = as_cands(pool);
-            // The pool holds the nearest `candidates`; past its last one it says
-            // nothing, so a positive farther than all of it needs a second look.
-            let full = pool.len() + spec.skip_nearest >= spec.candidates;
-            let farthest = pool.last().map_or(f32::NEG_INFINITY, |c| c.distance);
             for p in positives {
-                let (got, fallback) = if full && p.distance >= farthest {
-                    let beyond = beyond(coll, anchor, rules, p.distance, n, stats)?;
-                    let cs = as_cands(&beyond);
-                    let (got, fallback) = strategy::semi_hard(p.distance, spec.margin, &cs, n);
+                let (lo, hi) = (p.distance, p.distance + spec.margin);
+                let inside = |v: &[Near]| {
+                    v.iter()
+                        .filter(|c| c.distance > lo && c.distance < hi)
+                        .count()
+                };
+                // The pool alone when it sees the whole window or already holds enough
+                // of it; else the pool and the sample (the window lies past the pool:
+                // early in training, or a far positive).
+                let cands = if covers(hi) || inside(pool) >= n {
+                    pool.to_vec()
+                } else {
+                    mix(rng, stats)?
+                };
+                let cs = as_cands(&cands);
+                let (got, fallback) = strategy::semi_hard(lo, spec.margin, &cs, n);
+                let (got, fallback) = if fallback && !covers(hi) {
+                    // Neither held a window negative, and the window lies past the
+                    // pool: the nearest negatives beyond d_ap decide (the first of them
+                    // is inside the window if any negative is).
+                    let beyond = beyond(coll, anchor, rules, lo, n, stats)?;
+                    let (got, fallback) =
+                        strategy::semi_hard(lo, spec.margin, &as_cands(&beyond), n);
                     (pick(&beyond, &got), fallback)
                 } else {
-                    let (got, fallback) = strategy::semi_hard(p.distance, spec.margin, &cands, n);
-                    (pick(pool, &got), fallback)
+                    (pick(&cands, &got), fallback)
                 };
                 if got.is_empty() {
                     continue;
@@ -460,13 +569,7 @@ fn choose(
                 if fallback {
                     stats.fall_back("semi_hard_beyond");
                 } else {
-                    let inside = pool
-                        .iter()
-                        .filter(|c| {
-                            c.distance > p.distance && c.distance < p.distance + spec.margin
-                        })
-                        .count();
-                    stats.reject("semi_hard_window", pool.len() - inside);
+                    stats.reject("semi_hard_window", cands.len() - inside(&cands));
                 }
                 chosen.push(Chosen {
                     positive: *p,
@@ -479,31 +582,21 @@ fn choose(
             // The nearest candidates stand for themselves; a uniform sample of the
             // rest stands for all of the rest, so the draw follows the target over the
             // whole collection and not only near the anchor.
-            let taken: HashSet<u64> = pool.iter().map(|c| c.key).collect();
-            let sample = random_negatives(
-                coll,
-                anchor,
-                rules,
-                spec.candidates,
-                &taken,
-                metric,
-                rng,
-                stats,
-            )?;
+            let all = mix(rng, stats)?;
+            let sampled = all.iter().filter(|c| c.from == From::Sample).count();
             let rest = eligible_negatives(coll, anchor, rules).saturating_sub(pool.len()) as f64;
-            let scale = if sample.is_empty() {
+            let scale = if sampled == 0 {
                 0.0
             } else {
-                (rest / sample.len() as f64).max(1.0).ln()
+                (rest / sampled as f64).max(1.0).ln()
             };
-            let mut all: Vec<Near> = pool.to_vec();
-            all.extend(sample.iter().copied());
             let distances: Vec<f32> = all
                 .iter()
                 .map(|c| sphere_distance(metric, c.distance))
                 .collect();
-            let log_scale: Vec<f64> = (0..all.len())
-                .map(|j| if j < pool.len() { 0.0 } else { scale })
+            let log_scale: Vec<f64> = all
+                .iter()
+                .map(|c| if c.from == From::Sample { scale } else { 0.0 })
                 .collect();
             let probs = strategy::distance_weighted_scaled(
                 dim, &distances, &log_scale, None, DW_CUTOFF, DW_NO_LOSS,
@@ -536,16 +629,32 @@ fn choose(
             }
         }
         Strategy::MultiSimilarity => {
-            let (kp, kn) =
-                strategy::multi_similarity(&as_cands(positives), &as_cands(pool), MS_EPSILON);
+            // A negative is kept when d_an < max d_ap + eps: a window from 0 up. When the
+            // pool keeps fewer than asked and the window reaches past it, the sample
+            // adds the rest.
+            let max_dap = positives
+                .iter()
+                .map(|p| p.distance)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let rule = |v: &[Near]| {
+                strategy::multi_similarity(&as_cands(positives), &as_cands(v), MS_EPSILON)
+            };
+            let (kp, kn) = rule(pool);
+            let (cands, kp, kn) = if kn.len() < n && !covers(max_dap + MS_EPSILON) {
+                let m = mix(rng, stats)?;
+                let (kp, kn) = rule(&m);
+                (m, kp, kn)
+            } else {
+                (pool.to_vec(), kp, kn)
+            };
             stats.reject(
                 "multi_similarity",
-                positives.len() - kp.len() + pool.len() - kn.len(),
+                positives.len() - kp.len() + cands.len() - kn.len(),
             );
             let mut kp = pick(positives, &kp);
             // Hardest positives first: the farthest.
             kp.sort_by(|a, b| b.distance.total_cmp(&a.distance));
-            let kn: Vec<Near> = pick(pool, &kn).into_iter().take(n).collect();
+            let kn: Vec<Near> = pick(&cands, &kn).into_iter().take(n).collect();
             if !kn.is_empty() {
                 for p in kp.into_iter().take(spec.positives) {
                     chosen.push(Chosen {
@@ -557,7 +666,7 @@ fn choose(
             }
         }
     }
-    Ok((chosen, pool.to_vec()))
+    Ok(chosen)
 }
 
 /// SEMI_HARD's second look: the nearest negatives strictly beyond `d_ap`.
@@ -581,7 +690,7 @@ fn beyond(
     let found: Vec<Near> = r.neighbours[0]
         .iter()
         .filter(|c| c.distance > d_ap)
-        .map(near)
+        .map(|n| near(n, From::Beyond))
         .collect();
     stats.candidates_examined += found.len() as u64;
     Ok(found)
@@ -605,7 +714,7 @@ fn resolve(
     coll: &Collection,
     anchors: &[AnchorIn],
     rules: &Rules,
-    chosen: Vec<(usize, Vec<Chosen>, Vec<Near>)>,
+    chosen: Vec<(usize, Vec<Chosen>)>,
     out: &mut ChunkOut,
 ) -> Result<()> {
     let spec = rules.spec;
@@ -628,7 +737,7 @@ fn resolve(
             used.insert(key, (e.id.clone(), label, e.generation));
             Some(e.id.clone())
         };
-        for (i, picks, _) in chosen {
+        for (i, picks) in chosen {
             let anchor = &anchors[i];
             let mut any = false;
             match rules.mode {
@@ -643,6 +752,7 @@ fn resolve(
                             if let Some(id) = id_of(n.key) {
                                 negatives.push(id);
                                 d_an.push(n.distance);
+                                *out.stats.sources.entry(n.from.name()).or_default() += 1;
                             }
                         }
                         if negatives.is_empty() {
@@ -684,6 +794,7 @@ fn resolve(
                                 out.stats.reject("neg_margin", 1);
                             } else if let Some(b) = id_of(n.key) {
                                 any = true;
+                                *out.stats.sources.entry(n.from.name()).or_default() += 1;
                                 out.pairs.push(Pair {
                                     a: anchor.id.clone(),
                                     b,

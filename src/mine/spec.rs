@@ -11,6 +11,10 @@ pub const MAX_CANDIDATES: usize = 4096;
 pub const MAX_PER_ANCHOR: usize = 1024;
 /// ANN candidates per anchor when the request leaves it at 0.
 pub const DEFAULT_CANDIDATES: usize = 64;
+/// Uniform negatives drawn beside the kNN pool when the request leaves it at 0.
+pub const DEFAULT_SAMPLE: usize = 64;
+/// Anchors per message when the request leaves it at 0.
+pub const DEFAULT_BATCH: usize = 256;
 /// The triplet margin when the request leaves it unset.
 pub const DEFAULT_MARGIN: f32 = 0.2;
 /// BATCH_HARD and MULTI_SIMILARITY look at this many members of the anchor's label at
@@ -86,6 +90,8 @@ pub struct MineSpec {
     pub max_triplets: u64,
     pub seed: u64,
     pub candidates: usize,
+    /// Uniform negatives beside the kNN pool (window strategies, DISTANCE_WEIGHTED).
+    pub sample: usize,
     pub skip_nearest: usize,
     pub min_distance: Option<f32>,
     pub max_distance: Option<f32>,
@@ -113,6 +119,7 @@ pub struct RawSpec {
     pub max_triplets: u64,
     pub seed: u64,
     pub candidates: u32,
+    pub sample: u32,
     pub skip_nearest: u32,
     pub min_distance: Option<f32>,
     pub max_distance: Option<f32>,
@@ -164,11 +171,14 @@ impl RawSpec {
         };
         let negatives = per_anchor("negatives_per_anchor", self.negatives)?;
         let positives = per_anchor("positives_per_anchor", self.positives)?;
-        let batch_size = self.batch_size as usize;
-        if batch_size == 0 || batch_size > MAX_BATCH {
+        let batch_size = match self.batch_size as usize {
+            0 => DEFAULT_BATCH,
+            b => b,
+        };
+        if batch_size > MAX_BATCH {
             return Err(Error::invalid(
                 at("batch_size"),
-                format!("{batch_size}: must be 1..={MAX_BATCH} anchors"),
+                format!("{batch_size}: at most {MAX_BATCH} anchors"),
             ));
         }
         let skip_nearest = self.skip_nearest as usize;
@@ -180,6 +190,16 @@ impl RawSpec {
             return Err(Error::invalid(
                 at("candidates"),
                 format!("{candidates}, at most {MAX_CANDIDATES}"),
+            ));
+        }
+        let sample = match self.sample as usize {
+            0 => DEFAULT_SAMPLE,
+            s => s,
+        };
+        if sample > MAX_CANDIDATES {
+            return Err(Error::invalid(
+                at("sample"),
+                format!("{sample}, at most {MAX_CANDIDATES}"),
             ));
         }
         if skip_nearest >= candidates {
@@ -238,6 +258,7 @@ impl RawSpec {
             max_triplets: self.max_triplets,
             seed: self.seed,
             candidates,
+            sample,
             skip_nearest,
             min_distance,
             max_distance,
@@ -295,12 +316,23 @@ mod tests {
             }),
             "margin"
         );
+        // 0 is proto3's unset: the default, not an error.
         assert_eq!(
-            field(RawSpec {
+            RawSpec {
                 batch_size: 0,
                 ..raw()
+            }
+            .validate(&Field::default())
+            .unwrap()
+            .batch_size,
+            DEFAULT_BATCH
+        );
+        assert_eq!(
+            field(RawSpec {
+                sample: 5000,
+                ..raw()
             }),
-            "batch_size"
+            "sample"
         );
         assert_eq!(
             field(RawSpec {

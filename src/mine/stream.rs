@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::batches::{ClassBatch, Passes, RawBatchSpec};
 use super::job::{self, AnchorIn, ChunkOut, MinedItem, Mode, Pair, Rules, Stats, Triplet};
 use super::spec::{Anchors, MineSpec, RawSpec};
 use crate::collections::{Collection, Registry, validate};
 use crate::error::{Error, Field, Result};
 use crate::pool::{Priority, WorkPool};
 use crate::rng::Rng;
+use crate::types::ItemData;
 
 /// Batches a job may run ahead of its reader.
 const AHEAD: usize = 2;
@@ -42,6 +44,8 @@ pub struct Batch {
     /// On the last message of a stream, and on every Session answer.
     pub stats: Option<Stats>,
     pub last: bool,
+    /// Session with write-back: the last step whose write-back is durable.
+    pub written_step: Option<u64>,
 }
 
 /// One step of a Session, converted.
@@ -50,6 +54,8 @@ pub struct Step {
     pub step: u64,
     pub request: Option<RawSpec>,
     pub anchors: Vec<StepAnchor>,
+    /// Write the anchors' vectors back after mining (a cross-batch memory step).
+    pub write_back: bool,
 }
 
 /// An anchor of a Session step: a stored id (with or without a fresh vector), or a new
@@ -72,11 +78,17 @@ pub struct Counters {
     pub triplets: AtomicU64,
 }
 
+/// Whether a collection takes vector-only writes now (the daemon refuses them while a
+/// collection is being re-embedded with another model): handed in by the layer that
+/// knows, so that the miner does not depend on it.
+pub type WriteGate = Arc<dyn Fn(&str) -> Result<()> + Send + Sync>;
+
 /// Starts mining jobs against the registry's collections.
 pub struct Miner {
     registry: Arc<Registry>,
     pool: Arc<WorkPool>,
     counters: Arc<Counters>,
+    write_gate: WriteGate,
 }
 
 /// A collection made ready for one request.
@@ -93,7 +105,38 @@ impl Miner {
             registry,
             pool,
             counters: Arc::default(),
+            write_gate: Arc::new(|_| Ok(())),
         }
+    }
+
+    /// Session write-backs ask `gate` first.
+    pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
+        self.write_gate = gate;
+        self
+    }
+
+    /// Checks a MineBatches request against its collection and starts the stream.
+    pub async fn mine_batches(
+        &self,
+        raw: RawBatchSpec,
+    ) -> Result<mpsc::Receiver<Result<ClassBatch>>> {
+        let spec = raw.validate(&Field::default())?;
+        let coll = self
+            .registry
+            .collection(&spec.collection)
+            .map_err(|e| e.under(&Field::name("collection")))?;
+        let passes = tokio::task::spawn_blocking(move || Passes::new(coll, spec))
+            .await
+            .map_err(|e| Error::Worker(format!("mining set-up: {e}")))??;
+        let (tx, rx) = mpsc::channel(AHEAD);
+        let pool = self.pool.clone();
+        let counters = self.counters.clone();
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            super::batches::run(passes, pool, tx).await;
+            counters.active.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(rx)
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
@@ -137,28 +180,89 @@ impl Miner {
         let pool = self.pool.clone();
         let counters = self.counters.clone();
         counters.active.fetch_add(1, Ordering::Relaxed);
+        let gate = self.write_gate.clone();
         tokio::spawn(async move {
             let mut current: Option<Prepared> = None;
             let mut n = 0usize;
+            // The write-back in flight (its step and the write), and what is durable.
+            let mut pending: Option<(u64, tokio::task::JoinHandle<Result<usize>>)> = None;
+            let mut written_step: Option<u64> = None;
+            let mut written = 0u64;
             while let Some(step) = steps.recv().await {
+                // The previous step's write-back is done before this step is mined, so
+                // that it sees those vectors.
+                if let Some((s, write)) = pending.take() {
+                    match write.await {
+                        Ok(Ok(k)) => {
+                            written_step = Some(s);
+                            written += k as u64;
+                        }
+                        Ok(Err(e)) => {
+                            let _ = tx.send(Err(e)).await;
+                            break;
+                        }
+                        Err(e) => {
+                            let _ = tx
+                                .send(Err(Error::Worker(format!("session write-back: {e}"))))
+                                .await;
+                            break;
+                        }
+                    }
+                }
                 let root = Field::name("steps").at(n);
                 n += 1;
                 let answer = match step {
                     Ok(step) => {
-                        session_step(&registry, &pool, &mut current, step, &root, &counters, &tx)
-                            .await
+                        session_step(
+                            &registry,
+                            &pool,
+                            &gate,
+                            &mut current,
+                            step,
+                            &root,
+                            &counters,
+                            &tx,
+                        )
+                        .await
                     }
                     Err(e) => Err(e),
                 };
-                let fail = answer.is_err();
-                let sent = match answer {
-                    Ok(batch) => tx.send(Ok(batch)).await,
-                    Err(e) => tx.send(Err(e)).await,
+                let (answer, write) = match answer {
+                    Ok((mut batch, write)) => {
+                        batch.written_step = written_step;
+                        if let Some(stats) = batch.stats.as_mut() {
+                            stats.written = written;
+                        }
+                        (Ok(batch), write)
+                    }
+                    Err(e) => (Err(e), None),
                 };
+                let fail = answer.is_err();
+                let sent = tx.send(answer).await;
+                // The write starts once the answer is on its way: the trainer's next
+                // forward and backward pass hide it.
+                if let Some((s, coll, items)) = write {
+                    let registry = registry.clone();
+                    pending = Some((
+                        s,
+                        tokio::task::spawn_blocking(move || registry.write_back(&coll, &items)),
+                    ));
+                }
                 if sent.is_err() || fail {
                     break;
                 }
                 counters.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            // A session that ends still makes its last write-back durable.
+            if let Some((step, write)) = pending.take() {
+                let failed = match write.await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(error) = failed {
+                    tracing::warn!(step, error, "a closing session's last write-back failed");
+                }
             }
             counters.active.fetch_sub(1, Ordering::Relaxed);
         });
@@ -382,7 +486,7 @@ async fn mine_batch(
 /// Queues a job on the search pool as background work (searches go first), waiting
 /// (briefly, repeatedly) while its queue is full: a mining stream is a long job that
 /// should yield to searches, not fail.
-async fn submit<T: Send + 'static>(
+pub(super) async fn submit<T: Send + 'static>(
     pool: &WorkPool,
     job: impl FnOnce() -> Result<T> + Send + Clone + 'static,
 ) -> Result<T> {
@@ -467,15 +571,17 @@ async fn run(
 }
 
 /// One Session step: (re)prepares on a new request, resolves the step's anchors, mines.
+#[allow(clippy::too_many_arguments)]
 async fn session_step(
     registry: &Registry,
     pool: &WorkPool,
+    gate: &WriteGate,
     current: &mut Option<Prepared>,
     step: Step,
     root: &Field,
     counters: &Counters,
     tx: &mpsc::Sender<Result<Batch>>,
-) -> Result<Batch> {
+) -> Result<(Batch, Option<WriteBack>)> {
     let started = Instant::now();
     if let Some(raw) = step.request {
         let request = Field::name("request").under(root);
@@ -512,7 +618,19 @@ async fn session_step(
             ),
         ));
     }
+    let write = if step.write_back {
+        gate(&p.coll.spec().name).map_err(|e| e.under(&Field::name("write_back").under(root)))?;
+        Some(write_back_items(&p.coll, &step.anchors, step.step))
+    } else {
+        None
+    };
+    // The anchors' own checks first (their vectors, by anchor), then what only the
+    // write needs.
     let anchors = step_anchors(&p.coll, step.anchors, root)?;
+    if let Some(items) = write.as_ref().filter(|i| !i.is_empty()) {
+        validate::items(items, p.coll.spec(), registry.limits())
+            .map_err(|e| e.under(&Field::name("write_back").under(root)))?;
+    }
     let Some(r) = mine_batch(p, Mode::Triplets, Source::Resolved(anchors), pool, tx).await else {
         return Err(Error::Unavailable("the session's reader went away".into()));
     };
@@ -524,7 +642,7 @@ async fn session_step(
     counters
         .triplets
         .fetch_add(out.triplets.len() as u64, Ordering::Relaxed);
-    Ok(Batch {
+    let batch = Batch {
         triplets: out.triplets,
         pairs: Vec::new(),
         items: out.items,
@@ -532,7 +650,44 @@ async fn session_step(
         step: step.step,
         stats: Some(out.stats),
         last: false,
-    })
+        written_step: None,
+    };
+    Ok((
+        batch,
+        write
+            .filter(|items| !items.is_empty())
+            .map(|items| (step.step, p.coll.clone(), items)),
+    ))
+}
+
+/// A write-back to run: the step, its collection, the items.
+type WriteBack = (u64, Arc<Collection>, Vec<ItemData>);
+
+/// The items a write-back step writes: each anchor that carries a vector, with its
+/// label (or the stored one), the step as generation, and its stored metadata
+/// (stored inputs are kept by the write itself).
+fn write_back_items(coll: &Collection, anchors: &[StepAnchor], step: u64) -> Vec<ItemData> {
+    let c = coll.catalogue();
+    anchors
+        .iter()
+        .filter(|a| !a.vector.is_empty())
+        .map(|a| {
+            let stored = c.key_of(&a.id).and_then(|k| c.get(k));
+            let label = if a.label.is_empty() {
+                stored.map_or("", |e| c.label_name(e.label)).to_string()
+            } else {
+                a.label.clone()
+            };
+            ItemData {
+                id: a.id.clone(),
+                label,
+                metadata: stored.map(|e| e.metadata.clone()).unwrap_or_default(),
+                vector: a.vector.clone(),
+                input: None,
+                generation: step,
+            }
+        })
+        .collect()
 }
 
 /// Resolves a step's anchors: a stored id keeps its label and uses the fresh vector

@@ -503,6 +503,14 @@ impl Mutation {
             .insert(&ann_key(key)[..], item.id.as_bytes().to_vec());
     }
 
+    /// As [`Mutation::put`], but the input stored for the id (if any) stays.
+    pub fn put_keeping_input(&mut self, key: u64, item: &ItemData) {
+        self.batch
+            .insert(item_key(&item.id), codec::encode_item(key, item));
+        self.batch
+            .insert(&ann_key(key)[..], item.id.as_bytes().to_vec());
+    }
+
     /// Removes the ANN key of an item (its id record is replaced or removed separately).
     pub fn drop_key(&mut self, key: u64) {
         self.batch.remove(&ann_key(key)[..]);

@@ -19,6 +19,7 @@ mod lifecycle;
 mod manifest;
 mod metrics;
 mod mine;
+mod mine_engine;
 mod pair;
 mod recall;
 mod recovery;

@@ -16,10 +16,10 @@ use tonic::transport::Channel;
 use crate::common::*;
 
 /// A labelled corpus and the exact distances the miner is checked against.
-struct Corpus {
-    ids: Vec<String>,
-    labels: Vec<usize>,
-    vectors: Vec<Vec<f32>>,
+pub(crate) struct Corpus {
+    pub ids: Vec<String>,
+    pub labels: Vec<usize>,
+    pub vectors: Vec<Vec<f32>>,
     index: HashMap<String, usize>,
     metric: Metric,
 }
@@ -27,7 +27,13 @@ struct Corpus {
 impl Corpus {
     /// `classes` x `per_class` vectors around random unit centres (Gaussian noise of
     /// `sigma` per dimension), so that classes overlap enough for hard negatives.
-    fn clustered(classes: usize, per_class: usize, dim: usize, sigma: f32, seed: u64) -> Corpus {
+    pub(crate) fn clustered(
+        classes: usize,
+        per_class: usize,
+        dim: usize,
+        sigma: f32,
+        seed: u64,
+    ) -> Corpus {
         let mut rng = Rng::new(seed);
         let centres: Vec<Vec<f32>> = (0..classes)
             .map(|_| {
@@ -62,16 +68,37 @@ impl Corpus {
         }
     }
 
-    fn at(&self, id: &str) -> usize {
+    /// `labels` x `per_label` Gaussian vectors with no class structure at all: what an
+    /// untrained network emits (issue 16's cold collection).
+    pub(crate) fn cold(labels: usize, per_label: usize, dim: usize, seed: u64) -> Corpus {
+        let mut rng = Rng::new(seed);
+        let n = labels * per_label;
+        let ids: Vec<String> = (0..n).map(|i| format!("i{i}")).collect();
+        Corpus {
+            index: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.clone(), i))
+                .collect(),
+            ids,
+            labels: (0..n).map(|i| i % labels).collect(),
+            vectors: (0..n)
+                .map(|_| (0..dim).map(|_| rng.normal()).collect())
+                .collect(),
+            metric: Metric::Cosine,
+        }
+    }
+
+    pub(crate) fn at(&self, id: &str) -> usize {
         self.index[id]
     }
 
-    fn d(&self, a: usize, b: usize) -> f32 {
+    pub(crate) fn d(&self, a: usize, b: usize) -> f32 {
         self.metric.distance(&self.vectors[a], &self.vectors[b])
     }
 
     /// Every negative of `a`, nearest first, by brute force.
-    fn negatives(&self, a: usize) -> Vec<(usize, f32)> {
+    pub(crate) fn negatives(&self, a: usize) -> Vec<(usize, f32)> {
         let mut v: Vec<(usize, f32)> = (0..self.ids.len())
             .filter(|&j| self.labels[j] != self.labels[a])
             .map(|j| (j, self.d(a, j)))
@@ -80,14 +107,14 @@ impl Corpus {
         v
     }
 
-    fn positives(&self, a: usize) -> Vec<(usize, f32)> {
+    pub(crate) fn positives(&self, a: usize) -> Vec<(usize, f32)> {
         (0..self.ids.len())
             .filter(|&j| j != a && self.labels[j] == self.labels[a])
             .map(|j| (j, self.d(a, j)))
             .collect()
     }
 
-    async fn load(&self, server: &TestServer, name: &str) {
+    pub(crate) async fn load(&self, server: &TestServer, name: &str) {
         let mut colls = server.collections().await;
         create(
             &mut colls,
@@ -120,7 +147,7 @@ impl Corpus {
 
     /// Asserts what holds for every strategy: positives share the anchor's label and
     /// are not the anchor; negatives never share it.
-    fn check_labels(&self, triplets: &[pb::Triplet]) {
+    pub(crate) fn check_labels(&self, triplets: &[pb::Triplet]) {
         for t in triplets {
             let a = self.at(&t.anchor_id);
             let p = self.at(&t.positive_id);
@@ -141,11 +168,11 @@ impl Corpus {
     }
 }
 
-async fn miner(server: &TestServer) -> MinerClient<Channel> {
+pub(crate) async fn miner(server: &TestServer) -> MinerClient<Channel> {
     MinerClient::new(channel(&server.url()).await).max_decoding_message_size(64 << 20)
 }
 
-fn request(strategy: pb::Strategy) -> pb::MineRequest {
+pub(crate) fn request(strategy: pb::Strategy) -> pb::MineRequest {
     pb::MineRequest {
         collection: "m".into(),
         strategy: strategy as i32,
@@ -155,14 +182,14 @@ fn request(strategy: pb::Strategy) -> pb::MineRequest {
     }
 }
 
-fn ids_anchors(ids: Vec<String>) -> Option<pb::AnchorSet> {
+pub(crate) fn ids_anchors(ids: Vec<String>) -> Option<pb::AnchorSet> {
     Some(pb::AnchorSet {
         kind: Some(pb::anchor_set::Kind::Ids(pb::AnchorIds { ids })),
     })
 }
 
 /// Reads a whole MineTriplets stream: every message, and the triplets in order.
-async fn mine_all(
+pub(crate) async fn mine_all(
     client: &mut MinerClient<Channel>,
     req: pb::MineRequest,
 ) -> (Vec<pb::Triplet>, pb::MineStats, Vec<pb::MinedBatch>) {
@@ -696,6 +723,7 @@ async fn a_session_step_sees_the_vectors_upserted_before_it() {
             step: n,
             request,
             anchors,
+            write_back: false,
         };
     let by_id = |id: &str| pb::StepAnchor {
         id: id.into(),
@@ -1007,9 +1035,10 @@ async fn bad_mining_requests_name_their_field_and_the_daemon_keeps_serving() {
             &["anchors.labels[0]"],
         ),
         (
-            "batch 0",
+            // 0 is proto3's unset, and means the default (issue 20): too many is the error.
+            "batch too large",
             pb::MineRequest {
-                batch_size: 0,
+                batch_size: 5000,
                 ..base.clone()
             },
             InvalidArgument,
@@ -1085,6 +1114,7 @@ async fn bad_mining_requests_name_their_field_and_the_daemon_keeps_serving() {
         step: 0,
         request: None,
         anchors: vec![anchor(vec![])],
+        write_back: false,
     }])
     .await;
     assert_status("no request", &err, InvalidArgument, &["steps[0].request"]);
@@ -1093,11 +1123,13 @@ async fn bad_mining_requests_name_their_field_and_the_daemon_keeps_serving() {
             step: 0,
             request: Some(base.clone()),
             anchors: vec![anchor(vec![])],
+            write_back: false,
         },
         pb::MineStep {
             step: 1,
             request: None,
             anchors: vec![anchor(vec![1.0; 5])],
+            write_back: false,
         },
     ])
     .await;
@@ -1114,6 +1146,7 @@ async fn bad_mining_requests_name_their_field_and_the_daemon_keeps_serving() {
             ..base.clone()
         }),
         anchors: vec![anchor(vec![])],
+        write_back: false,
     }])
     .await;
     assert_status(

@@ -144,3 +144,13 @@ def labelled(client):
     client.create_collection("labelled", 16, "cosine")
     client.upsert("labelled", ids, vectors, labels=labels)
     return "labelled", ids, vectors, labels
+
+
+@pytest.fixture(scope="session")
+def classes40(client):
+    """A cosine collection of 40 labels x 8 items, 16-d, for the class-batch tests (read
+    only: tests that write use a collection of their own)."""
+    ids, vectors, labels = clustered(40, 8, 16, seed=4)
+    client.create_collection("classes40", 16, "cosine")
+    client.upsert("classes40", ids, vectors, labels=labels)
+    return "classes40", ids, vectors, labels

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import likeness
+from conftest import clustered
 
 
 def cosine_distance(a, b):
@@ -150,3 +151,57 @@ def test_session_errors_name_the_step(client, labelled):
     s.close()
     with pytest.raises(ValueError, match=r"\(2, d\)"):
         client.session(coll, "hard").step(ids[:2], np.ones((3, 16)))
+
+
+def test_session_write_back_is_a_cross_batch_memory(client, name):
+    ids, vectors, labels = clustered(10, 6, 16, seed=8)
+    client.create_collection(name, 16, "cosine", keep_inputs=True)
+    raw = [np.full((2, 3), n, dtype=np.float32) for n in range(len(ids))]
+    client.upsert(
+        name, ids, vectors, labels=labels, metadata=[{"n": i} for i in ids], inputs=raw
+    )
+    by_id, stored = dict(zip(ids, labels)), dict(zip(ids, vectors))
+    rng = np.random.default_rng(9)
+    pick = rng.choice(len(ids), size=12, replace=False)
+    step_ids = [ids[i] for i in pick] + ["brand-new"]
+    fresh = rng.normal(size=(13, 16)).astype(np.float32)
+    names = [""] * 12 + ["class-3"]  # "" keeps the stored label; a new item needs one
+    with client.session(name, "hard", negatives_per_anchor=2, with_vectors=True) as s:
+        b = s.step(step_ids, fresh, labels=names, step=5, write_back=True)
+        assert b.step == 5 and len(b) > 0
+        # Mined before the write-back: the items are the stored vectors and labels.
+        for i in set(b.positive_ids) | set(b.negative_ids):
+            assert b.items[i].label == by_id[i] and b.items[i].generation == 0
+            np.testing.assert_array_equal(b.items[i].vector, stored[i])
+        # The next step is mined after it: the anchors' stored vectors are the fresh ones.
+        b = s.step(step_ids[:12], step=6)
+        assert b.written_step == 5 and s.written_step == 5
+        assert b.stats.written == 13
+        assert b.anchor_ids
+        for a in set(b.anchor_ids):
+            np.testing.assert_array_equal(b.items[a].vector, fresh[step_ids.index(a)])
+            assert b.items[a].generation == 5
+    got = client.get(name, step_ids, with_vectors=True, with_inputs=True)
+    assert got.ids == step_ids
+    np.testing.assert_array_equal(got.vectors, fresh)
+    assert got.generations.tolist() == [5] * 13
+    assert got.labels == [by_id[i] for i in step_ids[:12]] + ["class-3"]
+    assert got.metadata == [{"n": i} for i in step_ids[:12]] + [{}], "metadata is kept"
+    for n, inp in zip(pick, got.inputs[:12]):  # and so are the stored inputs
+        assert list(inp.tensor.shape) == [2, 3] and set(inp.tensor.values) == {float(n)}
+    # The items the steps did not send are as they were.
+    rest = [i for i in ids if i not in step_ids]
+    untouched = client.get(name, rest, with_vectors=True)
+    np.testing.assert_array_equal(untouched.vectors, np.stack([stored[i] for i in rest]))
+    assert untouched.generations.tolist() == [0] * len(rest)
+
+
+def test_session_options_take_sample(client, labelled):
+    coll, ids, _, _ = labelled
+    req = likeness.mining.mine_request(coll, "semi_hard", sample=16)
+    assert req.sample == 16
+    with client.session(coll, "semi_hard", sample=8, negatives_per_anchor=1) as s:
+        b = s.step(ids[:8])
+        assert b.written_step is None and s.written_step is None, "no write-back asked"
+        assert sum(b.stats.sources.values()) == len(b) > 0
+        assert set(b.stats.sources) <= {"knn", "sample", "second_search"}

@@ -184,6 +184,7 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
                         step,
                         request: (step == 0).then(|| mine_request(n as u64)),
                         anchors,
+                        write_back: false,
                     };
                     step += 1;
                     if !round_trip(&tx, &mut out, msg, name, &mut t).await? {

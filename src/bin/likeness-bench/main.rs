@@ -10,7 +10,8 @@
 //! Parts (`--only`, default all but curve, mine, load and sizing, in this order):
 //! ingest, search, embed, mixed, memory, restart; and four that run only when named:
 //! curve (recall against QPS over an ef sweep) and mine (a daemon per `--mine-n`), with
-//! data sets of their own; load (1,000 streams beside a mixed unary load for 60 s);
+//! data sets of their own; session (a Session used as a cross-batch memory, with and
+//! without write-back); load (1,000 streams beside a mixed unary load for 60 s);
 //! sizing (memory and disk by N, dimension and precision, a daemon per cell); and
 //! activate (a collection re-embedded with a second model under load).
 
@@ -27,6 +28,7 @@ mod mixed;
 mod procfs;
 mod reference;
 mod search;
+mod session;
 mod sizing;
 
 use std::path::PathBuf;
@@ -37,12 +39,12 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 11] = [
-    "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine", "load", "sizing",
-    "activate",
+const PARTS: [&str; 12] = [
+    "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine", "session", "load",
+    "sizing", "activate",
 ];
 /// Parts that run only when `--only` names them (long, or with data sets of their own).
-const ON_REQUEST: [&str; 5] = ["curve", "mine", "load", "sizing", "activate"];
+const ON_REQUEST: [&str; 6] = ["curve", "mine", "session", "load", "sizing", "activate"];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -132,11 +134,16 @@ pub struct Args {
     /// mine: items per class (the corpus has N / this classes).
     #[arg(long, default_value_t = 100)]
     pub mine_per_class: usize,
+    /// mine: the corpus: cold (unit Gaussian vectors, no class structure, labels
+    /// round-robin: an untrained network) or clustered (classes in families: a
+    /// half-trained one).
+    #[arg(long, value_enum, default_value = "clustered")]
+    pub mine_corpus: mine::CorpusKind,
     /// mine: anchors per timed run (a seeded sample of the corpus).
     #[arg(long, default_value_t = 10_000)]
     pub mine_anchors: usize,
     /// mine: anchors the exact miner mines and the agreement covers (the head of the
-    /// sample).
+    /// sample); 0 leaves the exact miner and the agreement out.
     #[arg(long, default_value_t = 2_000)]
     pub exact_anchors: usize,
     /// mine: runs of the exact miner (inside one process; the median is reported).
@@ -168,6 +175,38 @@ pub struct Args {
     /// mine: how long the slow reader sleeps after each message, ms.
     #[arg(long, default_value_t = 250)]
     pub mine_slow_ms: u64,
+    /// session: items in the collection.
+    #[arg(long, default_value_t = 100_000)]
+    pub session_n: usize,
+    /// session: their dimension.
+    #[arg(long, default_value_t = 64)]
+    pub session_dim: usize,
+    /// session: labels (N / this items each).
+    #[arg(long, default_value_t = 1000)]
+    pub session_labels: usize,
+    /// session: the corpus (as --mine-corpus).
+    #[arg(long, value_enum, default_value = "cold")]
+    pub session_corpus: mine::CorpusKind,
+    /// session: measured steps per Session, after the warm-up steps.
+    #[arg(long, default_value_t = 300)]
+    pub session_steps: usize,
+    /// session: warm-up steps, not measured.
+    #[arg(long, default_value_t = 20)]
+    pub session_warmup: usize,
+    /// session: anchors per step.
+    #[arg(long, default_value_t = 128)]
+    pub session_anchors: usize,
+    /// session: HARD negatives per anchor.
+    #[arg(long, default_value_t = 16)]
+    pub session_negatives: u32,
+    /// session: norm of the Gaussian noise added to a stored vector to make the
+    /// trainer's fresh one (then unit-normalised).
+    #[arg(long, default_value_t = 0.1)]
+    pub session_noise: f32,
+    /// session: ms the trainer spends between an answer and its next step (its forward
+    /// and backward pass, which a write-back hides behind); 0: the next step at once.
+    #[arg(long, default_value_t = 0)]
+    pub session_think_ms: u64,
     /// load: concurrent streams held open (EmbedStream, Session, MineTriplets and
     /// UpsertStream in turn).
     #[arg(long, default_value_t = 1000)]
@@ -201,7 +240,7 @@ pub struct Args {
     #[arg(long, default_value_t = 20_000)]
     pub activate_n: usize,
     /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve, mine,
-    /// load, sizing, activate); default all but the last five.
+    /// session, load, sizing, activate); default all but the last six.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The data sets of the curve part, each with its own daemon and in-process index
@@ -358,7 +397,12 @@ async fn run(args: Args) -> Result<(), String> {
     // curve, mine and sizing generate data sets of their own.
     let needs_data = PARTS
         .iter()
-        .filter(|p| !matches!(**p, "embed" | "curve" | "mine" | "sizing" | "activate"))
+        .filter(|p| {
+            !matches!(
+                **p,
+                "embed" | "curve" | "mine" | "session" | "sizing" | "activate"
+            )
+        })
         .any(|p| want(p));
     let data = if needs_data {
         eprintln!("loading the data");
@@ -461,6 +505,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if want("mine") {
         mine::run(&ctx).await?;
+    }
+    if want("session") {
+        session::run(&ctx).await?;
     }
     if want("load") {
         load::run(&ctx).await?;

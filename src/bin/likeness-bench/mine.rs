@@ -1,24 +1,37 @@
-//! The mine part: likeness.v1.Miner over gRPC against its two references, per corpus
-//! size N (`--mine-n`, each a fresh daemon):
+//! The mine part: likeness.v1.Miner over gRPC against its references, per corpus size N
+//! (`--mine-n`, each a fresh daemon):
 //!
 //! - the limit: usearch's own kNN in this process on an index of the same vectors and
-//!   parameters, for the same anchors with the same k and expansion, filtered the way
-//!   the miner filters (a predicate that drops the anchor's label), on `--threads`
-//!   threads; and unfiltered, for context;
+//!   parameters, for the same anchors with the same k and expansion, on `--threads`
+//!   threads: plain (k nearest, nothing excluded: the real limit, since the miner's kNN
+//!   now runs a plain search and drops excluded items afterwards) and filtered the way a
+//!   filtered walk filters (a predicate that drops the anchor's label);
+//! - likeness itself for HARD (the kNN pool alone) and SEMI_HARD (the pool, a uniform
+//!   sample beside it, and a second search when neither holds a window negative), with
+//!   where its negatives came from (MineStats.sources) and which kNN path its queries
+//!   took (the daemon's likeness_mine_knn_queries_total, plain or filtered);
 //! - what a trainer would run instead: bench/exact_miner.py, an exact miner on faiss's
 //!   IndexFlatIP (blocked matrix products on BLAS), on the same vectors, anchors and
 //!   positives and as many threads; it also reports how likeness's choices agree with
-//!   the exact ones (condition precision, same negative, HARD overlap);
+//!   the exact ones (condition precision, same negative, HARD overlap). `--exact-anchors
+//!   0` leaves it out;
 //! - memory: the daemon's RSS while a deliberately slow reader drains a stream capped at
 //!   `--mine-memory-triplets`.
 //!
-//! The corpus: labelled unit vectors, `--dim` wide, cosine, `--mine-per-class` items per
-//! class. Classes come in families of ten whose centres share a parent direction, and
-//! items scatter around their class centre, so that an anchor's nearest other-class
-//! items lie at about the distance of its positives: semi-hard negatives exist for most
-//! anchors, and some negatives are nearer than the positive (hard ones), as in a
-//! half-trained embedding (a numpy check of this model at 100k: d_ap median 0.23, the
-//! nearest negative's median 0.33, a window negative for 96% of anchors).
+//! Two corpora (`--mine-corpus`), labelled unit vectors, `--dim` wide, cosine,
+//! `--mine-per-class` items per class:
+//!
+//! - clustered (the default): classes come in families of ten whose centres share a
+//!   parent direction, and items scatter around their class centre, so that an anchor's
+//!   nearest other-class items lie at about the distance of its positives: semi-hard
+//!   negatives exist for most anchors, and some negatives are nearer than the positive
+//!   (hard ones), as in a half-trained embedding (a numpy check of this model at 100k:
+//!   d_ap median 0.23, the nearest negative's median 0.33, a window negative for 96% of
+//!   anchors);
+//! - cold: what an untrained network emits, unit Gaussian vectors with no class
+//!   structure, labels assigned round-robin. Every distance is near 1, positives are as
+//!   far as anything else, and the SEMI_HARD window (d_ap, d_ap + margin) lies far
+//!   beyond the nearest neighbours: the kNN pool cannot hold it, the uniform sample must.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -53,15 +66,34 @@ const MANY_POSITIVES: u32 = 4;
 const BATCH: u32 = 256;
 const MARGIN: f32 = 0.2;
 
-/// A labelled corpus: row i is item `v{i}`, label `c{labels[i]}`.
-struct Corpus {
-    n: usize,
-    classes: usize,
-    data: Data,
-    labels: Vec<u32>,
+/// Which labelled corpus a run mines (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CorpusKind {
+    /// Unit Gaussian vectors, no class structure, labels round-robin: an untrained
+    /// network's embedding.
+    Cold,
+    /// Classes in families around shared directions: a half-trained embedding.
+    Clustered,
 }
 
-fn unit(v: &mut [f32]) {
+impl CorpusKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CorpusKind::Cold => "cold",
+            CorpusKind::Clustered => "clustered",
+        }
+    }
+}
+
+/// A labelled corpus: row i is item `v{i}`, label `c{labels[i]}`.
+pub struct Corpus {
+    pub n: usize,
+    pub classes: usize,
+    pub data: Data,
+    pub labels: Vec<u32>,
+}
+
+pub fn unit(v: &mut [f32]) {
     let n = v
         .iter()
         .map(|x| x * x)
@@ -72,38 +104,19 @@ fn unit(v: &mut [f32]) {
 }
 
 /// A Gaussian vector whose expected norm is about `scale`.
-fn gaussian(rng: &mut Rng, dim: usize, scale: f32) -> Vec<f32> {
+pub fn gaussian(rng: &mut Rng, dim: usize, scale: f32) -> Vec<f32> {
     let s = scale / (dim as f32).sqrt();
     (0..dim).map(|_| s * rng.normal()).collect()
 }
 
 impl Corpus {
-    fn new(n: usize, dim: usize, per_class: usize, seed: u64) -> Corpus {
+    pub fn new(kind: CorpusKind, n: usize, dim: usize, per_class: usize, seed: u64) -> Corpus {
         let mut rng = Rng::new(seed);
         let classes = (n / per_class.max(1)).max(2);
-        let families: Vec<Vec<f32>> = (0..classes.div_ceil(FAMILY))
-            .map(|_| gaussian(&mut rng, dim, 1.0))
-            .collect();
-        let centres: Vec<Vec<f32>> = (0..classes)
-            .map(|c| {
-                let off = gaussian(&mut rng, dim, CLASS_SPREAD);
-                families[c / FAMILY]
-                    .iter()
-                    .zip(off)
-                    .map(|(a, b)| a + b)
-                    .collect()
-            })
-            .collect();
-        let mut vectors = Vec::with_capacity(n);
-        let mut labels = Vec::with_capacity(n);
-        for _ in 0..n {
-            let c = rng.below(classes);
-            let off = gaussian(&mut rng, dim, ITEM_SPREAD);
-            let mut v: Vec<f32> = centres[c].iter().zip(off).map(|(a, b)| a + b).collect();
-            unit(&mut v);
-            vectors.push(v);
-            labels.push(c as u32);
-        }
+        let (vectors, labels) = match kind {
+            CorpusKind::Cold => Self::cold(&mut rng, n, dim, classes),
+            CorpusKind::Clustered => Self::clustered(&mut rng, n, dim, classes),
+        };
         let items = vectors
             .iter()
             .zip(&labels)
@@ -115,10 +128,16 @@ impl Corpus {
                 ..Default::default()
             })
             .collect();
-        let data = Data {
-            describe: format!(
+        let describe = match kind {
+            CorpusKind::Cold => format!(
+                "{n} x {dim} unit Gaussian vectors (cold: no class structure), {classes} labels round-robin, cosine"
+            ),
+            CorpusKind::Clustered => format!(
                 "{n} x {dim} labelled unit vectors, {classes} classes in families of {FAMILY}, cosine"
             ),
+        };
+        let data = Data {
+            describe,
             dim,
             metric: Metric::Cosine,
             vectors,
@@ -132,6 +151,47 @@ impl Corpus {
             data,
             labels,
         }
+    }
+
+    /// An untrained network's output: no structure at all; item i has label i mod
+    /// classes.
+    fn cold(rng: &mut Rng, n: usize, dim: usize, classes: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+        let vectors = (0..n)
+            .map(|_| {
+                let mut v = gaussian(rng, dim, 1.0);
+                unit(&mut v);
+                v
+            })
+            .collect();
+        let labels = (0..n).map(|i| (i % classes) as u32).collect();
+        (vectors, labels)
+    }
+
+    fn clustered(rng: &mut Rng, n: usize, dim: usize, classes: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+        let families: Vec<Vec<f32>> = (0..classes.div_ceil(FAMILY))
+            .map(|_| gaussian(rng, dim, 1.0))
+            .collect();
+        let centres: Vec<Vec<f32>> = (0..classes)
+            .map(|c| {
+                let off = gaussian(rng, dim, CLASS_SPREAD);
+                families[c / FAMILY]
+                    .iter()
+                    .zip(off)
+                    .map(|(a, b)| a + b)
+                    .collect()
+            })
+            .collect();
+        let mut vectors = Vec::with_capacity(n);
+        let mut labels = Vec::with_capacity(n);
+        for _ in 0..n {
+            let c = rng.below(classes);
+            let off = gaussian(rng, dim, ITEM_SPREAD);
+            let mut v: Vec<f32> = centres[c].iter().zip(off).map(|(a, b)| a + b).collect();
+            unit(&mut v);
+            vectors.push(v);
+            labels.push(c as u32);
+        }
+        (vectors, labels)
     }
 }
 
@@ -190,10 +250,39 @@ struct Mined {
     secs: f64,
     anchors: u64,
     triplets: u64,
+    /// Anchors with at least one triplet that is not a fallback (SEMI_HARD: a negative
+    /// inside the window).
+    in_window: u64,
+    /// Non-fallback SEMI_HARD triplets whose reported distances break the window
+    /// (d_ap < d_an < d_ap + margin): should be 0.
+    window_broken: u64,
     /// Kept only when asked.
     kept: Vec<pb::Triplet>,
     stats: pb::MineStats,
     cpu: crate::procfs::Cpu,
+    /// The daemon's kNN queries during the stream, by path (plain, filtered); None when
+    /// it exports no such metric.
+    knn: Option<(f64, f64)>,
+}
+
+impl Mined {
+    fn rate(&self) -> f64 {
+        self.anchors as f64 / self.secs
+    }
+
+    fn source(&self, name: &str) -> u64 {
+        self.stats.sources.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// The daemon's kNN query counters (plain, filtered).
+async fn knn_paths(d: &Daemon) -> Option<(f64, f64)> {
+    let series = |path: &str| {
+        format!("likeness_mine_knn_queries_total{{collection=\"{COLLECTION}\",path=\"{path}\"}}")
+    };
+    let plain = d.metric(&series("plain")).await.ok().flatten()?;
+    let filtered = d.metric(&series("filtered")).await.ok().flatten()?;
+    Some((plain, filtered))
 }
 
 fn request(
@@ -233,7 +322,10 @@ async fn mine(
     keep: bool,
     pause: Option<Duration>,
 ) -> Result<Mined, String> {
+    let semi_hard = req.strategy == pb::Strategy::SemiHard as i32;
+    let margin = req.margin.unwrap_or(MARGIN);
     let mut client = miner(d).await?;
+    let knn_before = knn_paths(d).await;
     let cpu = Meter::start(d.pid());
     let start = Instant::now();
     let mut stream = client
@@ -242,9 +334,19 @@ async fn mine(
         .map_err(status)?
         .into_inner();
     let (mut triplets, mut kept, mut stats) = (0u64, Vec::new(), None);
+    let mut in_window = std::collections::HashSet::new();
+    let mut window_broken = 0u64;
     while let Some(msg) = stream.next().await {
         let msg = msg.map_err(status)?;
         triplets += msg.triplets.len() as u64;
+        for t in msg.triplets.iter().filter(|t| !t.fallback) {
+            if semi_hard && t.d_an.iter().any(|&d| !(d > t.d_ap && d < t.d_ap + margin)) {
+                window_broken += 1;
+            }
+            if !in_window.contains(&t.anchor_id) {
+                in_window.insert(t.anchor_id.clone());
+            }
+        }
         if keep {
             kept.extend(msg.triplets);
         }
@@ -257,14 +359,22 @@ async fn mine(
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu.stop();
+    let knn = match (knn_before, knn_paths(d).await) {
+        (Some(a), Some(b)) => Some((b.0 - a.0, b.1 - a.1)),
+        _ => None,
+    };
     let stats = stats.ok_or("the stream ended without its last message")?;
     Ok(Mined {
         secs,
         anchors: stats.anchors,
         triplets,
+        in_window: in_window.len() as u64,
+        window_broken,
         kept,
         stats,
-        cpu: cpu.stop(),
+        cpu,
+        knn,
     })
 }
 
@@ -272,7 +382,8 @@ async fn mine(
 
 /// usearch's kNN for every anchor row on `threads` threads: the k nearest of another
 /// label (a predicate over a label array, the cheapest filter there is), or with
-/// `filtered` false the plain k + 1 nearest. Returns anchors/s, this process's CPU µs
+/// `filtered` false the plain k nearest (nothing excluded: the least work any kNN miner
+/// can do per anchor). Returns anchors/s, this process's CPU µs
 /// per anchor and the neighbours.
 fn usearch_knn(
     index: &usearch::Index,
@@ -297,7 +408,7 @@ fn usearch_knn(
                             labels[key as usize] != own
                         })
                     } else {
-                        index.search(&vectors[a][..], K + 1)
+                        index.search(&vectors[a][..], K)
                     };
                     *o = m.map(|m| m.keys).unwrap_or_default();
                 }
@@ -357,14 +468,28 @@ fn run_exact(ctx: &Ctx, dir: &Path, runs: usize) -> Result<Exact, String> {
 /// What one corpus size gave.
 pub struct SizeResult {
     n: usize,
-    likeness: Stat,
+    hard: Stat,
+    semi: Stat,
     likeness_many: Stat,
     triplets_per_anchor_many: f64,
     usearch_filtered: Stat,
     usearch_plain: Stat,
-    exact: Stat,
-    /// CPU µs per anchor: likeness (daemon + client), usearch filtered, exact.
-    cpu: (f64, f64, f64),
+    /// None when the exact miner was left out.
+    exact: Option<Stat>,
+    /// CPU µs per anchor: likeness HARD, SEMI_HARD (daemon + client), usearch plain,
+    /// usearch filtered, exact.
+    cpu: Cpu5,
+    /// SEMI_HARD: the share of anchors with a triplet inside the window.
+    in_window: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cpu5 {
+    hard: f64,
+    semi: f64,
+    plain: f64,
+    filtered: f64,
+    exact: f64,
 }
 
 /// Writes the agreement inputs: likeness's SEMI_HARD choices (several positives) and
@@ -548,24 +673,25 @@ async fn memory(ctx: &Ctx, d: &Daemon, corpus: &Corpus) -> Result<(), String> {
     Ok(())
 }
 
+/// Anchors whose filtered reference answer is checked (never the anchor's own label).
+const CHECKED: usize = 500;
+
+/// `a` per CPU-second over `b` per CPU-second, from CPU µs per anchor.
+fn by_cpu(a_us: f64, b_us: f64) -> f64 {
+    b_us / a_us
+}
+
 /// One corpus size: a fresh daemon, the references, the figures.
 async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
     let args = &ctx.args;
     let runs = ctx.runs;
     let threads = ctx.threads;
-    eprintln!("mine: generating {n} labelled vectors");
-    let corpus = Corpus::new(n, args.dim, args.mine_per_class, 7);
-    let dir = match &args.mine_dir {
-        Some(d) => {
-            let d = d.join(format!("n{n}"));
-            std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-            d
-        }
-        None => crate::reference::temp_dir("mine")?,
-    };
-    npy_f32(&dir.join("vectors.npy"), &corpus.data.vectors)?;
-    let labels: Vec<i64> = corpus.labels.iter().map(|&l| i64::from(l)).collect();
-    npy_i64(&dir.join("labels.npy"), &[n], &labels)?;
+    let kind = args.mine_corpus;
+    eprintln!(
+        "mine: generating {n} labelled vectors ({} corpus)",
+        kind.name()
+    );
+    let corpus = Corpus::new(kind, n, args.dim, args.mine_per_class, 7);
 
     // The anchors: a seeded sample; the exact subset is its head.
     let mut rng = Rng::new(99);
@@ -579,6 +705,24 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
     let exact_anchors = &anchors[..args.exact_anchors.min(take)];
     let ids: Vec<String> = anchors.iter().map(|a| format!("v{a}")).collect();
 
+    // The exact miner's inputs, only when it runs.
+    let dir = if exact_anchors.is_empty() {
+        None
+    } else {
+        let dir = match &args.mine_dir {
+            Some(d) => {
+                let d = d.join(format!("n{n}"));
+                std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+                d
+            }
+            None => crate::reference::temp_dir("mine")?,
+        };
+        npy_f32(&dir.join("vectors.npy"), &corpus.data.vectors)?;
+        let labels: Vec<i64> = corpus.labels.iter().map(|&l| i64::from(l)).collect();
+        npy_i64(&dir.join("labels.npy"), &[n], &labels)?;
+        Some(dir)
+    };
+
     let d = Daemon::start(&ctx.spec).await?;
     eprintln!("mine: loading {n} items into a fresh daemon");
     let ingest = d.ingest(&corpus.data, args.batch, args.writers).await?;
@@ -590,8 +734,9 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         let (index, add_rate, _) =
             crate::reference::usearch_add(&corpus.data.vectors, Metric::Cosine, params, threads)?;
         eprintln!("mine: usearch add {add_rate:.0} vectors/s");
-        let (_, _, found) = usearch_knn(&index, &corpus, exact_anchors, threads, true);
-        check_reference(&found, &corpus, exact_anchors)?;
+        let checked = &anchors[..take.min(CHECKED)];
+        let (_, _, found) = usearch_knn(&index, &corpus, checked, threads, true);
+        check_reference(&found, &corpus, checked)?;
         Some(index)
     } else {
         eprintln!(
@@ -600,18 +745,26 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         );
         None
     };
-    eprintln!("mine: agreement runs");
-    agreement_inputs(&d, &dir, exact_anchors).await?;
+    if let Some(dir) = &dir {
+        eprintln!("mine: agreement runs");
+        agreement_inputs(&d, dir, exact_anchors).await?;
+    }
+    // A short pass of each strategy first, untimed: the daemon's pools start, its pages
+    // come in, and its kNN settles on a path (plain or filtered).
+    let warm = &ids[..ids.len().min(1000)];
+    for strategy in [pb::Strategy::Hard, pb::Strategy::SemiHard] {
+        mine(&d, request(strategy, warm, 1, 1), false, None).await?;
+    }
 
-    let (mut lk, mut lk_many, mut per_anchor, mut uf, mut up) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut cpu = Vec::new();
-    let (mut uf_cpu, mut up_cpu) = (Vec::new(), Vec::new());
-    let mut server_rates = Vec::new();
-    let mut fallbacks = 0.0;
-    let mut second = 0.0;
+    let (mut hard_rate, mut semi_rate, mut many_rate, mut per_anchor) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut uf, mut up, mut uf_cpu, mut up_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut hard_cpu, mut semi_cpu) = (Vec::new(), Vec::new());
+    let (mut hard_server, mut semi_server) = (Vec::new(), Vec::new());
+    let mut last = None;
     for run in 0..runs {
-        let one = mine(&d, request(pb::Strategy::SemiHard, &ids, 1, 1), false, None).await?;
+        let hard = mine(&d, request(pb::Strategy::Hard, &ids, 1, 1), false, None).await?;
+        let semi = mine(&d, request(pb::Strategy::SemiHard, &ids, 1, 1), false, None).await?;
         let many = mine(
             &d,
             request(pb::Strategy::SemiHard, &ids, MANY_POSITIVES, 1),
@@ -621,8 +774,8 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
         .await?;
         let (f, u) = match &index {
             Some(index) => {
-                let (f, f_cpu, _) = usearch_knn(index, &corpus, &anchors, threads, true);
                 let (u, u_cpu, _) = usearch_knn(index, &corpus, &anchors, threads, false);
+                let (f, f_cpu, _) = usearch_knn(index, &corpus, &anchors, threads, true);
                 uf_cpu.push(f_cpu);
                 up_cpu.push(u_cpu);
                 uf.push(f);
@@ -631,123 +784,269 @@ async fn one_size(ctx: &Ctx, n: usize) -> Result<SizeResult, String> {
             }
             None => (f64::NAN, f64::NAN),
         };
-        let rate = one.anchors as f64 / one.secs;
         eprintln!(
-            "mine N={n} run {}/{runs}: likeness {:.0} anchors/s (x{MANY_POSITIVES} positives: {:.0} anchors/s, {:.0} triplets/s), usearch filtered kNN {:.0}/s, plain {:.0}/s",
+            "mine N={n} run {}/{runs}: likeness HARD {:.0} anchors/s, SEMI_HARD {:.0} anchors/s (x{MANY_POSITIVES} positives: {:.0} anchors/s, {:.0} triplets/s); usearch plain kNN {u:.0}/s, filtered {f:.0}/s",
             run + 1,
-            rate,
-            many.anchors as f64 / many.secs,
+            hard.rate(),
+            semi.rate(),
+            many.rate(),
             many.triplets as f64 / many.secs,
-            f,
-            u
         );
-        lk.push(rate);
-        lk_many.push(many.anchors as f64 / many.secs);
+        hard_rate.push(hard.rate());
+        semi_rate.push(semi.rate());
+        many_rate.push(many.rate());
         per_anchor.push(many.triplets as f64 / many.anchors.max(1) as f64);
-        cpu.push(one.cpu.per(one.anchors as usize));
-        server_rates.push(one.stats.anchors_per_second);
-        fallbacks = one
+        hard_cpu.push(hard.cpu.per(hard.anchors as usize));
+        semi_cpu.push(semi.cpu.per(semi.anchors as usize));
+        hard_server.push(hard.stats.anchors_per_second);
+        semi_server.push(semi.stats.anchors_per_second);
+        last = Some((hard, semi, many));
+    }
+    let (hard, semi, many) = last.ok_or("no runs")?;
+    let exact = match &dir {
+        Some(dir) => {
+            eprintln!("mine: the exact miner on {} anchors", exact_anchors.len());
+            Some(run_exact(ctx, dir, args.exact_runs.max(1))?)
+        }
+        None => None,
+    };
+    let (hr, sr, lk_many, uf, up) = (
+        stat(hard_rate),
+        stat(semi_rate),
+        stat(many_rate),
+        stat(uf),
+        stat(up),
+    );
+    let per_anchor = stat(per_anchor).median;
+    let med =
+        |xs: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| stat(xs.iter().map(f).collect()).median;
+    // CPU per anchor: likeness's is the daemon's and the client's together.
+    let (hd, hc) = (med(&hard_cpu, |c| c.0), med(&hard_cpu, |c| c.1));
+    let (sd, sc) = (med(&semi_cpu, |c| c.0), med(&semi_cpu, |c| c.1));
+    let cpu = Cpu5 {
+        hard: med(&hard_cpu, |c| c.0 + c.1),
+        semi: med(&semi_cpu, |c| c.0 + c.1),
+        plain: stat(up_cpu).median,
+        filtered: stat(uf_cpu).median,
+        exact: exact
+            .as_ref()
+            .map_or(f64::NAN, |e| stat(e.cpu_us_per_anchor.clone()).median),
+    };
+    let ex = exact.as_ref().map(|e| stat(e.anchors_per_second.clone()));
+    let ex_many = exact
+        .as_ref()
+        .map(|e| stat(e.anchors_per_second_all_positives.clone()));
+
+    println!(
+        "### N = {n} ({} corpus, {} classes; {} anchors per run{}; k = {K}, ef = {}, {threads} threads for the references)\n",
+        kind.name(),
+        corpus.classes,
+        anchors.len(),
+        if exact_anchors.is_empty() {
+            String::from(", the exact miner left out")
+        } else {
+            format!(", {} for the exact miner", exact_anchors.len())
+        },
+        params.expansion_search
+    );
+    println!(
+        "| system | anchors/s | CPU µs per anchor | ÷ usearch plain, by rate | ÷ usearch plain, by CPU | ÷ usearch filtered, by rate | ÷ usearch filtered, by CPU |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let row = |what: String, rate: Stat, cpu_us: f64| {
+        let c = |x: f64| {
+            if x.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{x:.0}")
+            }
+        };
+        let r = |x: f64| {
+            if x.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{x:.2}")
+            }
+        };
+        println!(
+            "| {what} | {rate} | {} | {} | {} | {} | {} |",
+            c(cpu_us),
+            r(rate.median / up.median),
+            r(by_cpu(cpu_us, cpu.plain)),
+            r(rate.median / uf.median),
+            r(by_cpu(cpu_us, cpu.filtered)),
+        );
+    };
+    row(
+        format!(
+            "likeness MineTriplets over gRPC, HARD, 1 negative (daemon {hd:.0} µs + client {hc:.0} µs CPU per anchor; server-side {:.0}/s)",
+            stat(hard_server).median
+        ),
+        hr,
+        cpu.hard,
+    );
+    row(
+        format!(
+            "likeness MineTriplets over gRPC, SEMI_HARD, 1 positive, 1 negative (daemon {sd:.0} µs + client {sc:.0} µs; server-side {:.0}/s)",
+            stat(semi_server).median
+        ),
+        sr,
+        cpu.semi,
+    );
+    row(
+        format!(
+            "likeness SEMI_HARD, {MANY_POSITIVES} positives per anchor sharing one kNN ({per_anchor:.2} triplets per anchor, {:.0} triplets/s)",
+            lk_many.median * per_anchor
+        ),
+        lk_many,
+        f64::NAN,
+    );
+    row(
+        format!("usearch in-process plain kNN (k = {K}), {threads} threads"),
+        up,
+        cpu.plain,
+    );
+    row(
+        format!(
+            "usearch in-process filtered kNN (k = {K}, anchor's label excluded), {threads} threads"
+        ),
+        uf,
+        cpu.filtered,
+    );
+    if let (Some(ex), Some(ex_many)) = (ex, ex_many) {
+        row(
+            format!("exact miner (faiss IndexFlatIP, {threads} threads), 1 positive"),
+            ex,
+            cpu.exact,
+        );
+        row(
+            format!("exact miner, {MANY_POSITIVES} positives"),
+            ex_many,
+            f64::NAN,
+        );
+    }
+    println!();
+    println!(
+        "SEMI_HARD / HARD: {:.2} by rate, {:.2} by CPU (anchors per CPU-second). By CPU, a ratio is the row's anchors per CPU-second over the reference's (likeness: daemon + client).\n",
+        sr.median / hr.median,
+        by_cpu(cpu.semi, cpu.hard)
+    );
+
+    // Where the negatives came from, and which path the kNN took (the last run).
+    let share = |x: u64, of: u64| format!("{x} ({:.1}%)", 100.0 * x as f64 / of.max(1) as f64);
+    println!("| last run | HARD | SEMI_HARD | SEMI_HARD, {MANY_POSITIVES} positives |");
+    println!("|---|---|---|---|");
+    let cells =
+        |f: &dyn Fn(&Mined) -> String| format!("{} | {} | {} |", f(&hard), f(&semi), f(&many));
+    println!("| anchors | {}", cells(&|m| m.anchors.to_string()));
+    println!(
+        "| anchors without a triplet | {}",
+        cells(&|m| share(m.stats.anchors_without_triplet, m.anchors))
+    );
+    println!(
+        "| anchors with a non-fallback triplet (SEMI_HARD: inside the window) | {}",
+        cells(&|m| share(m.in_window, m.anchors))
+    );
+    println!("| triplets | {}", cells(&|m| m.triplets.to_string()));
+    for source in ["knn", "sample", "second_search"] {
+        println!(
+            "| negatives from `{source}` | {}",
+            cells(&|m| share(m.source(source), m.triplets))
+        );
+    }
+    let others: Vec<&String> = [&hard, &semi, &many]
+        .iter()
+        .flat_map(|m| m.stats.sources.keys())
+        .filter(|k| !matches!(k.as_str(), "knn" | "sample" | "second_search"))
+        .collect();
+    if !others.is_empty() {
+        println!(
+            "| other sources | {}",
+            cells(&|m| format!("{:?}", m.stats.sources))
+        );
+    }
+    println!(
+        "| fallbacks | {}",
+        cells(&|m| {
+            if m.stats.fallbacks.is_empty() {
+                "none".into()
+            } else {
+                m.stats
+                    .fallbacks
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        })
+    );
+    println!(
+        "| kNN queries, plain / filtered walk (the daemon's counters) | {}",
+        cells(&|m| m
+            .knn
+            .map_or("-".into(), |(p, f)| format!("{p:.0} / {f:.0}")))
+    );
+    println!(
+        "| candidates examined per anchor | {}",
+        cells(&|m| format!(
+            "{:.1}",
+            m.stats.candidates_examined as f64 / m.anchors.max(1) as f64
+        ))
+    );
+    println!();
+    let broken = semi.window_broken + many.window_broken;
+    if broken > 0 {
+        println!(
+            "**Check failed:** {broken} SEMI_HARD triplets not flagged as fallbacks report a d_an outside (d_ap, d_ap + {MARGIN}).\n"
+        );
+    }
+
+    if let Some(exact) = &exact {
+        let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
+        let fallbacks = semi
             .stats
             .fallbacks
             .get("semi_hard_beyond")
             .copied()
             .unwrap_or(0) as f64
-            / one.triplets.max(1) as f64;
-        second = many
-            .stats
-            .fallbacks
-            .get("second_search")
-            .copied()
-            .unwrap_or(0) as f64
-            / many.triplets.max(1) as f64;
+            / semi.triplets.max(1) as f64;
+        let second = many.source("second_search") as f64 / many.triplets.max(1) as f64;
+        println!(
+            "Agreement on {} triplets ({} anchors x {MANY_POSITIVES} positives), exact distances: condition precision {} ({} of likeness's triplets inside the window); same negative as the exact miner {}; window recall {} (exact found a window negative for {}); extra d_an over the exact pick, median {:.4}, p99 {:.4}; HARD top-{HARD_K} overlap with the exact nearest negatives {}. Fallbacks (no negative inside the window): likeness {:.1}%, exact {:.1}%; the exact miner searched {} whole rows (positive beyond its {K}-pool); {:.2}% of likeness's x{MANY_POSITIVES} negatives came from a second search.\n",
+            exact.triplets_compared.unwrap_or(0),
+            exact_anchors.len(),
+            pct(exact.condition_precision),
+            exact.likeness_in_window.unwrap_or(0),
+            pct(exact.same_as_exact),
+            pct(exact.window_recall),
+            exact.exact_in_window.unwrap_or(0),
+            exact.median_extra_distance.unwrap_or(f64::NAN),
+            exact.p99_extra_distance.unwrap_or(f64::NAN),
+            pct(exact.hard_overlap),
+            100.0 * fallbacks,
+            100.0 * exact.exact_fallback_share,
+            exact.full_row_searches,
+            100.0 * second,
+        );
     }
-    eprintln!("mine: the exact miner on {} anchors", exact_anchors.len());
-    let exact = run_exact(ctx, &dir, args.exact_runs.max(1))?;
-    let (lk, lk_many, uf, up) = (stat(lk), stat(lk_many), stat(uf), stat(up));
-    let ex = stat(exact.anchors_per_second.clone());
-    let ex_many = stat(exact.anchors_per_second_all_positives.clone());
-    let per_anchor = stat(per_anchor).median;
-    let (dc, cc) = (
-        stat(cpu.iter().map(|c| c.0).collect()).median,
-        stat(cpu.iter().map(|c| c.1).collect()).median,
-    );
-    // CPU per anchor: likeness's is the daemon's and the client's together.
-    let lk_cpu = stat(cpu.iter().map(|c| c.0 + c.1).collect()).median;
-    let uf_cpu = stat(uf_cpu).median;
-    let up_cpu = stat(up_cpu).median;
-    let ex_cpu = stat(exact.cpu_us_per_anchor.clone()).median;
-
-    println!(
-        "### N = {n} ({} classes; {} anchors per run, {} for the exact miner; k = {K}, ef = {})\n",
-        corpus.classes,
-        anchors.len(),
-        exact_anchors.len(),
-        params.expansion_search
-    );
-    println!("| system | anchors/s | likeness / it | CPU µs per anchor | likeness / it, by CPU |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| likeness MineTriplets over gRPC, SEMI_HARD, 1 positive, 1 negative (daemon {dc:.0} µs + client {cc:.0} µs CPU per anchor; server-side {:.0}/s) | {lk} | 1.00 | {lk_cpu:.0} | 1.00 |",
-        stat(server_rates).median
-    );
-    println!(
-        "| likeness, {MANY_POSITIVES} positives per anchor sharing one kNN ({per_anchor:.2} triplets per anchor, {:.0} triplets/s) | {lk_many} | - | - | - |",
-        lk_many.median * per_anchor,
-    );
-    println!(
-        "| usearch in-process filtered kNN (anchor's label excluded), {threads} threads | {uf} | {:.2} | {uf_cpu:.0} | {:.2} |",
-        lk.median / uf.median,
-        uf_cpu / lk_cpu
-    );
-    println!(
-        "| usearch in-process plain kNN (k + 1), {threads} threads | {up} | {:.2} | {up_cpu:.0} | {:.2} |",
-        lk.median / up.median,
-        up_cpu / lk_cpu
-    );
-    println!(
-        "| exact miner (faiss IndexFlatIP, {threads} threads), 1 positive | {ex} | {:.2} | {ex_cpu:.0} | {:.2} |",
-        lk.median / ex.median,
-        ex_cpu / lk_cpu
-    );
-    println!(
-        "| exact miner, {MANY_POSITIVES} positives (likeness x{MANY_POSITIVES} / it) | {ex_many} | {:.2} | - | - |",
-        lk_many.median / ex_many.median
-    );
-    println!();
-    let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
-    println!(
-        "Agreement on {} triplets ({} anchors x {MANY_POSITIVES} positives), exact distances: condition precision {} ({} of likeness's triplets inside the window); same negative as the exact miner {}; window recall {} (exact found a window negative for {}); extra d_an over the exact pick, median {:.4}, p99 {:.4}; HARD top-{HARD_K} overlap with the exact nearest negatives {}. Fallbacks (no negative inside the window): likeness {:.1}%, exact {:.1}%; the exact miner searched {} whole rows (positive beyond its {K}-pool); likeness ran a second kNN for {:.2}% of its x{MANY_POSITIVES} triplets.\n",
-        exact.triplets_compared.unwrap_or(0),
-        exact_anchors.len(),
-        pct(exact.condition_precision),
-        exact.likeness_in_window.unwrap_or(0),
-        pct(exact.same_as_exact),
-        pct(exact.window_recall),
-        exact.exact_in_window.unwrap_or(0),
-        exact.median_extra_distance.unwrap_or(f64::NAN),
-        exact.p99_extra_distance.unwrap_or(f64::NAN),
-        pct(exact.hard_overlap),
-        100.0 * fallbacks,
-        100.0 * exact.exact_fallback_share,
-        exact.full_row_searches,
-        100.0 * second,
-    );
     if args.mine_memory_n == n {
         memory(ctx, &d, &corpus).await?;
     }
     d.stop().await?;
-    if args.mine_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
+    if let (Some(dir), None) = (&dir, &args.mine_dir) {
+        let _ = std::fs::remove_dir_all(dir);
     }
     Ok(SizeResult {
         n,
-        likeness: lk,
+        hard: hr,
+        semi: sr,
         likeness_many: lk_many,
         triplets_per_anchor_many: per_anchor,
         usearch_filtered: uf,
         usearch_plain: up,
         exact: ex,
-        cpu: (lk_cpu, uf_cpu, ex_cpu),
+        cpu,
+        in_window: semi.in_window as f64 / semi.anchors.max(1) as f64,
     })
 }
 
@@ -769,51 +1068,76 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     sizes.sort_unstable();
     sizes.dedup();
     println!(
-        "## Mining (SEMI_HARD, margin {MARGIN}, {}-d, cosine, {} items per class; the daemon's search pool on all cores, in-process references and the exact miner on {} threads; {} runs per figure, median)\n",
-        ctx.args.dim, ctx.args.mine_per_class, ctx.threads, ctx.runs
+        "## Mining (HARD and SEMI_HARD, margin {MARGIN}; {} corpus, {}-d, cosine, {} items per class; the daemon's search pool on all cores, in-process references and the exact miner on {} threads; {} runs per figure, median)\n",
+        ctx.args.mine_corpus.name(),
+        ctx.args.dim,
+        ctx.args.mine_per_class,
+        ctx.threads,
+        ctx.runs
     );
     let mut results = Vec::new();
     for n in sizes {
         results.push(one_size(ctx, n).await?);
     }
-    println!("### Against the exact miner, by N\n");
+    println!("### By N\n");
     println!(
-        "| N | likeness anchors/s | x{MANY_POSITIVES} positives: triplets/s | usearch filtered kNN /s | usearch plain kNN /s | likeness / usearch filtered | exact anchors/s | likeness / exact | CPU µs/anchor: likeness, usearch filtered, exact | by CPU: likeness / usearch filtered, likeness / exact |"
+        "| N | HARD anchors/s | SEMI_HARD anchors/s | SEMI_HARD / HARD | usearch plain kNN /s | usearch filtered kNN /s | by rate: HARD ÷ plain, SEMI_HARD ÷ plain, SEMI_HARD ÷ filtered | by CPU: HARD ÷ plain, SEMI_HARD ÷ plain, SEMI_HARD ÷ filtered | CPU µs/anchor: HARD, SEMI_HARD, plain, filtered | SEMI_HARD inside the window | x{MANY_POSITIVES} positives: triplets/s | exact anchors/s | SEMI_HARD ÷ exact: rate, CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
-        let (lc, uc, ec) = r.cpu;
+        let c = r.cpu;
+        let (ex, ex_ratio) = match r.exact {
+            Some(e) => (
+                e.to_string(),
+                format!(
+                    "{:.2}, {:.2}",
+                    r.semi.median / e.median,
+                    by_cpu(c.semi, c.exact)
+                ),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "| {} | {} | {:.0} | {} | {} | {:.2} | {} | {:.2} | {lc:.0}, {uc:.0}, {ec:.0} | {:.2}, {:.2} |",
+            "| {} | {} | {} | {:.2} | {} | {} | {:.2}, {:.2}, {:.2} | {:.2}, {:.2}, {:.2} | {:.0}, {:.0}, {:.0}, {:.0} | {:.1}% | {:.0} | {ex} | {ex_ratio} |",
             r.n,
-            r.likeness,
-            r.likeness_many.median * r.triplets_per_anchor_many,
-            r.usearch_filtered,
+            r.hard,
+            r.semi,
+            r.semi.median / r.hard.median,
             r.usearch_plain,
-            r.likeness.median / r.usearch_filtered.median,
-            r.exact,
-            r.likeness.median / r.exact.median,
-            uc / lc,
-            ec / lc
+            r.usearch_filtered,
+            r.hard.median / r.usearch_plain.median,
+            r.semi.median / r.usearch_plain.median,
+            r.semi.median / r.usearch_filtered.median,
+            by_cpu(c.hard, c.plain),
+            by_cpu(c.semi, c.plain),
+            by_cpu(c.semi, c.filtered),
+            c.hard,
+            c.semi,
+            c.plain,
+            c.filtered,
+            100.0 * r.in_window,
+            r.likeness_many.median * r.triplets_per_anchor_many,
         );
     }
     println!();
-    let by_rate = |r: &SizeResult| r.likeness.median / r.exact.median;
-    let by_cpu = |r: &SizeResult| r.cpu.2 / r.cpu.0;
-    for (what, ratio) in [
-        ("anchors/s", &by_rate as &dyn Fn(&SizeResult) -> f64),
-        ("CPU per anchor", &by_cpu),
-    ] {
-        match crossover(&results, ratio) {
-            Some(x) => println!(
-                "By {what}, likeness and the exact miner cross at N of about {x:.0} (below it, exact is faster)."
-            ),
-            None if results.iter().all(|r| ratio(r) > 1.0) => {
-                println!("By {what}, likeness is faster than the exact miner at every N measured.")
+    if results.iter().all(|r| r.exact.is_some()) {
+        let by_rate = |r: &SizeResult| r.semi.median / r.exact.map_or(f64::NAN, |e| e.median);
+        let by_cpu = |r: &SizeResult| r.cpu.exact / r.cpu.semi;
+        for (what, ratio) in [
+            ("anchors/s", &by_rate as &dyn Fn(&SizeResult) -> f64),
+            ("CPU per anchor", &by_cpu),
+        ] {
+            match crossover(&results, ratio) {
+                Some(x) => println!(
+                    "By {what}, likeness SEMI_HARD and the exact miner cross at N of about {x:.0} (below it, exact is faster)."
+                ),
+                None if results.iter().all(|r| ratio(r) > 1.0) => println!(
+                    "By {what}, likeness SEMI_HARD is faster than the exact miner at every N measured."
+                ),
+                None => println!("By {what}, no crossing between the sizes measured."),
             }
-            None => println!("By {what}, no crossing between the sizes measured."),
         }
+        println!();
     }
-    println!();
     Ok(())
 }

@@ -6,8 +6,9 @@
         c.upsert("faces", ids, vectors, labels=labels, progress=True)
         hits = c.search("faces", vectors[0], k=5)
 
-Mining for training: `Client.mine_triplets`, `Client.mine_pairs`, `Client.session`;
-PyTorch datasets over them in `likeness.torch` (the `likeness[torch]` extra).
+Mining for training: `Client.mine_triplets`, `Client.mine_pairs`, `Client.mine_batches`,
+`Client.session`; PyTorch datasets and a cross-batch memory over them in
+`likeness.torch` (the `likeness[torch]` extra).
 """
 
 from likeness._convert import image_input, tensor_input
@@ -24,6 +25,8 @@ from likeness.errors import (
     Unavailable,
 )
 from likeness.mining import (
+    ClassBatch,
+    ClassBatchStream,
     MinedItem,
     MineStats,
     PairBatch,
@@ -62,6 +65,8 @@ __all__ = [
     "DeadlineExceeded",
     "Cancelled",
     "Internal",
+    "ClassBatch",
+    "ClassBatchStream",
     "MinedItem",
     "MineStats",
     "PairBatch",

@@ -13,11 +13,14 @@ import numpy as np
 from likeness import _convert as cv
 from likeness.errors import LikenessError, from_rpc_error, translate
 from likeness.mining import (
+    ClassBatch,
+    ClassBatchStream,
     PairBatch,
     PairStream,
     Session,
     TripletBatch,
     TripletStream,
+    batch_request,
     mine_request,
 )
 from likeness.types import (
@@ -603,7 +606,7 @@ class Client:
         """One pass of MineTriplets over the anchors: an iterator of TripletBatch; the
         stream's `stats` once it has ended. Options are MineRequest's fields
         (margin, negatives_per_anchor, positives_per_anchor, batch_size, max_triplets,
-        seed, candidates, skip_nearest, min_distance, max_distance, exclude_ids,
+        seed, candidates, sample, skip_nearest, min_distance, max_distance, exclude_ids,
         min_generation, with_vectors, with_inputs, expansion) plus anchors=[ids],
         anchor_labels=[labels] and shard=(index, count). A bad request raises when
         iteration starts."""
@@ -617,7 +620,49 @@ class Client:
         req = mine_request(collection, strategy, **options)
         return PairStream(self._miner.MinePairs(req), PairBatch.from_pb)
 
+    def mine_batches(
+        self,
+        collection: str,
+        *,
+        classes: int = 8,
+        per_class: int = 4,
+        neighbours: Optional[int] = None,
+        seed: int = 0,
+        shard: Optional[Tuple[int, int]] = None,
+        min_generation: int = 0,
+        max_batches: int = 0,
+        with_vectors: bool = False,
+        with_inputs: bool = False,
+        expansion: int = 0,
+        candidates: int = 0,
+    ) -> ClassBatchStream:
+        """MineBatches: P x K batches for an in-batch miner, an iterator of ClassBatch;
+        the stream's `stats` once it has ended.
+
+        Each batch is an anchor class, then `neighbours` classes (default: P - 1) taken
+        from the labels of the anchor-class items' nearest negatives (`candidates` of
+        them per item; 0: 32), then random classes; `per_class` items of each
+        (`classes` = P, `per_class` = K). max_batches=0 is one pass: every item of the
+        shard (index, count) at least once. A bad request raises when iteration starts.
+        """
+        req = batch_request(
+            collection,
+            classes=classes,
+            per_class=per_class,
+            neighbours=neighbours,
+            seed=seed,
+            shard=shard,
+            min_generation=min_generation,
+            max_batches=max_batches,
+            with_vectors=with_vectors,
+            with_inputs=with_inputs,
+            expansion=expansion,
+            candidates=candidates,
+        )
+        return ClassBatchStream(self._miner.MineBatches(req), ClassBatch.from_pb)
+
     def session(self, collection: str, strategy: Any = "semi_hard", **options: Any) -> Session:
-        """A Session: call `step(ids, vectors)` once per training step (see Session)."""
+        """A Session: call `step(ids, vectors)` once per training step (see Session);
+        `step(..., write_back=True)` makes it a cross-batch memory."""
         mine_request(collection, strategy, **options)  # bad options fail here, not mid-stream
         return Session(self._miner, collection, strategy, options)

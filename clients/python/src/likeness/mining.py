@@ -1,16 +1,17 @@
-"""Mining: streams of triplets and pairs, Sessions, and the shard hash.
+"""Mining: streams of triplets, pairs and class batches, Sessions, and the shard hash.
 
 A MinedBatch holds triplets (anchor, positive, [negatives]); here each is flattened to
 one row per (anchor, positive, negative), the form triplet losses take. Pairs stay
-pairs. With `with_vectors` / `with_inputs` each batch carries every item it uses, once,
-in `items`.
+pairs. A ClassBatch (MineBatches) is P classes of K items each, for an in-batch miner.
+With `with_vectors` / `with_inputs` each batch carries every item it uses, once, in
+`items`.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
@@ -27,8 +28,10 @@ __all__ = [
     "MineStats",
     "TripletBatch",
     "PairBatch",
+    "ClassBatch",
     "TripletStream",
     "PairStream",
+    "ClassBatchStream",
     "Session",
 ]
 
@@ -67,6 +70,15 @@ class MineStats:
     seconds: float
     anchors_per_second: float
     triplets_per_second: float
+    # Per source, the negatives that came from it: "knn", "sample", "second_search",
+    # "random".
+    sources: Dict[str, int] = field(default_factory=dict)
+    # Session with write_back: items written back (durable) by the steps so far.
+    written: int = 0
+    # MineBatches: batches, and classes chosen as neighbours / at random.
+    batches: int = 0
+    neighbour_classes: int = 0
+    random_classes: int = 0
 
     @classmethod
     def from_pb(cls, s: pb.MineStats) -> "MineStats":
@@ -81,7 +93,16 @@ class MineStats:
             seconds=s.seconds,
             anchors_per_second=s.anchors_per_second,
             triplets_per_second=s.triplets_per_second,
+            sources=dict(s.sources),
+            written=s.written,
+            batches=s.batches,
+            neighbour_classes=s.neighbour_classes,
+            random_classes=s.random_classes,
         )
+
+
+def _generation(b: Any) -> Optional[Tuple[int, int]]:
+    return (b.generation.oldest, b.generation.newest) if b.HasField("generation") else None
 
 
 def _items(raw: Sequence[pb.MinedItem]) -> Dict[str, MinedItem]:
@@ -133,6 +154,8 @@ class TripletBatch(_WithItems):
     step: int  # Session: the step this answers
     stats: Optional[MineStats]
     raw: pb.MinedBatch
+    # Session with write_back: the last step whose write-back is durable (None: none yet).
+    written_step: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.anchor_ids)
@@ -156,12 +179,11 @@ class TripletBatch(_WithItems):
             d_an=np.array(dan, dtype=np.float32),
             fallback=np.array(fb, dtype=bool),
             items=_items(b.items),
-            generation=(b.generation.oldest, b.generation.newest)
-            if b.HasField("generation")
-            else None,
+            generation=_generation(b),
             step=b.step,
             stats=MineStats.from_pb(b.stats) if b.HasField("stats") else None,
             raw=b,
+            written_step=b.written_step if b.HasField("written_step") else None,
         )
 
 
@@ -189,9 +211,52 @@ class PairBatch(_WithItems):
             same=np.array([p.same for p in b.pairs], dtype=bool),
             distances=np.array([p.distance for p in b.pairs], dtype=np.float32),
             items=_items(b.items),
-            generation=(b.generation.oldest, b.generation.newest)
-            if b.HasField("generation")
-            else None,
+            generation=_generation(b),
+            stats=MineStats.from_pb(b.stats) if b.HasField("stats") else None,
+            raw=b,
+        )
+
+
+@dataclass
+class ClassBatch(_WithItems):
+    """One MineBatches message: P classes of K items each (fewer for a class with fewer
+    items in the shard), class by class, the anchor class first.
+
+    `ids[i]` has label `labels[i]`; `classes` are the P labels in the order of the
+    items: the anchor class, its `neighbours` nearest classes (the labels of its items'
+    nearest negatives, nearest first), then random classes. `class_distances[j]` is the
+    distance from the anchor class's items to the nearest item found of class j: 0 for
+    the anchor class, NaN for a random one. With with_vectors / with_inputs, `items`
+    (by id) carry the stored vectors / inputs.
+    """
+
+    ids: List[str]
+    labels: List[str]
+    classes: List[str]
+    neighbours: int
+    class_distances: np.ndarray  # (P,) float32
+    batch: int  # this batch's number in the stream, from 0
+    pass_: int  # the pass it belongs to, from 0
+    items: Dict[str, MinedItem]
+    generation: Optional[Tuple[int, int]]
+    stats: Optional[MineStats]
+    raw: pb.ClassBatch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_pb(cls, b: pb.ClassBatch) -> "ClassBatch":
+        return cls(
+            ids=[i.id for i in b.items],
+            labels=[i.label for i in b.items],
+            classes=list(b.classes),
+            neighbours=b.neighbours,
+            class_distances=np.array(b.class_distances, dtype=np.float32),
+            batch=b.batch,
+            pass_=getattr(b, "pass"),
+            items=_items(b.items),
+            generation=_generation(b),
             stats=MineStats.from_pb(b.stats) if b.HasField("stats") else None,
             raw=b,
         )
@@ -205,9 +270,12 @@ def mine_request(collection: str, strategy: Any, **options: Any) -> pb.MineReque
     - batch_size: anchors per message, 256 unless given;
     - anchors: a list of anchor ids; anchor_labels: a list of labels (default: all);
     - shard: (index, count).
+
+    Among the fields: sample, the uniform negatives that the window strategies and
+    DISTANCE_WEIGHTED draw per anchor beside the kNN pool (0: the daemon's 64).
     """
     opts = dict(options)
-    # The daemon takes 1..=4096 anchors per message and has no default.
+    # The daemon's default too (0 means it); sent anyway for daemons that required it.
     opts.setdefault("batch_size", 256)
     anchors = opts.pop("anchors", None)
     anchor_labels = opts.pop("anchor_labels", None)
@@ -234,8 +302,48 @@ def mine_request(collection: str, strategy: Any, **options: Any) -> pb.MineReque
     return req
 
 
+def batch_request(
+    collection: str,
+    *,
+    classes: int = 8,
+    per_class: int = 4,
+    neighbours: Optional[int] = None,
+    seed: int = 0,
+    shard: Optional[Tuple[int, int]] = None,
+    min_generation: int = 0,
+    max_batches: int = 0,
+    with_vectors: bool = False,
+    with_inputs: bool = False,
+    expansion: int = 0,
+    candidates: int = 0,
+) -> pb.BatchRequest:
+    """A BatchRequest (MineBatches); shard is (index, count), neighbours None = P - 1."""
+    req = pb.BatchRequest(
+        collection=collection,
+        classes=classes,
+        per_class=per_class,
+        seed=seed,
+        min_generation=min_generation,
+        max_batches=max_batches,
+        with_vectors=with_vectors,
+        with_inputs=with_inputs,
+        expansion=expansion,
+        candidates=candidates,
+    )
+    if neighbours is not None:
+        req.neighbours = neighbours
+    if shard is not None:
+        index, count = shard
+        req.shard.index, req.shard.count = int(index), int(count)
+    return req
+
+
 class _Stream:
     """A server stream: iterate for batches; `stats` is set once it has ended."""
+
+    # The field that holds a message's results: a last message that carries some is
+    # yielded too.
+    _rows = "triplets"
 
     def __init__(self, call, convert):
         self._call = call
@@ -247,7 +355,7 @@ class _Stream:
             for msg in self._call:
                 if msg.last:
                     self.stats = MineStats.from_pb(msg.stats)
-                    if msg.triplets if isinstance(msg, pb.MinedBatch) else msg.pairs:
+                    if len(getattr(msg, self._rows)):
                         yield self._convert(msg)
                     return
                 yield self._convert(msg)
@@ -275,7 +383,18 @@ class TripletStream(_Stream):
 class PairStream(_Stream):
     """MinePairs: an iterator of PairBatch."""
 
+    _rows = "pairs"
+
     def __iter__(self) -> Iterator[PairBatch]:
+        return super().__iter__()
+
+
+class ClassBatchStream(_Stream):
+    """MineBatches: an iterator of ClassBatch."""
+
+    _rows = "items"
+
+    def __iter__(self) -> Iterator[ClassBatch]:
         return super().__iter__()
 
 
@@ -289,6 +408,14 @@ class Session:
     vectors for them, or new ids with labels and vectors) and returns the TripletBatch
     mined for them against the collection as it stands. Steps are numbered 0, 1, ...
     unless given. Use it as a context manager, or call close().
+
+    A step with ``write_back=True`` is a cross-batch memory step: once it is mined, the
+    daemon writes each anchor that came with a vector back into the collection (that
+    vector, the step's label or the stored one, generation = the step number; metadata
+    and stored inputs kept). The answer does not wait for that write; it is durable
+    before the next step is mined, and close() returns once the last one is.
+    `written_step` is the last step whose write-back the daemon has reported durable
+    (None: none yet).
     """
 
     def __init__(
@@ -306,6 +433,7 @@ class Session:
         self._lock = threading.Lock()
         self._next_step = 0
         self._closed = False
+        self.written_step: Optional[int] = None
         self._responses = stub.Session(self._requests(), timeout=timeout)
 
     def _requests(self):
@@ -329,13 +457,15 @@ class Session:
         vectors: Any = None,
         labels: Optional[Sequence[str]] = None,
         step: Optional[int] = None,
+        write_back: bool = False,
     ) -> TripletBatch:
         """Mines for this step's anchors.
 
         ids: the anchors. vectors: optional (n, d) array of the trainer's current
         embeddings of them (a torch tensor is fine; it is copied to the CPU); without
         it the stored vectors are used. labels: for ids not yet stored (new anchors
-        need a label and a vector); "" keeps a stored item's label.
+        need a label and a vector); "" keeps a stored item's label. write_back: write
+        the vectors back into the collection after mining (see the class).
         """
         with self._lock:
             if self._closed:
@@ -351,7 +481,7 @@ class Session:
                 raise ValueError(f"{len(labels)} labels for {n} ids")
             number = self._next_step if step is None else int(step)
             self._next_step = number + 1
-            msg = pb.MineStep(step=number)
+            msg = pb.MineStep(step=number, write_back=write_back)
             if self._request is not None:
                 msg.request.CopyFrom(self._request)
                 self._request = None
@@ -373,7 +503,10 @@ class Session:
                 raise LikenessError(
                     grpc.StatusCode.UNKNOWN, "the session ended without an answer"
                 ) from None
-            return TripletBatch.from_pb(answer)
+            batch = TripletBatch.from_pb(answer)
+            if batch.written_step is not None:
+                self.written_step = batch.written_step
+            return batch
 
     def close(self) -> None:
         with self._lock:

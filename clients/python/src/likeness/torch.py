@@ -6,9 +6,15 @@
   world_size * num_workers), so a multi-GPU job sees disjoint anchors that together
   cover all of them. Use them with ``DataLoader(dataset, batch_size=None)``: each
   element is already a batch (one mined message).
+- NeighbourClassBatches: an IterableDataset over MineBatches: P x K batches whose
+  classes the index chose to be hard for each other, for an in-batch miner; sharded
+  the same way (items rather than anchors).
 - SessionFeed: a Miner Session the training loop drives itself, one ``step(ids,
   embeddings)`` per training step; it is not a Dataset, because what it mines depends on
   the trainer's current embeddings, which live in the training process.
+- CollectionMemory: a cross-batch memory kept in the collection: each step sends the
+  batch's fresh embeddings, gets back the stored vectors of their mined positives and
+  negatives as ``ref_emb`` / ``ref_labels``, and the daemon writes the fresh ones back.
 
 Every batch holds each item it uses once, in `data` (the stored vectors, or the stored
 inputs with ``data="inputs"``), with integer `labels`, and `indices_tuple` into it: the
@@ -19,24 +25,37 @@ b.indices_tuple)``), and plain torch losses index it (``b.anchors``, ...).
 from __future__ import annotations
 
 import io
+import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from likeness.client import Client
-from likeness.mining import MinedItem, MineStats, PairBatch, Session, TripletBatch
+from likeness.mining import (
+    ClassBatch,
+    MinedItem,
+    MineStats,
+    PairBatch,
+    Session,
+    TripletBatch,
+)
 from likeness.v1 import likeness_pb2 as pb
 
 __all__ = [
     "MinedTriplets",
     "MinedPairs",
     "SessionTriplets",
+    "NeighbourBatch",
+    "MemoryRefs",
     "MinedTripletDataset",
     "MinedPairDataset",
+    "NeighbourClassBatches",
     "SessionFeed",
+    "CollectionMemory",
     "decode_input",
     "current_shard",
 ]
@@ -273,8 +292,73 @@ def pairs_to_tensors(
     )
 
 
+@dataclass
+class NeighbourBatch:
+    """One MineBatches batch as tensors: item i is `ids[i]`, of class `labels[i]`.
+
+    With codes per batch (no label_ids), class j of the batch has code j: the anchor
+    class is 0, and `label_names` is `classes`. `data` is the stored vectors (or
+    decoded inputs) when the dataset was asked for them, else None: look the ids up in
+    your own data. An in-batch miner takes it as it is:
+    ``loss_fn(emb, b.labels, miner(emb, b.labels))``.
+    """
+
+    ids: List[str]
+    labels: torch.Tensor  # (n,) int64
+    label_names: List[str]  # code -> label, when codes are per batch
+    classes: List[str]  # the P labels: the anchor class, its neighbours, random classes
+    neighbours: int  # how many of classes[1:] are neighbours of classes[0]
+    class_distances: torch.Tensor  # (P,) float32: 0 anchor, NaN random
+    batch: int
+    pass_: int
+    data: Optional[torch.Tensor] = None  # (n, d) vectors or (n, *input shape) inputs
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: Any) -> "NeighbourBatch":
+        return NeighbourBatch(
+            self.ids,
+            self.labels.to(device),
+            self.label_names,
+            self.classes,
+            self.neighbours,
+            self.class_distances.to(device),
+            self.batch,
+            self.pass_,
+            self.data.to(device) if self.data is not None else None,
+        )
+
+
+def class_batch_to_tensors(
+    batch: ClassBatch,
+    use: Optional[str] = None,
+    label_ids: Optional[Mapping[str, int]] = None,
+    transform: Optional[Transform] = None,
+) -> NeighbourBatch:
+    """A ClassBatch as tensors; use: None (ids and labels only), "vectors" (mined
+    with_vectors) or "inputs" (mined with_inputs)."""
+    coder = _Coder(label_ids)
+    for name in batch.classes:  # per-batch codes follow the batch's class order
+        coder(name)
+    return NeighbourBatch(
+        ids=list(batch.ids),
+        labels=torch.tensor([coder(label) for label in batch.labels], dtype=torch.int64),
+        label_names=coder.names,
+        classes=list(batch.classes),
+        neighbours=batch.neighbours,
+        class_distances=torch.from_numpy(batch.class_distances),
+        batch=batch.batch,
+        pass_=batch.pass_,
+        data=_data([batch.items[i] for i in batch.ids], use, transform)
+        if use is not None
+        else None,
+    )
+
+
 class _MinedDataset(IterableDataset):
     _pairs = False
+    _data_kinds: Tuple[Optional[str], ...] = ("vectors", "inputs")
 
     def __init__(
         self,
@@ -290,8 +374,8 @@ class _MinedDataset(IterableDataset):
         **options: Any,
     ):
         super().__init__()
-        if data not in ("vectors", "inputs"):
-            raise ValueError('data is "vectors" or "inputs"')
+        if data not in self._data_kinds:
+            raise ValueError("data is " + " or ".join(repr(k) for k in self._data_kinds))
         for key in ("shard", "with_vectors", "with_inputs"):
             if key in options:
                 raise TypeError(f"{key} is set by the dataset")
@@ -311,21 +395,23 @@ class _MinedDataset(IterableDataset):
         iterating, as with DistributedSampler)."""
         self.epoch = int(epoch)
 
+    def _open(self, client: Client, opts: Dict[str, Any]) -> Tuple[Any, Callable[..., Any]]:
+        """This dataset's stream, and what turns its batches into tensors."""
+        if self._pairs:
+            return client.mine_pairs(self.collection, self.strategy, **opts), pairs_to_tensors
+        return client.mine_triplets(self.collection, self.strategy, **opts), triplets_to_tensors
+
     def __iter__(self):
         index, count = current_shard(self.rank, self.world_size)
         opts = dict(self.options)
         opts["seed"] = int(opts.get("seed", 0)) + self.epoch
-        opts["with_vectors" if self.data == "vectors" else "with_inputs"] = True
+        if self.data is not None:
+            opts["with_vectors" if self.data == "vectors" else "with_inputs"] = True
         if count > 1:
             opts["shard"] = (index, count)
         client = Client(self.address)
         try:
-            if self._pairs:
-                stream = client.mine_pairs(self.collection, self.strategy, **opts)
-                convert = pairs_to_tensors
-            else:
-                stream = client.mine_triplets(self.collection, self.strategy, **opts)
-                convert = triplets_to_tensors
+            stream, convert = self._open(client, opts)
             try:
                 for batch in stream:
                     if len(batch):
@@ -357,6 +443,68 @@ class MinedPairDataset(_MinedDataset):
     """One MinePairs pass per epoch, as MinedPairs batches (see MinedTripletDataset)."""
 
     _pairs = True
+
+
+# Client.mine_batches' options that NeighbourClassBatches passes on as they are.
+_BATCH_OPTIONS = frozenset(
+    ("neighbours", "seed", "min_generation", "max_batches", "expansion", "candidates")
+)
+
+
+class NeighbourClassBatches(_MinedDataset):
+    """MineBatches as a dataset: one pass per epoch (every item of this process's shard
+    at least once), as NeighbourBatch elements of P x K items, for an in-batch miner.
+
+    address: the daemon ("host:port"); each worker opens its own channel. classes (P),
+    per_class (K) and the options neighbours, seed, min_generation, max_batches (per
+    shard; 0 = one pass), expansion and candidates: as Client.mine_batches. data: None
+    (ids and labels only), "vectors" (the stored vectors) or "inputs" (the stored
+    inputs, through `transform`, default decode_input). label_ids: a fixed label -> int
+    table; default: codes per batch, class j of the batch = j. rank, world_size: default
+    from torch.distributed. set_epoch(e) mines with seed + e.
+
+    Items are split by shard (rank * num_workers + worker id, of world_size *
+    num_workers), so each worker's batches hold its own items only: a class of n items
+    has about n / count of them in a shard, and gives all it has when that is under K.
+
+    Use ``DataLoader(ds, batch_size=None, num_workers=N, multiprocessing_context="spawn")``.
+    """
+
+    _data_kinds = (None, "vectors", "inputs")
+
+    def __init__(
+        self,
+        address: str,
+        collection: str,
+        *,
+        classes: int = 8,
+        per_class: int = 4,
+        data: Optional[str] = None,
+        label_ids: Optional[Mapping[str, int]] = None,
+        transform: Optional[Transform] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        **options: Any,
+    ):
+        for key in options:
+            if key not in _BATCH_OPTIONS and key not in ("shard", "with_vectors", "with_inputs"):
+                raise TypeError(f"unknown MineBatches option {key!r}")
+        super().__init__(
+            address,
+            collection,
+            None,
+            data=data,  # type: ignore[arg-type]
+            label_ids=label_ids,
+            transform=transform,
+            rank=rank,
+            world_size=world_size,
+            classes=classes,
+            per_class=per_class,
+            **options,
+        )
+
+    def _open(self, client: Client, opts: Dict[str, Any]) -> Tuple[Any, Callable[..., Any]]:
+        return client.mine_batches(self.collection, **opts), class_batch_to_tensors
 
 
 @dataclass
@@ -488,6 +636,211 @@ class SessionFeed:
         self.session.close()
 
     def __enter__(self) -> "SessionFeed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class MemoryRefs:
+    """One CollectionMemory step: the memory's items that the daemon mined for the
+    step's batch, ready for a pytorch-metric-learning loss.
+
+    `ref_emb[i]` is the stored vector of item `ref_ids[i]` (each mined positive and
+    negative once; on the device and in the dtype of the step's embeddings) and
+    `ref_labels[i]` its label's code; `labels` are the batch's own labels, coded with
+    the same table. ``loss_fn(emb, r.labels, ref_emb=r.ref_emb, ref_labels=r.ref_labels)``
+    lets the loss (or its miner) pair every row of the batch with every ref;
+    ``indices_tuple`` holds the daemon's own triplets instead (anchors: rows of the
+    batch; positives, negatives: rows of ref_emb). Empty (``len(r) == 0``) during the
+    warm-up and when nothing was mined.
+    """
+
+    ref_emb: torch.Tensor  # (u, d)
+    ref_labels: torch.Tensor  # (u,) int64
+    labels: torch.Tensor  # (n,) int64, the batch's
+    ref_ids: List[str]
+    label_names: List[str]  # code -> label, when codes are per step
+    anchor_index: torch.Tensor  # (r,) int64 into the batch
+    positive_index: torch.Tensor  # (r,) int64 into ref_emb
+    negative_index: torch.Tensor  # (r,) int64 into ref_emb
+    step: int
+    warming_up: bool
+    # The last step whose write-back the daemon reported durable (None: none yet).
+    written_step: Optional[int]
+    seconds: float  # this step's round trip
+    stats: Optional[MineStats] = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ref_ids)
+
+    @property
+    def indices_tuple(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.anchor_index, self.positive_index, self.negative_index
+
+
+class CollectionMemory:
+    """A cross-batch memory (Wang et al., "Cross-Batch Memory for Embedding Learning",
+    CVPR 2020) kept in a collection, over a Session whose every step writes back.
+
+    ::
+
+        mem = CollectionMemory(client, "faces", negatives_per_anchor=4, warmup=1000)
+        loss_fn = losses.ContrastiveLoss()
+        for step, (ids, x, names) in enumerate(loader):
+            emb = model(x)
+            r = mem.step(ids, emb, names, step)
+            y = r.labels                       # the batch's labels, coded like the refs
+            loss = loss_fn(emb, y)
+            if len(r):
+                loss = loss + loss_fn(emb, y, ref_emb=r.ref_emb, ref_labels=r.ref_labels)
+            ...
+
+    step(ids, embeddings, labels, step): sends the batch's fresh embeddings (detached
+    and copied to the CPU here) as the step's anchors, labels by name; the daemon mines
+    their positives and negatives among the collection's stored vectors (`strategy`,
+    default "hard"; the options are the Session's: negatives_per_anchor,
+    positives_per_anchor, min_generation to bound the memory's staleness, margin, ...),
+    answers with their stored vectors and labels, and then writes the batch's vectors
+    back with generation = step, durably before the next step is mined (and before
+    close() returns, for the last step). Before step `warmup` the refs come back empty
+    while the writes go on, so the memory fills with the model's embeddings before the
+    loss uses it.
+
+    `latencies` holds the round trip of each of the last `latency_window` steps, in
+    seconds; `latency_summary()` their p50 and p99.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        collection: str,
+        strategy: Any = "hard",
+        *,
+        negatives_per_anchor: int = 4,
+        positives_per_anchor: int = 1,
+        min_generation: int = 0,
+        warmup: int = 0,
+        label_ids: Optional[Mapping[str, int]] = None,
+        latency_window: int = 10_000,
+        **options: Any,
+    ):
+        for key in ("with_vectors", "with_inputs", "anchors", "anchor_labels", "shard"):
+            if key in options:
+                raise TypeError(f"{key} is set by the memory")
+        self.warmup = int(warmup)
+        self.label_ids = dict(label_ids) if label_ids is not None else None
+        self.latencies: Deque[float] = deque(maxlen=latency_window)
+        self.stats: Optional[MineStats] = None
+        self._next_step = 0
+        self.session: Session = client.session(
+            collection,
+            strategy,
+            negatives_per_anchor=negatives_per_anchor,
+            positives_per_anchor=positives_per_anchor,
+            min_generation=min_generation,
+            with_vectors=True,
+            **options,
+        )
+
+    @property
+    def written_step(self) -> Optional[int]:
+        """The last step whose write-back the daemon reported durable (None: none yet)."""
+        return self.session.written_step
+
+    def step(
+        self,
+        ids: Sequence[str],
+        embeddings: Any,
+        labels: Sequence[str],
+        step: Optional[int] = None,
+    ) -> MemoryRefs:
+        """One training step: the batch's ids, its fresh (n, d) embeddings (a tensor;
+        the graph is left alone) and its labels by name. Steps are numbered 0, 1, ...
+        unless given."""
+        ids = list(ids)
+        if isinstance(labels, str) or isinstance(labels, torch.Tensor):
+            raise TypeError("labels are the batch's label names, one str per item")
+        labels = list(labels)
+        if len(labels) != len(ids):
+            raise ValueError(f"{len(labels)} labels for {len(ids)} ids")
+        if not all(isinstance(name, str) and name for name in labels):
+            raise ValueError("every item of the batch needs its label's name")
+        if isinstance(embeddings, torch.Tensor):
+            device, dtype = embeddings.device, embeddings.dtype
+            vectors = embeddings.detach().to("cpu", torch.float32).numpy()
+        else:
+            vectors = np.asarray(embeddings, dtype=np.float32)
+            device, dtype = torch.device("cpu"), torch.float32
+        number = self._next_step if step is None else int(step)
+        self._next_step = number + 1
+
+        started = time.perf_counter()
+        batch = self.session.step(ids, vectors, labels=labels, step=number, write_back=True)
+        seconds = time.perf_counter() - started
+        self.latencies.append(seconds)
+        self.stats = batch.stats
+
+        coder = _Coder(self.label_ids)
+        codes = [coder(name) for name in labels]
+        warming_up = number < self.warmup
+        if warming_up:
+            ref_ids: List[str] = []
+            triplets: Tuple[List[str], List[str], List[str]] = ([], [], [])
+        else:
+            ref_ids, _ = _unique(
+                batch.items, [x for row in zip(batch.positive_ids, batch.negative_ids) for x in row]
+            )
+            triplets = (batch.anchor_ids, batch.positive_ids, batch.negative_ids)
+        refs = [batch.items[i] for i in ref_ids]
+        index = {i: j for j, i in enumerate(ref_ids)}
+        position: Dict[str, int] = {}
+        for j, i in enumerate(ids):
+            position.setdefault(i, j)
+        ref_emb = _data(refs, "vectors", None) if refs else torch.zeros((0, vectors.shape[1]))
+
+        def long(values: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return MemoryRefs(
+            ref_emb=ref_emb.to(device=device, dtype=dtype),
+            ref_labels=long([coder(i.label) for i in refs]),
+            labels=long(codes),
+            ref_ids=ref_ids,
+            label_names=coder.names,
+            anchor_index=long([position[a] for a in triplets[0]]),
+            positive_index=long([index[p] for p in triplets[1]]),
+            negative_index=long([index[n] for n in triplets[2]]),
+            step=number,
+            warming_up=warming_up,
+            written_step=self.session.written_step,
+            seconds=seconds,
+            stats=batch.stats,
+        )
+
+    def latency_summary(self) -> Dict[str, float]:
+        """The round trips of the steps in `latencies`: how many, and their p50, p99,
+        mean and max in milliseconds."""
+        if not self.latencies:
+            return {"steps": 0}
+        ms = np.asarray(self.latencies, dtype=np.float64) * 1000.0
+        return {
+            "steps": len(ms),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()),
+            "max_ms": float(ms.max()),
+        }
+
+    def update(self, **options: Any) -> None:
+        """New mining options from the next step on (strategy, min_generation, ...)."""
+        self.session.update(**options)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "CollectionMemory":
         return self
 
     def __exit__(self, *exc) -> None:
