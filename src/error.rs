@@ -101,6 +101,10 @@ pub enum Error {
     /// The request is valid but the collection's state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller's token may not do this part of a request (a read token asking a
+    /// Session to write back).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A limit was hit; retrying later (or smaller) may work.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -234,6 +238,7 @@ impl Error {
             | Error::NotFound { .. }
             | Error::AlreadyExists(_)
             | Error::FailedPrecondition(_)
+            | Error::PermissionDenied(_)
             | Error::ResourceExhausted(_)
             | Error::Unavailable(_)
             | Error::StorageUnavailable(_) => false,

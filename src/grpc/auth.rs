@@ -6,7 +6,9 @@
 //!
 //! The tokens file has one `read TOKEN` or `write TOKEN` per line (blank lines and `#`
 //! comments aside). A read token may get, search, embed, classify, verify and mine; a
-//! write token may also change things. Health and reflection need no token.
+//! write token may also change things (a Session step that writes its vectors back
+//! included: the Session handler checks [`MayWrite`]). Health and reflection need no
+//! token.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -36,7 +38,7 @@ const OPEN_SERVICES: [&str; 3] = [
 /// Every method of likeness.v1 and what it needs. The tests require each method of the
 /// proto to be here exactly once, so that a new RPC is classified on purpose; a path
 /// that is not here (a newer client's method, a scan) needs a write token.
-const METHODS: [(&str, Access); 23] = [
+const METHODS: [(&str, Access); 24] = [
     ("/likeness.v1.Collections/CreateCollection", Access::Write),
     ("/likeness.v1.Collections/GetCollection", Access::Read),
     ("/likeness.v1.Collections/ListCollections", Access::Read),
@@ -59,7 +61,10 @@ const METHODS: [(&str, Access); 23] = [
     ("/likeness.v1.Models/Activate", Access::Write),
     ("/likeness.v1.Miner/MineTriplets", Access::Read),
     ("/likeness.v1.Miner/MinePairs", Access::Read),
+    // A read, unless a step asks to write its vectors back: the handler checks that
+    // against [`MayWrite`].
     ("/likeness.v1.Miner/Session", Access::Read),
+    ("/likeness.v1.Miner/MineBatches", Access::Read),
     // Writes a copy of every collection onto the daemon's disk.
     ("/likeness.v1.Admin/Backup", Access::Write),
 ];
@@ -172,11 +177,12 @@ impl Keyring {
         tokens.role(presented)
     }
 
-    /// Whether a request for `path` carrying `authorization` may go on.
-    fn admit(&self, path: &str, authorization: Option<&[u8]>) -> Result<(), Status> {
+    /// Whether a request for `path` carrying `authorization` may go on, and whether
+    /// its token may write.
+    fn admit(&self, path: &str, authorization: Option<&[u8]>) -> Result<MayWrite, Status> {
         let need = access(path);
         if need == Access::Open {
-            return Ok(());
+            return Ok(MayWrite(false));
         }
         let Some(token) = authorization.and_then(bearer) else {
             return Err(Status::unauthenticated(
@@ -188,7 +194,7 @@ impl Keyring {
             Some(Role::Read) if need == Access::Write => Err(Status::permission_denied(format!(
                 "{path} needs a write token; this one may only read"
             ))),
-            Some(_) => Ok(()),
+            Some(role) => Ok(MayWrite(role == Role::Write)),
         }
     }
 }
@@ -207,6 +213,12 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
         .then(|| rest.trim_ascii())
         .filter(|t| !t.is_empty())
 }
+
+/// Put on an admitted request's extensions when the daemon checks tokens: whether its
+/// token may write. A handler whose method is a read but whose request may ask for a
+/// write (a Session step's write-back) checks it; absent, the daemon has no tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MayWrite(pub bool);
 
 /// Checks tokens when the daemon has a [`Keyring`]; lets everything through otherwise.
 #[derive(Clone)]
@@ -252,8 +264,11 @@ where
                 req.uri().path(),
                 authorization.as_ref().map(|v| v.as_bytes()),
             );
-            if let Err(status) = admitted {
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+            match admitted {
+                Ok(may_write) => {
+                    req.extensions_mut().insert(may_write);
+                }
+                Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
             }
         }
         Box::pin(self.inner.call(req))

@@ -66,6 +66,10 @@ impl pb::miner_server::Miner for MinerService {
         &self,
         request: Request<Streaming<pb::MineStep>>,
     ) -> std::result::Result<Response<Self::SessionStream>, Status> {
+        let may_write = request
+            .extensions()
+            .get::<super::auth::MayWrite>()
+            .is_none_or(|w| w.0);
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         // Steps are converted as they arrive; the first bad one ends the session with
@@ -73,8 +77,13 @@ impl pb::miner_server::Miner for MinerService {
         tokio::spawn(async move {
             let mut index = 0usize;
             while let Some(msg) = inbound.next().await {
+                let root = Field::name("steps").at(index);
                 let step = match msg {
-                    Ok(m) => step_from(m, &Field::name("steps").at(index)),
+                    Ok(m) if m.write_back && !may_write => Err(Error::PermissionDenied(format!(
+                        "{}: writing the step's vectors back needs a write token; this one may only read",
+                        Field::name("write_back").under(&root)
+                    ))),
+                    Ok(m) => step_from(m, &root),
                     Err(_) => return, // the client went away
                 };
                 index += 1;

@@ -476,29 +476,15 @@ fn choose(
     let farthest = pool.last().map_or(f32::NEG_INFINITY, |c| c.distance);
     // Whether the pool sees every negative nearer than `d`.
     let covers = |d: f32| !full || farthest >= d;
-    // The pool and a uniform sample of the rest, nearest first (drawn once per anchor).
-    let mut mixed: Option<Vec<Near>> = None;
-    let mut mix = |rng: &mut Rng, stats: &mut Stats| -> Result<Vec<Near>> {
-        if let Some(m) = &mixed {
-            return Ok(m.clone());
-        }
-        let taken: HashSet<u64> = pool.iter().map(|c| c.key).collect();
-        let sample = random_negatives(
-            coll,
-            anchor,
-            rules,
-            spec.sample,
-            &taken,
-            From::Sample,
-            rng,
-            stats,
-        )?;
-        let mut m: Vec<Near> = pool.to_vec();
-        m.extend(sample);
-        m.sort_by(|a, b| a.distance.total_cmp(&b.distance));
-        mixed = Some(m.clone());
-        Ok(m)
-    };
+    // The pool and a uniform sample of the rest, nearest first: drawn only when a
+    // strategy needs it, and only as far as it needs.
+    let mut mixed: Option<Mixed> = None;
+    let mut widen_until =
+        |enough: &dyn Fn(&[Near]) -> bool, rng: &mut Rng, stats: &mut Stats| -> Result<Vec<Near>> {
+            let m = mixed.get_or_insert_with(|| Mixed::new(pool, spec.sample));
+            while !enough(&m.all) && m.widen(coll, anchor, rules, rng, stats)? {}
+            Ok(m.all.clone())
+        };
     let mut chosen = Vec::new();
     match spec.strategy {
         Strategy::Random => {
@@ -548,11 +534,14 @@ fn choose(
                 let cands = if covers(hi) || inside(pool) >= n {
                     pool.to_vec()
                 } else {
-                    mix(rng, stats)?
+                    widen_until(&|v| inside(v) >= n, rng, stats)?
                 };
                 let cs = as_cands(&cands);
                 let (got, fallback) = strategy::semi_hard(lo, spec.margin, &cs, n);
-                let (got, fallback) = if fallback && !covers(hi) {
+                let (got, fallback) = if fallback
+                    && !covers(hi)
+                    && within_reach(coll, anchor, rules, &cands, lo, stats)
+                {
                     // Neither held a window negative, and the window lies past the
                     // pool: the nearest negatives beyond d_ap decide (the first of them
                     // is inside the window if any negative is).
@@ -582,7 +571,7 @@ fn choose(
             // The nearest candidates stand for themselves; a uniform sample of the
             // rest stands for all of the rest, so the draw follows the target over the
             // whole collection and not only near the anchor.
-            let all = mix(rng, stats)?;
+            let all = widen_until(&|_| false, rng, stats)?;
             let sampled = all.iter().filter(|c| c.from == From::Sample).count();
             let rest = eligible_negatives(coll, anchor, rules).saturating_sub(pool.len()) as f64;
             let scale = if sampled == 0 {
@@ -641,7 +630,7 @@ fn choose(
             };
             let (kp, kn) = rule(pool);
             let (cands, kp, kn) = if kn.len() < n && !covers(max_dap + MS_EPSILON) {
-                let m = mix(rng, stats)?;
+                let m = widen_until(&|v| rule(v).1.len() >= n, rng, stats)?;
                 let (kp, kn) = rule(&m);
                 (m, kp, kn)
             } else {
@@ -667,6 +656,95 @@ fn choose(
         }
     }
     Ok(chosen)
+}
+
+/// Uniform negatives drawn per step of a growing sample: a window that holds a fair
+/// share of the collection is found in the first step.
+const SAMPLE_STEP: usize = 16;
+
+/// An anchor's kNN pool and a uniform sample of the rest of its negatives, nearest
+/// first. The sample grows [`SAMPLE_STEP`] at a time up to `budget` (the request's
+/// `sample`), as far as the strategy asks.
+struct Mixed {
+    all: Vec<Near>,
+    taken: HashSet<u64>,
+    drawn: usize,
+    budget: usize,
+}
+
+impl Mixed {
+    fn new(pool: &[Near], budget: usize) -> Mixed {
+        Mixed {
+            all: pool.to_vec(),
+            taken: pool.iter().map(|c| c.key).collect(),
+            drawn: 0,
+            budget,
+        }
+    }
+
+    /// Draws the next step of the sample; false once the budget is spent.
+    fn widen(
+        &mut self,
+        coll: &Collection,
+        anchor: &AnchorIn,
+        rules: &Rules,
+        rng: &mut Rng,
+        stats: &mut Stats,
+    ) -> Result<bool> {
+        if self.drawn >= self.budget {
+            return Ok(false);
+        }
+        let want = SAMPLE_STEP.min(self.budget - self.drawn);
+        // Counted as drawn even when fewer come back (a small collection runs out).
+        self.drawn += want;
+        let more = random_negatives(
+            coll,
+            anchor,
+            rules,
+            want,
+            &self.taken,
+            From::Sample,
+            rng,
+            stats,
+        )?;
+        self.taken.extend(more.iter().map(|c| c.key));
+        self.all.extend(more);
+        self.all.sort_by(|a, b| a.distance.total_cmp(&b.distance));
+        Ok(true)
+    }
+}
+
+/// How far down an anchor's neighbour list SEMI_HARD's second look can see: its
+/// filtered walk grows from the default 64 candidates x4 three times.
+const SECOND_SEARCH_REACH: f64 = 4096.0;
+
+/// Whether SEMI_HARD's second look could reach d_ap: the uniform sample estimates d_ap's
+/// rank among the anchor's negatives (the share of sampled negatives nearer than it,
+/// times how many negatives there are). A positive farther than the walk can get (an
+/// unstructured embedding puts most positives there) would cost the longest walk there
+/// is and find nothing: the choice then stays with what the pool and the sample hold
+/// (`fallbacks["beyond_reach"]`).
+fn within_reach(
+    coll: &Collection,
+    anchor: &AnchorIn,
+    rules: &Rules,
+    seen: &[Near],
+    d_ap: f32,
+    stats: &mut Stats,
+) -> bool {
+    let sampled = seen.iter().filter(|c| c.from == From::Sample);
+    let (drawn, nearer) = sampled.fold((0usize, 0usize), |(d, b), c| {
+        (d + 1, b + usize::from(c.distance <= d_ap))
+    });
+    if drawn == 0 {
+        return true;
+    }
+    let rank = nearer as f64 / drawn as f64 * eligible_negatives(coll, anchor, rules) as f64;
+    let reach = rank <= SECOND_SEARCH_REACH;
+    if !reach {
+        stats.fall_back("beyond_reach");
+    }
+    reach
 }
 
 /// SEMI_HARD's second look: the nearest negatives strictly beyond `d_ap`.

@@ -128,15 +128,28 @@ impl Miner {
         let passes = tokio::task::spawn_blocking(move || Passes::new(coll, spec))
             .await
             .map_err(|e| Error::Worker(format!("mining set-up: {e}")))??;
-        let (tx, rx) = mpsc::channel(AHEAD);
         let pool = self.pool.clone();
+        Ok(self.spawn_stream(|tx| super::batches::run(passes, pool, tx)))
+    }
+
+    /// Runs a stream's job, counted as active while it runs; returns its receiver.
+    fn spawn_stream<T, F>(
+        &self,
+        job: impl FnOnce(mpsc::Sender<Result<T>>) -> F,
+    ) -> mpsc::Receiver<Result<T>>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(AHEAD);
         let counters = self.counters.clone();
         counters.active.fetch_add(1, Ordering::Relaxed);
+        let job = job(tx);
         tokio::spawn(async move {
-            super::batches::run(passes, pool, tx).await;
+            job.await;
             counters.active.fetch_sub(1, Ordering::Relaxed);
         });
-        Ok(rx)
+        rx
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
@@ -158,15 +171,10 @@ impl Miner {
         })
         .await
         .map_err(|e| Error::Worker(format!("mining set-up: {e}")))??;
-        let (tx, rx) = mpsc::channel(AHEAD);
-        let pool = self.pool.clone();
-        let counters = self.counters.clone();
-        counters.active.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            run(prepared, ids, mode, pool, &counters, tx).await;
-            counters.active.fetch_sub(1, Ordering::Relaxed);
-        });
-        Ok(rx)
+        let (pool, counters) = (self.pool.clone(), self.counters.clone());
+        Ok(self.spawn_stream(move |tx| async move {
+            run(prepared, ids, mode, pool, &counters, tx).await
+        }))
     }
 
     /// A Session: one answer per step, in step order, each mined against the

@@ -632,11 +632,54 @@ async fn mine_writes_triplets_and_pairs_as_json_lines_with_stats() {
     }
     assert!(err.contains("pairs from"), "{err}");
 
+    // Batches of neighbouring classes (MineBatches), one line each: one pass covers
+    // every item, K of each class.
+    let (ok, stdout, err) = cli(
+        &url,
+        &[
+            "mine",
+            "-c",
+            "m",
+            "--batches",
+            "--classes",
+            "3",
+            "--per-class",
+            "4",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let batches = json_lines(&stdout);
+    let mut seen = std::collections::HashSet::new();
+    for b in &batches {
+        let classes: Vec<&str> = b["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(classes.len(), 3, "{b}");
+        let ids = b["ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 12, "{b}");
+        for (j, id) in ids.iter().enumerate() {
+            assert_eq!(format!("c{}", label(id)), classes[j / 4], "{b}");
+            seen.insert(id.as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(seen.len(), 500, "one pass covers every item");
+    assert!(err.contains(&format!("{} batches", batches.len())), "{err}");
+
     // A bad request is the server's status, named.
     let (ok, _, err) = cli(&url, &["mine", "-c", "m", "--margin", "-1"]).await;
     assert!(!ok);
     assert!(
         err.contains("InvalidArgument") && err.contains("margin"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&url, &["mine", "-c", "m", "--batches", "--classes", "1"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("classes"),
         "{err}"
     );
 }

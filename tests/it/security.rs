@@ -335,6 +335,31 @@ async fn calls_with(url: &str, token: Option<&str>) -> Vec<(&'static str, Code)>
         Err(s) => s.code(),
     };
     out.push(("MineTriplets", mined));
+    // A Session is a read; a step that writes its vectors back is a write.
+    for (name, write_back) in [("Session", false), ("SessionWriteBack", true)] {
+        let step = pb::MineStep {
+            step: 1,
+            request: Some(pb::MineRequest {
+                collection: "sec".into(),
+                strategy: pb::Strategy::Hard as i32,
+                ..Default::default()
+            }),
+            anchors: vec![pb::StepAnchor {
+                id: "i0".into(),
+                label: String::new(),
+                vector: vec![1.0, 0.05],
+            }],
+            write_back,
+        };
+        let answer = match miner.session(tokio_stream::iter(vec![step])).await {
+            Ok(r) => match r.into_inner().message().await {
+                Ok(_) => Code::Ok,
+                Err(e) => e.code(),
+            },
+            Err(s) => s.code(),
+        };
+        out.push((name, answer));
+    }
     let calibrate = items
         .calibrate(pb::CalibrateRequest {
             collection: "sec".into(),
@@ -413,6 +438,7 @@ async fn tokens_decide_who_may_call_what_and_health_and_reflection_need_none() {
             "CreateCollection",
             "Upsert",
             "UpsertStream",
+            "SessionWriteBack",
             "Calibrate",
             "Delete",
             "DeleteCollection",

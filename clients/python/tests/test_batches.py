@@ -30,6 +30,7 @@ def test_batches_hold_k_items_of_p_classes_with_the_nearest_classes_next(client,
         coll, classes=4, per_class=4, neighbours=2, seed=3, with_vectors=True
     )
     batches = list(stream)
+    agree = 0
     for n, b in enumerate(batches):
         assert b.batch == n and b.pass_ == 0
         assert len(b.classes) == len(set(b.classes)) == 4 and b.neighbours == 2
@@ -43,16 +44,28 @@ def test_batches_hold_k_items_of_p_classes_with_the_nearest_classes_next(client,
         d = b.class_distances
         assert d.shape == (4,) and d[0] == 0.0
         assert np.isfinite(d[1:3]).all() and d[1] <= d[2] and np.isnan(d[3])
-        # The neighbours are the classes nearest to the anchor class's items in the batch,
-        # at the distance of their nearest item.
+        # The neighbours are the classes nearest to the anchor class's items in the batch:
+        # per anchor item, its nearest item of the class among its 32 nearest negatives
+        # (the 32nd's distance when none is), averaged over the anchor items.
         anchors = b.vectors(b.ids[:4])
-        exact = {
-            c: float(cosine_distances(anchors, m).min())
-            for c, m in members.items()
-            if c != b.classes[0]
-        }
-        assert b.classes[1:3] == sorted(exact, key=exact.get)[:2]
-        assert d[1:3] == pytest.approx([exact[c] for c in b.classes[1:3]], abs=1e-4)
+        negatives = [(c, m) for c, m in members.items() if c != b.classes[0]]
+        names = [c for c, m in negatives for _ in m]
+        dist = cosine_distances(anchors, np.stack([v for _, m in negatives for v in m]))
+        exact = defaultdict(float)
+        for row in dist:
+            order = np.argsort(row)[:32]
+            horizon = row[order[-1]]
+            nearest = {}
+            for j in order:
+                nearest.setdefault(names[j], row[j])
+            for c, _ in negatives:
+                exact[c] += nearest.get(c, horizon) / len(anchors)
+        # HNSW is approximate (a graph built by two threads can miss an item now and
+        # then), so a batch or two may differ from the brute-force answer.
+        agree += b.classes[1:3] == sorted(exact, key=exact.get)[:2] and d[1:3] == pytest.approx(
+            [exact[c] for c in b.classes[1:3]], abs=1e-4
+        )
+    assert agree >= 0.9 * len(batches), f"{agree} of {len(batches)} batches as brute force ranks"
     # One pass: every item at least once. Each batch hands out 4 of the 80 class-halves,
     # at least one of them (the anchor class's) still due this pass.
     assert set().union(*(b.ids for b in batches)) == set(ids)

@@ -108,7 +108,16 @@ pub fn machine() -> String {
         .map_or("?".into(), |kb| {
             format!("{:.1} GiB", kb as f64 / (1u64 << 20) as f64)
         });
-    format!("machine: {} cores (nproc), {cpu}, {mem} RAM", cores())
+    // A shared machine: what else ran when the bench started says how far to trust
+    // its absolute figures.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    format!(
+        "machine: {} cores (nproc), {cpu}, {mem} RAM; load average {load} at the start",
+        cores()
+    )
 }
 
 pub fn cores() -> usize {
