@@ -494,15 +494,22 @@ async fn mine_batch(
 /// Queues a job on the search pool as background work (searches go first), waiting
 /// (briefly, repeatedly) while its queue is full: a mining stream is a long job that
 /// should yield to searches, not fail.
-pub(super) async fn submit<T: Send + 'static>(
+///
+/// The job is queued when this is called, not when the future is first polled: the
+/// chunks of one batch are submitted one after another and awaited in order, and a
+/// lazy submit would run them one at a time (it did: a batch used one core of two).
+pub(super) fn submit<T: Send + 'static>(
     pool: &WorkPool,
     job: impl FnOnce() -> Result<T> + Send + Clone + 'static,
-) -> Result<T> {
-    loop {
-        match pool.run_at(Priority::Background, job.clone()).await {
-            Err(Error::ResourceExhausted(_)) => tokio::time::sleep(Duration::from_millis(2)).await,
-            other => return other,
+) -> impl std::future::Future<Output = Result<T>> {
+    let first = pool.run_at(Priority::Background, job.clone());
+    async move {
+        let mut answer = first.await;
+        while let Err(Error::ResourceExhausted(_)) = answer {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            answer = pool.run_at(Priority::Background, job.clone()).await;
         }
+        answer
     }
 }
 
@@ -776,4 +783,34 @@ fn step_anchors(coll: &Collection, given: Vec<StepAnchor>, root: &Field) -> Resu
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunks of a batch are submitted one after another and awaited in order; they
+    /// must run at once. Two jobs that each wait for the other (a barrier of two) finish
+    /// only if the second was queued before the first was awaited.
+    #[tokio::test]
+    async fn submitted_jobs_run_before_they_are_awaited() {
+        let pool = WorkPool::new("t", 2, 16);
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let job = |b: Arc<std::sync::Barrier>| {
+            move || {
+                b.wait();
+                Ok(())
+            }
+        };
+        let first = submit(&pool, job(barrier.clone()));
+        let second = submit(&pool, job(barrier.clone()));
+        let both = async {
+            first.await?;
+            second.await
+        };
+        tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the second job never started: submit is lazy")
+            .unwrap();
+    }
 }

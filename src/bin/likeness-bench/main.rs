@@ -207,6 +207,11 @@ pub struct Args {
     /// and backward pass, which a write-back hides behind); 0: the next step at once.
     #[arg(long, default_value_t = 0)]
     pub session_think_ms: u64,
+    /// session: the steps' HNSW expansion (ef) and kNN pool (`candidates`); 0: the
+    /// defaults (ef 64, pool 64). A memory wants its negatives, approximately: a
+    /// smaller ef and pool is the main knob on a step's cost.
+    #[arg(long, default_value_t = 0)]
+    pub session_expansion: u32,
     /// load: concurrent streams held open (EmbedStream, Session, MineTriplets and
     /// UpsertStream in turn).
     #[arg(long, default_value_t = 1000)]

@@ -37,6 +37,9 @@ const UPSERTS: usize = 100;
 struct SessionRun {
     /// Round trip per measured step (send to answer).
     lat: Vec<Duration>,
+    /// The daemon's own time per step (MineStats.seconds: from the step's arrival to
+    /// its answer being mined), to split a round trip into mining and the rest.
+    mined: Vec<Duration>,
     /// From sending the first measured step to the probe's answer.
     wall: f64,
     /// Daemon and client CPU over the same span.
@@ -69,10 +72,14 @@ fn median(mut xs: Vec<usize>) -> usize {
     quantile(&xs, 0.5)
 }
 
-fn request(negatives: u32) -> pb::MineRequest {
+fn request(negatives: u32, expansion: u32) -> pb::MineRequest {
     pb::MineRequest {
         collection: COLLECTION.into(),
         strategy: pb::Strategy::Hard as i32,
+        expansion,
+        // A memory step wants its negatives, not a 64-wide pool: with an ef given, the
+        // pool is that wide too.
+        candidates: expansion,
         negatives_per_anchor: negatives,
         positives_per_anchor: 1,
         with_vectors: true,
@@ -120,6 +127,8 @@ struct Plan<'a> {
     steps: &'a [Vec<pb::StepAnchor>],
     warmup: usize,
     negatives: u32,
+    /// The steps' ef (0: the collection's).
+    expansion: u32,
     think: Duration,
     probe_id: String,
 }
@@ -136,6 +145,7 @@ async fn session(
         steps,
         warmup,
         negatives,
+        expansion,
         think,
         ref probe_id,
     } = *plan;
@@ -149,6 +159,7 @@ async fn session(
         .into_inner();
     let mut run = SessionRun {
         lat: Vec::with_capacity(steps.len()),
+        mined: Vec::with_capacity(steps.len()),
         wall: 0.0,
         cpu: Cpu::default(),
         bytes: Vec::new(),
@@ -165,7 +176,7 @@ async fn session(
     for (s, anchors) in steps.iter().enumerate() {
         let msg = pb::MineStep {
             step: s as u64,
-            request: (s == 0).then(|| request(negatives)),
+            request: (s == 0).then(|| request(negatives, expansion)),
             anchors: anchors.clone(),
             write_back,
         };
@@ -188,6 +199,9 @@ async fn session(
         }
         if s >= warmup {
             run.lat.push(rt);
+            run.mined.push(Duration::from_secs_f64(
+                answer.stats.as_ref().map_or(0.0, |st| st.seconds),
+            ));
             run.bytes.push(prost::Message::encoded_len(&answer));
             run.items.push(answer.items.len());
             run.triplets.push(answer.triplets.len());
@@ -312,6 +326,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
         steps: &steps,
         warmup: args.session_warmup,
         negatives: args.session_negatives,
+        expansion: args.session_expansion,
         think,
         probe_id: format!("v{}", order[0]),
     };
@@ -329,18 +344,23 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
 
     let measured = args.session_steps.max(1);
     println!(
-        "## Session as a cross-batch memory ({}; {} steps of {per_step} anchors after {} warm-up, HARD, {} negatives and 1 positive per anchor, with_vectors; fresh vectors = stored + Gaussian noise of norm {}, unit length; the trainer waits {} ms between an answer and its next step; one Session at a time)\n",
+        "## Session as a cross-batch memory ({}; {} steps of {per_step} anchors after {} warm-up, HARD at ef {}, {} negatives and 1 positive per anchor, with_vectors; fresh vectors = stored + Gaussian noise of norm {}, unit length; the trainer waits {} ms between an answer and its next step; one Session at a time)\n",
         corpus.data.describe,
         measured,
         args.session_warmup,
+        if args.session_expansion == 0 {
+            "64 (the collection's)".to_string()
+        } else {
+            args.session_expansion.to_string()
+        },
         args.session_negatives,
         args.session_noise,
         args.session_think_ms,
     );
     println!(
-        "| write_back | round trip p50 ms | p99 ms | max ms | mean ms | steps/s (with the trainer's wait) | daemon CPU ms per step | client CPU ms per step | answer KiB (median) | items per answer (median) | triplets per answer (median) |"
+        "| write_back | round trip p50 ms | p99 ms | max ms | mean ms | of it mining in the daemon, p50 ms | steps/s (with the trainer's wait) | daemon CPU ms per step | client CPU ms per step | answer KiB (median) | items per answer (median) | triplets per answer (median) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut summary = Vec::new();
     for (write_back, r) in &runs {
         let mut lat = r.lat.clone();
@@ -350,8 +370,11 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
         let (dc, cc) = (r.cpu.daemon * 1e3 / steps_n, r.cpu.client * 1e3 / steps_n);
         let p50 = millis(quantile(&lat, 0.5));
         let p99 = millis(quantile(&lat, 0.99));
+        let mut mined = r.mined.clone();
+        mined.sort();
+        let mined = millis(quantile(&mined, 0.5));
         println!(
-            "| {} | {p50:.1} | {p99:.1} | {:.1} | {:.1} | {:.1} | {dc:.1} | {cc:.1} | {:.0} | {} | {} |",
+            "| {} | {p50:.1} | {p99:.1} | {:.1} | {:.1} | {mined:.1} | {:.1} | {dc:.1} | {cc:.1} | {:.0} | {} | {} |",
             if *write_back { "on" } else { "off" },
             millis(lat.last().copied().unwrap_or_default()),
             mean * 1e3,
@@ -364,7 +387,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     }
     if let [off, on] = summary[..] {
         println!(
-            "| on ÷ off | {:.2} | {:.2} | - | {:.2} | {:.2} | {:.2} | - | - | - | - |",
+            "| on ÷ off | {:.2} | {:.2} | - | {:.2} | - | {:.2} | {:.2} | - | - | - | - |",
             on.0 / off.0,
             on.1 / off.1,
             on.2 / off.2,
