@@ -120,16 +120,7 @@ impl RawBatchSpec {
                 format!("{candidates}, at most {}", super::spec::MAX_CANDIDATES),
             ));
         }
-        let shard = match self.shard {
-            None | Some(Shard { index: 0, count: 0 }) => Shard { index: 0, count: 1 },
-            Some(s) if s.index >= s.count => {
-                return Err(Error::invalid(
-                    at("shard").field("index"),
-                    format!("{} is not below count {}", s.index, s.count),
-                ));
-            }
-            Some(s) => s,
-        };
+        let shard = Shard::checked(self.shard, &at("shard"))?;
         Ok(BatchSpec {
             collection: self.collection,
             classes,

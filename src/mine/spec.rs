@@ -63,6 +63,19 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// A request's shard: unset (or 0 of 0, proto3's unset) is the whole; an index not
+    /// below its count is refused, naming `field`.index.
+    pub fn checked(shard: Option<Shard>, field: &Field) -> Result<Shard> {
+        match shard {
+            None | Some(Shard { index: 0, count: 0 }) => Ok(Shard { index: 0, count: 1 }),
+            Some(s) if s.index >= s.count => Err(Error::invalid(
+                field.clone().field("index"),
+                format!("{} is not below count {}", s.index, s.count),
+            )),
+            Some(s) => Ok(s),
+        }
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         self.count <= 1 || fnv1a(id.as_bytes()) % u64::from(self.count) == u64::from(self.index)
     }
@@ -220,18 +233,7 @@ impl RawSpec {
         }
         let pos_margin = finite("pos_margin", self.pos_margin)?;
         let neg_margin = finite("neg_margin", self.neg_margin)?;
-        let shard = self.shard.unwrap_or(Shard { index: 0, count: 1 });
-        let shard = if shard.count == 0 && shard.index == 0 {
-            Shard { index: 0, count: 1 }
-        } else {
-            shard
-        };
-        if shard.index >= shard.count {
-            return Err(Error::invalid(
-                at("shard").field("index"),
-                format!("{} is not below count {}", shard.index, shard.count),
-            ));
-        }
+        let shard = Shard::checked(self.shard, &at("shard"))?;
         match &self.anchors {
             Anchors::Ids(ids) if ids.is_empty() => {
                 return Err(Error::invalid(
