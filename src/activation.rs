@@ -16,34 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::app::{App, blocking};
-use crate::collections::{Collection, CollectionInfo};
-use crate::embed::{Input, ModelInfo};
+pub use crate::collections::{ActivationInfo, ActivationState as State};
+use crate::collections::{Collection, CollectionInfo, Registry};
+use crate::embed::{EmbedHandle, Input, ModelInfo};
 use crate::error::{Error, Result};
+use crate::pool::blocking;
 use crate::store::ShadowRecord;
 use crate::store::codec::decode_input;
 use crate::types::ItemData;
-
-/// Where an activation stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Running,
-    Done,
-    Failed,
-}
-
-/// An activation's progress, as GetCollection reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ActivationInfo {
-    pub state: State,
-    pub model: String,
-    pub version: String,
-    pub done: u64,
-    pub total: u64,
-    /// Items re-embedded per second since this run started (or resumed).
-    pub rate: f64,
-    pub error: String,
-}
 
 struct Progress {
     model: String,
@@ -80,9 +60,11 @@ impl Progress {
     }
 }
 
-/// The activations this daemon has run or is running, by collection.
-#[derive(Default)]
+/// The activations this daemon has run or is running, by collection: a component that
+/// owns its jobs and holds what they use (the registry, the embedder).
 pub struct Activations {
+    registry: Arc<Registry>,
+    embedder: EmbedHandle,
     jobs: Mutex<HashMap<String, Arc<Progress>>>,
     /// Items re-embedded per second at most (0: as fast as the embedder goes), so that
     /// a large re-embedding leaves the model's capacity to live requests.
@@ -90,6 +72,15 @@ pub struct Activations {
 }
 
 impl Activations {
+    pub fn new(registry: Arc<Registry>, embedder: EmbedHandle) -> Self {
+        Activations {
+            registry,
+            embedder,
+            jobs: Mutex::default(),
+            rate: AtomicU64::new(0),
+        }
+    }
+
     /// Caps re-embedding at `per_second` items (0: no cap).
     pub fn set_rate(&self, per_second: u64) {
         self.rate.store(per_second, Ordering::Relaxed);
@@ -132,7 +123,7 @@ fn tower_for(model: &ModelInfo, image: bool) -> String {
         .unwrap_or_default()
 }
 
-impl App {
+impl Activations {
     /// Starts re-embedding `collection` with `model` (`version`: a published one, or
     /// empty for the model the daemon loaded at start). Returns the collection's info
     /// with the activation RUNNING.
@@ -142,7 +133,7 @@ impl App {
         model: &str,
         version: &str,
     ) -> Result<CollectionInfo> {
-        let source = self.registry().collection(collection)?;
+        let source = self.registry.collection(collection)?;
         let spec = source.spec();
         if model.is_empty() {
             return Err(Error::invalid("model", "must name an embedder"));
@@ -152,7 +143,7 @@ impl App {
         } else {
             crate::embed::publish::key(model, version)
         };
-        let space = self.embedder().space(&key).map_err(|e| match e {
+        let space = self.embedder.space(&key).map_err(|e| match e {
             Error::NotFound { what, .. } if !version.is_empty() => Error::not_found_at(
                 "version",
                 format!("{what} (publish it first: Models.Publish)"),
@@ -188,14 +179,14 @@ impl App {
                 "collection {collection:?} keeps no inputs to re-embed (it was created without a model or with keep_inputs = false)"
             )));
         }
-        if self.activations().running(collection) {
+        if self.running(collection) {
             return Err(Error::FailedPrecondition(format!(
                 "collection {collection:?} is already being re-embedded; wait for it to finish"
             )));
         }
         let (shadow, record) = {
             let (registry, source, model, version) = (
-                self.registry().clone(),
+                self.registry.clone(),
                 source.clone(),
                 model.to_string(),
                 version.to_string(),
@@ -217,29 +208,29 @@ impl App {
             })
             .await?
         };
-        self.spawn_activation(shadow, record);
+        self.spawn(shadow, record);
         let mut info = source.info();
-        info.activation = self.activations().info(collection);
+        info.activation = self.info(collection);
         Ok(info)
     }
 
     /// Resumes every activation a previous run left unfinished (after recovery).
-    pub fn resume_activations(self: &Arc<Self>) -> Result<usize> {
-        let records = self.registry().shadow_records()?;
+    pub fn resume(self: &Arc<Self>) -> Result<usize> {
+        let records = self.registry.shadow_records()?;
         let mut resumed = 0;
         for record in records {
             let name = record.spec.name.clone();
-            let Some(shadow) = self.registry().shadow(&name) else {
+            let Some(shadow) = self.registry.shadow(&name) else {
                 continue;
             };
             tracing::info!(collection = %name, model = %record.spec.model_key(), done = record.done, total = record.total, "resuming an activation");
-            self.spawn_activation(shadow, record);
+            self.spawn(shadow, record);
             resumed += 1;
         }
         Ok(resumed)
     }
 
-    fn spawn_activation(self: &Arc<Self>, shadow: Arc<Collection>, record: ShadowRecord) {
+    fn spawn(self: &Arc<Self>, shadow: Arc<Collection>, record: ShadowRecord) {
         let name = record.spec.name.clone();
         let progress = Arc::new(Progress {
             model: record.spec.model.clone(),
@@ -249,8 +240,7 @@ impl App {
             total: AtomicU64::new(record.total),
             start: (record.done, Instant::now()),
         });
-        self.activations()
-            .jobs
+        self.jobs
             .lock()
             .expect("activations lock")
             .insert(name.clone(), progress.clone());
@@ -258,13 +248,13 @@ impl App {
         tokio::spawn(async move {
             let mut record = record;
             let result = loop {
-                match app.run_activation(&shadow, record.clone(), &progress).await {
+                match app.run(&shadow, record.clone(), &progress).await {
                     // A full disk pauses the run: it goes on from the last persisted step
                     // once the store takes writes again.
                     Err(Error::StorageUnavailable(why)) => {
                         tracing::warn!(collection = %name, reason = %why, "activation paused: storage is failing");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        let registry = app.registry().clone();
+                        let registry = app.registry.clone();
                         if let Ok(Ok(records)) =
                             tokio::task::spawn_blocking(move || registry.shadow_records()).await
                             && let Some(r) = records.into_iter().find(|r| r.spec.name == name)
@@ -280,7 +270,7 @@ impl App {
                 Err(e) => {
                     tracing::error!(collection = %name, error = %e, "activation failed; the collection keeps its current model");
                     progress.finish(State::Failed, e.to_string());
-                    let registry = app.registry().clone();
+                    let registry = app.registry.clone();
                     let gone = name.clone();
                     if let Err(e) = blocking(move || registry.abandon_generation(&gone)).await {
                         tracing::error!(collection = %name, error = %e, "could not remove the abandoned generation");
@@ -292,7 +282,7 @@ impl App {
 
     /// Re-embeds `items` (with their stored inputs) with the shadow's model.
     async fn reembed(&self, key: &str, mut items: Vec<ItemData>) -> Result<Vec<ItemData>> {
-        let model = self.embedder().info(key)?;
+        let model = self.embedder.info(key)?;
         let inputs = items
             .iter()
             .map(|it| {
@@ -303,14 +293,14 @@ impl App {
                 Ok(Input { data, tower })
             })
             .collect::<Result<Vec<_>>>()?;
-        let vectors = self.embedder().embed(key, inputs, true).await?;
+        let vectors = self.embedder.embed(key, inputs, true).await?;
         for (it, v) in items.iter_mut().zip(vectors) {
             it.vector = v;
         }
         Ok(items)
     }
 
-    async fn run_activation(
+    async fn run(
         self: &Arc<Self>,
         shadow: &Arc<Collection>,
         mut record: ShadowRecord,
@@ -319,7 +309,7 @@ impl App {
         let name = record.spec.name.clone();
         let key = record.spec.model_key();
         loop {
-            let source = self.registry().collection(&name)?;
+            let source = self.registry.collection(&name)?;
             // What is left is about what the source holds beyond what the new generation
             // already has (writes during the run add to it).
             let left = source.len().saturating_sub(shadow.len()) as u64;
@@ -328,13 +318,13 @@ impl App {
                 .store(record.total.max(record.done + left), Ordering::Relaxed);
             let (items, next) = {
                 let (registry, source, cursor) =
-                    (self.registry().clone(), source.clone(), record.cursor);
+                    (self.registry.clone(), source.clone(), record.cursor);
                 blocking(move || registry.source_step(&source, cursor)).await?
             };
             if next == record.cursor {
                 // Caught up: the switch finishes the tail with writes held.
-                let (registry, shadow, app, handle) = (
-                    self.registry().clone(),
+                let (registry, shadow, this, handle) = (
+                    self.registry.clone(),
                     shadow.clone(),
                     self.clone(),
                     tokio::runtime::Handle::current(),
@@ -342,7 +332,7 @@ impl App {
                 let key = key.clone();
                 let done = blocking(move || {
                     let mut reembed =
-                        |items: Vec<ItemData>| handle.block_on(app.reembed(&key, items));
+                        |items: Vec<ItemData>| handle.block_on(this.reembed(&key, items));
                     registry.switch_generation(&source, &shadow, &mut record, &mut reembed)?;
                     Ok(record.done)
                 })
@@ -356,14 +346,14 @@ impl App {
             } else {
                 self.reembed(&key, items).await?
             };
-            let rate = self.activations().rate.load(Ordering::Relaxed);
+            let rate = self.rate.load(Ordering::Relaxed);
             if rate > 0 {
                 let due = std::time::Duration::from_secs_f64(items.len() as f64 / rate as f64);
                 tokio::time::sleep(due.saturating_sub(step_started.elapsed())).await;
             }
             record.cursor = next;
             record.done += items.len() as u64;
-            let (registry, shadow, rec) = (self.registry().clone(), shadow.clone(), record.clone());
+            let (registry, shadow, rec) = (self.registry.clone(), shadow.clone(), record.clone());
             blocking(move || registry.shadow_write(&shadow, &items, &rec)).await?;
             progress.done.store(record.done, Ordering::Relaxed);
         }

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::activation::{ActivationInfo, Activations, State};
 use crate::collections::{
     Collection, CollectionInfo, CreateCollection, Registry, StreamTxn, validate,
 };
@@ -19,7 +20,7 @@ use crate::embed::{EmbedHandle, Input, InputData};
 use crate::error::{Error, Field, Result};
 use crate::judge::{self, Calibration, Classification, RawInput, Verification};
 use crate::mine::Miner;
-use crate::pool::WorkPool;
+use crate::pool::{WorkPool, blocking};
 use crate::store::codec::encode_input;
 use crate::types::{Hit, ItemData, NewItem, Query, QueryTarget, SearchParams};
 
@@ -29,7 +30,7 @@ pub struct App {
     searches: Arc<WorkPool>,
     miner: Miner,
     metrics: Arc<crate::metrics::Registry>,
-    activations: Arc<crate::activation::Activations>,
+    activations: Arc<Activations>,
 }
 
 /// An UpsertStream in progress (see [`StreamTxn`]): dropped before [`App::commit_stream`],
@@ -41,7 +42,7 @@ pub struct UpsertStream {
 
 impl App {
     pub fn new(registry: Arc<Registry>, embedder: EmbedHandle, searches: Arc<WorkPool>) -> Self {
-        let activations: Arc<crate::activation::Activations> = Arc::default();
+        let activations = Arc::new(Activations::new(registry.clone(), embedder.clone()));
         // A Session's write-back is a vector-only write: refused, as Upsert refuses
         // one, while its collection is being re-embedded with another model.
         let gate = {
@@ -89,7 +90,7 @@ impl App {
     }
 
     /// Re-embeddings to another model (Models.Activate), running or finished.
-    pub fn activations(&self) -> &crate::activation::Activations {
+    pub fn activations(&self) -> &Arc<Activations> {
         &self.activations
     }
 
@@ -516,12 +517,13 @@ impl App {
     }
 
     /// Identification: a distance-weighted vote over the k nearest items' labels.
-    pub async fn classify(
-        &self,
-        collection: &str,
-        query: Query,
-        k: usize,
-    ) -> Result<Classification> {
+    /// Identification: a kNN vote over the `k` nearest (0: [`judge::DEFAULT_VOTERS`]).
+    pub async fn classify(&self, collection: &str, query: Query, k: u32) -> Result<Classification> {
+        let k = if k == 0 {
+            judge::DEFAULT_VOTERS
+        } else {
+            k as usize
+        };
         let coll = self.registry.collection(collection)?;
         let field = Field::name("query");
         let target = self
@@ -597,12 +599,10 @@ impl App {
     /// Fits the logistic and the thresholds on `pairs` labelled pairs sampled from the
     /// collection (and the pair model's threshold where it has one), then stores them.
     /// Nothing is stored unless everything fitted.
-    pub async fn calibrate(
-        &self,
-        collection: &str,
-        pairs: usize,
-        seed: u64,
-    ) -> Result<Calibration> {
+    /// Calibrate on `pairs` sampled labelled pairs (0: the default; see
+    /// [`judge::calibration_pairs`]).
+    pub async fn calibrate(&self, collection: &str, pairs: u32, seed: u64) -> Result<Calibration> {
+        let pairs = judge::calibration_pairs(pairs)?;
         let coll = self.registry.collection(collection)?;
         let (mut cal, sampled) = {
             let coll = coll.clone();
@@ -635,28 +635,18 @@ impl App {
     }
 }
 
-/// Runs blocking work (disk, HNSW) on tokio's blocking threads.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f).await?
-}
-
 /// A collection's info with its activation, read before it. An activation switches the
 /// collection to its generation and only then says it is done, so a reader can find it
 /// still running on a collection that already serves the new model: that one is done.
 /// (Read the other way round, the switch and the end could both fall between the two
 /// reads and show a finished activation beside the old model.)
-fn with_activation(
-    info: &mut CollectionInfo,
-    activation: Option<crate::activation::ActivationInfo>,
-) {
+fn with_activation(info: &mut CollectionInfo, activation: Option<ActivationInfo>) {
     info.activation = activation.map(|mut a| {
-        if a.state == crate::activation::State::Running
+        if a.state == State::Running
             && info.spec.model == a.model
             && info.spec.model_version == a.version
         {
-            a.state = crate::activation::State::Done;
+            a.state = State::Done;
         }
         a
     });
@@ -665,7 +655,6 @@ fn with_activation(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::activation::{ActivationInfo, State};
     use crate::types::{CollectionSpec, Metric};
 
     fn info(version: &str) -> CollectionInfo {

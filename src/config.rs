@@ -5,31 +5,43 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::embed::{BatchConfig, ConvSearch, Device};
 use crate::types::Limits;
 
+/// Where metrics are served unless told otherwise: not 9090 (a Prometheus server's own
+/// port) nor 9100-9999 (allocated to Prometheus exporters, all of it), nor Linux's
+/// ephemeral range (32768-60999).
+pub const DEFAULT_METRICS: &str = "127.0.0.1:20151";
+
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Human,
     Json,
 }
 
-/// `likeness serve` flags. Every one has an env var and a TOML key of the same name
-/// (`--data-dir` = `LIKENESS_DATA_DIR` = `data_dir`).
-#[derive(Debug, Clone, Default, clap::Args)]
+/// `likeness serve` settings, each declared once: a flag, an env var and a TOML key of
+/// the same name (`--data-dir` = `LIKENESS_DATA_DIR` = `data_dir`). The file parses into
+/// this same struct, and [`Config::resolve`] lays the flags over it, then the defaults
+/// under both.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML config file; its keys are the flag names with underscores.
     #[arg(long, env = "LIKENESS_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:50051].
     #[arg(long, env = "LIKENESS_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Where Prometheus metrics are served (GET /metrics), or `off`
-    /// [default: 127.0.0.1:9090].
+    /// Where Prometheus metrics are served (GET /metrics), or `off`. The default is outside
+    /// Prometheus's own ports (9090 is its server's; 9100-9999 are its exporters'); when
+    /// it is taken (a second daemon on the host), metrics go to a free port, which is
+    /// logged. An address given here that is taken fails the start
+    /// [default: 127.0.0.1:20151].
     #[arg(long, env = "LIKENESS_METRICS_LISTEN", value_parser = parse_optional_addr)]
     pub metrics_listen: Option<OptionalAddr>,
     /// Directory for the store and index snapshots [default: ./likeness-data].
@@ -91,6 +103,11 @@ pub struct ServeArgs {
     /// Searches that may wait for a thread before RESOURCE_EXHAUSTED [default: 4096].
     #[arg(long, env = "LIKENESS_SEARCH_QUEUE")]
     pub search_queue: Option<usize>,
+    /// Streaming RPCs (UpsertStream, EmbedStream, the mining streams, Publish) open at
+    /// once, over all connections; one more is answered RESOURCE_EXHAUSTED. Each open
+    /// stream holds memory (its HTTP/2 buffers, mining's read-ahead) [default: 2048].
+    #[arg(long, env = "LIKENESS_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
     /// The largest .onnx file Models.Publish accepts, MiB [default: 512].
     #[arg(long, env = "LIKENESS_MAX_MODEL_MB")]
     pub max_model_mb: Option<usize>,
@@ -101,8 +118,10 @@ pub struct ServeArgs {
     /// A model (an embedder or a pair model), NAME=PATH to its TOML manifest or to an
     /// .onnx carrying one (see `likeness pack`); repeatable. None given: the shipped
     /// fmnist-triplet embedder and fmnist-pair pair model.
+    /// In the file, a table: `[models]` then `name = "path"` lines.
     #[arg(long = "model", env = "LIKENESS_MODELS", value_delimiter = ',', value_parser = parse_model)]
-    pub models: Vec<(String, PathBuf)>,
+    #[serde(default, with = "models_table")]
+    pub models: Option<Vec<(String, PathBuf)>>,
     /// Where inference runs: auto, cpu, cuda or cuda:N [default: auto].
     #[arg(long, env = "LIKENESS_DEVICE")]
     pub device: Option<String>,
@@ -134,9 +153,15 @@ pub struct ServeArgs {
 }
 
 /// An address, or `off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl From<OptionalAddr> for String {
+    fn from(a: OptionalAddr) -> String {
+        a.0.map_or_else(|| "off".to_string(), |a| a.to_string())
+    }
+}
 
 impl TryFrom<String> for OptionalAddr {
     type Error = String;
@@ -151,7 +176,7 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
     }
     s.parse::<SocketAddr>()
         .map(|a| OptionalAddr(Some(a)))
-        .map_err(|e| format!("{s:?}: {e} (an address such as 127.0.0.1:9090, or off)"))
+        .map_err(|e| format!("{s:?}: {e} (an address such as 127.0.0.1:20151, or off)"))
 }
 
 fn parse_model(s: &str) -> Result<(String, PathBuf), String> {
@@ -161,41 +186,26 @@ fn parse_model(s: &str) -> Result<(String, PathBuf), String> {
         .ok_or_else(|| format!("--model {s:?}: expected NAME=PATH"))
 }
 
-/// The TOML file: the same keys as the flags, all optional.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub listen: Option<SocketAddr>,
-    pub metrics_listen: Option<OptionalAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub embed_only: Option<bool>,
-    pub health_listen: Option<SocketAddr>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_client_ca: Option<PathBuf>,
-    pub tokens_file: Option<PathBuf>,
-    pub log_format: Option<LogFormat>,
-    pub log: Option<String>,
-    pub max_k: Option<usize>,
-    pub max_message_bytes: Option<usize>,
-    pub max_batch: Option<usize>,
-    pub cache_mb: Option<u64>,
-    pub index_threads: Option<usize>,
-    pub shutdown_grace_secs: Option<u64>,
-    pub search_threads: Option<usize>,
-    pub search_queue: Option<usize>,
-    pub max_model_mb: Option<usize>,
-    pub reembed_rate: Option<u64>,
-    /// name -> manifest path
-    pub models: Option<std::collections::BTreeMap<String, PathBuf>>,
-    pub device: Option<String>,
-    pub cuda_conv_search: Option<String>,
-    pub embed_max_batch: Option<usize>,
-    pub embed_max_delay_ms: Option<u64>,
-    pub embed_queue: Option<usize>,
-    pub embed_threads: Option<usize>,
-    pub embed_spin: Option<bool>,
-    pub embed_pad: Option<bool>,
+/// `--model NAME=PATH` flags are a list; the file's `[models]` is a table of the same.
+mod models_table {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    type Models = Option<Vec<(String, PathBuf)>>;
+
+    pub fn serialize<S: Serializer>(models: &Models, s: S) -> Result<S::Ok, S::Error> {
+        models
+            .as_ref()
+            .map(|m| m.iter().cloned().collect::<BTreeMap<_, _>>())
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Models, D::Error> {
+        let table = Option::<BTreeMap<String, PathBuf>>::deserialize(d)?;
+        Ok(table.map(|t| t.into_iter().collect()))
+    }
 }
 
 /// The resolved configuration.
@@ -204,6 +214,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// None: no metrics port.
     pub metrics_listen: Option<SocketAddr>,
+    /// `metrics_listen` is the default, not asked for: if taken, use a free port instead.
+    pub metrics_fallback: bool,
     pub data_dir: PathBuf,
     /// No store: serve Embedder and Models only (`data_dir` is not used).
     pub embed_only: bool,
@@ -224,6 +236,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     pub search_threads: usize,
     pub search_queue: usize,
+    /// Streaming RPCs open at once, beyond which one more is RESOURCE_EXHAUSTED.
+    pub max_streams: usize,
     /// The largest .onnx file Models.Publish accepts, in MiB.
     pub max_model_mb: usize,
     /// Items per second Models.Activate re-embeds at most; 0: no cap.
@@ -238,7 +252,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:50051".parse().expect("valid address"),
-            metrics_listen: Some("127.0.0.1:9090".parse().expect("valid address")),
+            metrics_listen: Some(DEFAULT_METRICS.parse().expect("valid address")),
+            metrics_fallback: true,
             data_dir: PathBuf::from("./likeness-data"),
             embed_only: false,
             health_listen: None,
@@ -254,6 +269,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             search_threads: 0,
             search_queue: 4096,
+            max_streams: 2048,
             max_model_mb: 512,
             reembed_rate: 0,
             // The shipped models, where this binary was built; elsewhere none (a binary
@@ -284,100 +300,56 @@ impl Config {
 
     /// Resolves flags and env (already merged by clap) over the file over defaults.
     pub fn resolve(args: &ServeArgs) -> Result<Config, String> {
-        let file = match &args.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+        let a = match &args.config {
+            Some(path) => over(args, read_file(path)?)
+                .map_err(|e| format!("config file {}: {e}", path.display()))?,
+            None => args.clone(),
         };
         let d = Config::default();
         let cfg = Config {
-            listen: args.listen.or(file.listen).unwrap_or(d.listen),
-            metrics_listen: args
-                .metrics_listen
-                .or(file.metrics_listen)
-                .map_or(d.metrics_listen, |a| a.0),
-            data_dir: args
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or(d.data_dir),
-            embed_only: args.embed_only.or(file.embed_only).unwrap_or(d.embed_only),
-            health_listen: args
-                .health_listen
-                .or(file.health_listen)
-                .or(d.health_listen),
-            tls_cert: args.tls_cert.clone().or(file.tls_cert),
-            tls_key: args.tls_key.clone().or(file.tls_key),
-            tls_client_ca: args.tls_client_ca.clone().or(file.tls_client_ca),
-            tokens_file: args.tokens_file.clone().or(file.tokens_file),
-            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
-            log: args.log.clone().or(file.log).unwrap_or(d.log),
-            max_message_bytes: args
-                .max_message_bytes
-                .or(file.max_message_bytes)
-                .unwrap_or(d.max_message_bytes),
-            cache_mb: args.cache_mb.or(file.cache_mb).unwrap_or(d.cache_mb),
-            index_threads: args
-                .index_threads
-                .or(file.index_threads)
-                .unwrap_or(d.index_threads),
-            shutdown_grace_secs: args
-                .shutdown_grace_secs
-                .or(file.shutdown_grace_secs)
-                .unwrap_or(d.shutdown_grace_secs),
-            search_threads: args
-                .search_threads
-                .or(file.search_threads)
-                .unwrap_or(d.search_threads),
-            search_queue: args
-                .search_queue
-                .or(file.search_queue)
-                .unwrap_or(d.search_queue),
-            max_model_mb: args
-                .max_model_mb
-                .or(file.max_model_mb)
-                .unwrap_or(d.max_model_mb),
-            reembed_rate: args
-                .reembed_rate
-                .or(file.reembed_rate)
-                .unwrap_or(d.reembed_rate),
-            models: if !args.models.is_empty() {
-                args.models.clone()
-            } else if let Some(m) = file.models {
-                m.into_iter().collect()
-            } else {
-                d.models
-            },
+            listen: a.listen.unwrap_or(d.listen),
+            metrics_listen: a.metrics_listen.map_or(d.metrics_listen, |m| m.0),
+            metrics_fallback: a.metrics_listen.is_none(),
+            data_dir: a.data_dir.unwrap_or(d.data_dir),
+            embed_only: a.embed_only.unwrap_or(d.embed_only),
+            health_listen: a.health_listen.or(d.health_listen),
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            tls_client_ca: a.tls_client_ca,
+            tokens_file: a.tokens_file,
+            log_format: a.log_format.unwrap_or(d.log_format),
+            log: a.log.unwrap_or(d.log),
+            max_message_bytes: a.max_message_bytes.unwrap_or(d.max_message_bytes),
+            cache_mb: a.cache_mb.unwrap_or(d.cache_mb),
+            index_threads: a.index_threads.unwrap_or(d.index_threads),
+            shutdown_grace_secs: a.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
+            search_threads: a.search_threads.unwrap_or(d.search_threads),
+            search_queue: a.search_queue.unwrap_or(d.search_queue),
+            max_streams: a.max_streams.unwrap_or(d.max_streams),
+            max_model_mb: a.max_model_mb.unwrap_or(d.max_model_mb),
+            reembed_rate: a.reembed_rate.unwrap_or(d.reembed_rate),
+            models: a.models.unwrap_or(d.models),
             batch: BatchConfig {
-                max_batch: args
-                    .embed_max_batch
-                    .or(file.embed_max_batch)
-                    .unwrap_or(d.batch.max_batch),
-                max_delay: args
+                max_batch: a.embed_max_batch.unwrap_or(d.batch.max_batch),
+                max_delay: a
                     .embed_max_delay_ms
-                    .or(file.embed_max_delay_ms)
                     .map_or(d.batch.max_delay, std::time::Duration::from_millis),
-                queue: args
-                    .embed_queue
-                    .or(file.embed_queue)
-                    .unwrap_or(d.batch.queue),
-                device: match args.device.clone().or(file.device) {
+                queue: a.embed_queue.unwrap_or(d.batch.queue),
+                device: match a.device {
                     Some(s) => s.parse::<Device>()?,
                     None => d.batch.device,
                 },
-                conv_search: match args.cuda_conv_search.clone().or(file.cuda_conv_search) {
+                conv_search: match a.cuda_conv_search {
                     Some(s) => s.parse::<ConvSearch>()?,
                     None => d.batch.conv_search,
                 },
-                threads: or_cores(args.embed_threads.or(file.embed_threads).unwrap_or(0)),
-                spin: args.embed_spin.or(file.embed_spin).unwrap_or(d.batch.spin),
-                pad: args.embed_pad.or(file.embed_pad).or(d.batch.pad),
+                threads: or_cores(a.embed_threads.unwrap_or(0)),
+                spin: a.embed_spin.unwrap_or(d.batch.spin),
+                pad: a.embed_pad.or(d.batch.pad),
             },
             limits: Limits {
-                max_k: args.max_k.or(file.max_k).unwrap_or(d.limits.max_k),
-                max_batch: args
-                    .max_batch
-                    .or(file.max_batch)
-                    .unwrap_or(d.limits.max_batch),
+                max_k: a.max_k.unwrap_or(d.limits.max_k),
+                max_batch: a.max_batch.unwrap_or(d.limits.max_batch),
                 ..d.limits
             },
         };
@@ -394,6 +366,9 @@ impl Config {
         }
         if self.batch.max_batch == 0 || self.batch.queue == 0 {
             return Err("embed_max_batch and embed_queue must be at least 1".into());
+        }
+        if self.max_streams == 0 {
+            return Err("max_streams must be at least 1".into());
         }
         if self.search_queue == 0 {
             return Err("search_queue must be at least 1".into());
@@ -449,7 +424,23 @@ fn or_cores(n: usize) -> usize {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, String> {
+/// The settings given as flags (or env) laid over those of the file: one key at a time,
+/// through their serialized form, so that a setting is declared once, in [`ServeArgs`].
+fn over(flags: &ServeArgs, file: ServeArgs) -> Result<ServeArgs, serde_json::Error> {
+    let mut merged = serde_json::to_value(file)?;
+    if let (Some(merged), serde_json::Value::Object(flags)) =
+        (merged.as_object_mut(), serde_json::to_value(flags)?)
+    {
+        for (key, value) in flags {
+            if !value.is_null() {
+                merged.insert(key, value);
+            }
+        }
+    }
+    serde_json::from_value(merged)
+}
+
+fn read_file(path: &Path) -> Result<ServeArgs, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("config file {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))

@@ -116,9 +116,14 @@ pub enum Error {
     /// what brings writes back.
     #[error("storage unavailable: {0}")]
     StorageUnavailable(String),
-    /// sled failed.
+    /// The disk failed under sled outside the live store's own mapping (which turns its
+    /// I/O errors into [`Error::StorageUnavailable`] and marks itself failed): a backup's
+    /// export, an open. Still the disk, not a bug: the client may retry later.
+    #[error("storage unavailable: {0}; writes resume once the data dir takes writes again")]
+    StorageIo(std::io::Error),
+    /// sled failed other than by I/O (corruption, an unsupported operation, a bug).
     #[error("storage: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(String),
     /// usearch failed.
     #[error("index: {0}")]
     Index(String),
@@ -241,13 +246,25 @@ impl Error {
             | Error::PermissionDenied(_)
             | Error::ResourceExhausted(_)
             | Error::Unavailable(_)
-            | Error::StorageUnavailable(_) => false,
+            | Error::StorageUnavailable(_)
+            | Error::StorageIo(_) => false,
             Error::Storage(_)
             | Error::Index(_)
             | Error::Io(_)
             | Error::Model(_)
             | Error::Worker(_)
             | Error::Corrupt(_) => true,
+        }
+    }
+}
+
+/// sled's errors arrive classified: an I/O error is the disk's, anything else is
+/// internal.
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) => Error::StorageIo(io),
+            other => Error::Storage(other.to_string()),
         }
     }
 }

@@ -10,36 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use crate::embed::{EmbedHandle, InputData};
 use crate::error::{Error, Field, Result};
 use crate::rng::Rng;
-use crate::types::{CollectionSpec, Hit, Metric};
-
-/// What Verify decides with: the distance-based logistic's margin and scale, the
-/// threshold on the distance, and the pair model's threshold for this collection.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Decision {
-    pub margin: Option<f32>,
-    pub scale: Option<f32>,
-    pub threshold: Option<f32>,
-    /// Calibrate's threshold for the collection's pair model, over the manifest's.
-    pub pair_threshold: Option<f32>,
-}
-
-impl Decision {
-    pub fn of(spec: &CollectionSpec) -> Decision {
-        Decision {
-            margin: spec.dbl_margin,
-            scale: spec.dbl_scale,
-            threshold: spec.threshold,
-            pair_threshold: spec.pair_threshold,
-        }
-    }
-
-    pub fn apply(self, spec: &mut CollectionSpec) {
-        spec.dbl_margin = self.margin;
-        spec.dbl_scale = self.scale;
-        spec.threshold = self.threshold;
-        spec.pair_threshold = self.pair_threshold;
-    }
-}
+pub use crate::types::{Calibration, Decision, LabelGroups};
+use crate::types::{Hit, Metric};
 
 /// Distance-weighted kNN vote.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,24 +33,28 @@ pub struct Verification {
     pub pair_score: Option<f32>,
 }
 
-/// What Calibrate fitted.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Calibration {
-    pub dbl_margin: f32,
-    pub dbl_scale: f32,
-    pub threshold: f32,
-    pub accuracy: f32,
-    pub roc_auc: f32,
-    pub pairs: u32,
-    /// The pair model's fitted threshold, its accuracy and ROC AUC, when there is one.
-    pub pair: Option<(f32, f32, f32)>,
-}
-
 /// A labelled pair Calibrate sampled: two item ids, and whether their labels agree.
 pub type SampledPair = (String, String, bool);
 
-/// Items grouped by label: (id, vector) each. Calibrate's sample space.
-pub type LabelGroups = BTreeMap<String, Vec<(String, Vec<f32>)>>;
+/// Neighbours that vote when a Classify request leaves k at 0.
+pub const DEFAULT_VOTERS: usize = 10;
+
+/// Pairs Calibrate samples when a request leaves it at 0, and the most it may ask for.
+pub const DEFAULT_CALIBRATION_PAIRS: usize = 2000;
+pub const MAX_CALIBRATION_PAIRS: u32 = 1_000_000;
+
+/// The pairs a Calibrate request asks for, resolved: 0 is the default, and more than
+/// [`MAX_CALIBRATION_PAIRS`] is refused, naming the field.
+pub fn calibration_pairs(requested: u32) -> Result<usize> {
+    match requested {
+        0 => Ok(DEFAULT_CALIBRATION_PAIRS),
+        n if n > MAX_CALIBRATION_PAIRS => Err(Error::invalid(
+            "pairs",
+            format!("{n} exceeds {MAX_CALIBRATION_PAIRS}"),
+        )),
+        n => Ok(n as usize),
+    }
+}
 
 /// Identification: a distance-weighted vote (1 / (d + 0.001)) over the hits' labels.
 pub fn vote(hits: &[Hit]) -> Option<Classification> {

@@ -40,8 +40,10 @@ pub mod app;
 pub mod cli;
 pub mod collections;
 pub mod config;
+pub mod daemon;
 pub mod embed;
 pub mod error;
+pub mod exporter;
 pub mod grpc;
 pub mod index;
 pub mod judge;
@@ -54,12 +56,7 @@ pub mod store;
 pub mod synth;
 pub mod types;
 
-/// The generated protobuf types and gRPC stubs of `likeness.v1`.
-pub mod pb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("likeness.v1");
-}
-
 pub use config::Config;
+pub use daemon::{ServeOptions, serve, serve_with};
 pub use error::{Error, Result};
-pub use grpc::{Reloader, ServeOptions, serve, serve_with};
+pub use grpc::Reloader;

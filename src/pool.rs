@@ -174,6 +174,14 @@ fn worker(shared: &Shared) {
     }
 }
 
+/// Runs blocking work (disk, HNSW, a write's fsync) on tokio's blocking threads, off
+/// the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> crate::error::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -320,3 +320,51 @@ pub struct NewItem {
     pub item: ItemData,
     pub input: Option<Input>,
 }
+
+// What judging a collection decides with and fits: stored in the collection's spec, so
+// they live here, below the collections and the judge.
+
+/// What Verify decides with: the distance-based logistic's margin and scale, the
+/// threshold on the distance, and the pair model's threshold for this collection.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Decision {
+    pub margin: Option<f32>,
+    pub scale: Option<f32>,
+    pub threshold: Option<f32>,
+    /// Calibrate's threshold for the collection's pair model, over the manifest's.
+    pub pair_threshold: Option<f32>,
+}
+
+impl Decision {
+    pub fn of(spec: &CollectionSpec) -> Decision {
+        Decision {
+            margin: spec.dbl_margin,
+            scale: spec.dbl_scale,
+            threshold: spec.threshold,
+            pair_threshold: spec.pair_threshold,
+        }
+    }
+
+    pub fn apply(self, spec: &mut CollectionSpec) {
+        spec.dbl_margin = self.margin;
+        spec.dbl_scale = self.scale;
+        spec.threshold = self.threshold;
+        spec.pair_threshold = self.pair_threshold;
+    }
+}
+
+/// What Calibrate fitted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    pub dbl_margin: f32,
+    pub dbl_scale: f32,
+    pub threshold: f32,
+    pub accuracy: f32,
+    pub roc_auc: f32,
+    pub pairs: u32,
+    /// The pair model's fitted threshold, its accuracy and ROC AUC, when there is one.
+    pub pair: Option<(f32, f32, f32)>,
+}
+
+/// Items grouped by label: (id, vector) each. Calibrate's sample space.
+pub type LabelGroups = BTreeMap<String, Vec<(String, Vec<f32>)>>;

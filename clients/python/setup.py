@@ -3,10 +3,13 @@
 The stubs (likeness/v1/likeness_pb2*.py) are generated, never committed. They come from
 proto/likeness/v1/likeness.proto at the repository's root (two folders up), or, in an
 sdist, from the copy that `sdist` puts beside this file. The protoc is the one inside
-grpcio-tools, a build requirement (pyproject.toml).
+grpcio-tools, a build requirement (pyproject.toml). The stubs refuse to import under a
+grpcio or protobuf older than the ones they were made for, so the build checks that
+pyproject.toml's floors for both are at least those versions.
 """
 
 import os
+import re
 import shutil
 
 from setuptools import setup
@@ -49,6 +52,46 @@ def generate(out_dir):
     init = os.path.join(out_dir, "likeness", "v1", "__init__.py")
     with open(init, "w") as f:
         f.write('"""Generated from proto/likeness/v1/likeness.proto at build time."""\n')
+    check_floors(os.path.join(out_dir, "likeness", "v1"))
+
+
+def version(text):
+    return tuple(int(x) for x in text.split("."))
+
+
+def declared_floors():
+    """pyproject.toml's lower bounds for grpcio and protobuf, as version tuples."""
+    with open(os.path.join(HERE, "pyproject.toml"), encoding="utf-8") as f:
+        text = f.read()
+    found = dict(re.findall(r'"(grpcio|protobuf)>=([0-9.]+)', text))
+    return {name: version(v) for name, v in found.items()}
+
+
+def needed_versions(stubs):
+    """The grpcio and protobuf versions the generated stubs check for at import."""
+    needs = {}
+    with open(os.path.join(stubs, "likeness_pb2_grpc.py"), encoding="utf-8") as f:
+        m = re.search(r"GRPC_GENERATED_VERSION = '([0-9.]+)'", f.read())
+    if m:
+        needs["grpcio"] = version(m.group(1))
+    check = r"ValidateProtobufRuntimeVersion\(\s*[\w.]+,\s*(\d+),\s*(\d+),\s*(\d+),"
+    with open(os.path.join(stubs, "likeness_pb2.py"), encoding="utf-8") as f:
+        m = re.search(check, f.read())
+    if m:
+        needs["protobuf"] = tuple(int(x) for x in m.groups())
+    return needs
+
+
+def check_floors(stubs):
+    floors = declared_floors()
+    for name, needed in needed_versions(stubs).items():
+        floor = floors.get(name, (0,))
+        if floor < needed:
+            raise RuntimeError(
+                f"the stubs need {name}>={'.'.join(map(str, needed))} but pyproject.toml "
+                f"promises {name}>={'.'.join(map(str, floor))}: build with the grpcio-tools "
+                "that pyproject.toml pins, or raise the floor"
+            )
 
 
 class BuildPyWithStubs(build_py):

@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use crate::pb;
-use crate::pb::admin_client::AdminClient;
+use crate::grpc::pb;
+use crate::grpc::pb::admin_client::AdminClient;
 
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
     #[command(flatten)]
-    pub conn: crate::grpc::client::ConnectArgs,
+    pub conn: crate::cli::ConnectArgs,
     /// Directory for the backup on the DAEMON's machine (absolute; absent or empty;
     /// outside its data dir). Copy it off the machine afterwards.
     #[arg(long)]

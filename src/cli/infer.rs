@@ -2,27 +2,21 @@
 //! .npy or JSON lines), `likeness classify` and `likeness verify` (identification and
 //! verification in a collection, by image file or by stored item id).
 
-use std::collections::VecDeque;
 use std::fmt;
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::grpc::client::Channel;
 
+use super::images::{image_files, image_input, next_chunk, read_file};
+use super::sink::Sink;
+use super::window::in_order;
 use super::{Daemon, connect, items_client, load, status};
-use crate::grpc::client::ConnectArgs;
-use crate::pb;
-use crate::pb::embedder_client::EmbedderClient;
-use crate::pb::models_client::ModelsClient;
-
-/// A folder stands for its files with these extensions (in any case).
-const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
-
-/// Image bytes per Embed call: half the daemon's default 64 MiB message limit, so that
-/// a folder of large photos still goes through in several calls.
-const MAX_CALL_BYTES: u64 = 32 << 20;
+use crate::cli::ConnectArgs;
+use crate::grpc::pb;
+use crate::grpc::pb::embedder_client::EmbedderClient;
+use crate::grpc::pb::models_client::ModelsClient;
 
 /// Classify calls in flight at once (answers are printed in query order).
 const CLASSIFY_WINDOW: usize = 4;
@@ -127,77 +121,6 @@ impl fmt::Display for Target {
     }
 }
 
-/// Expands folders into their image files (sorted by name); files stay as given, in
-/// order. Every path must exist, and a folder must hold at least one image.
-pub fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
-    let mut files = Vec::new();
-    for path in paths {
-        let named = |e: std::io::Error| format!("{}: {e}", path.display());
-        if !std::fs::metadata(path).map_err(named)?.is_dir() {
-            files.push(path.clone());
-            continue;
-        }
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(path).map_err(named)? {
-            let entry = entry.map_err(named)?.path();
-            let is_image = entry
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-            if is_image && entry.is_file() {
-                found.push(entry);
-            }
-        }
-        if found.is_empty() {
-            return Err(format!(
-                "{}: no image files in this folder (looked for .{})",
-                path.display(),
-                IMAGE_EXTENSIONS.join(", .")
-            ));
-        }
-        found.sort();
-        files.extend(found);
-    }
-    Ok(files)
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn image_input(bytes: Vec<u8>) -> pb::Input {
-    pb::Input {
-        kind: Some(pb::input::Kind::Image(bytes)),
-        tower: String::new(),
-    }
-}
-
-/// Runs calls with at most `window` in flight and hands each answer to `each` in the
-/// order the calls were made. `calls` yields each call with a context for its answer;
-/// it is pulled lazily, so reading the next inputs overlaps the calls in flight.
-async fn in_order<C, T, F>(
-    mut calls: impl Iterator<Item = Result<(C, F), String>>,
-    window: usize,
-    mut each: impl FnMut(C, Result<T, crate::grpc::client::Status>) -> Result<(), String>,
-) -> Result<(), String>
-where
-    F: Future<Output = Result<T, crate::grpc::client::Status>> + Send + 'static,
-    T: Send + 'static,
-{
-    let mut pending = VecDeque::new();
-    loop {
-        while pending.len() < window.max(1) {
-            let Some(call) = calls.next() else { break };
-            let (context, call) = call?;
-            pending.push_back((context, tokio::spawn(call)));
-        }
-        let Some((context, call)) = pending.pop_front() else {
-            return Ok(());
-        };
-        each(context, call.await.map_err(|e| e.to_string())?)?;
-    }
-}
-
 /// The daemon's first embedder by name: what `--model` means when it is not given.
 /// (The daemon has no default model: Embed needs a name.)
 async fn default_model(channel: Channel) -> Result<String, String> {
@@ -225,24 +148,6 @@ async fn default_model(channel: Channel) -> Result<String, String> {
     }
 }
 
-/// The files for the next Embed call from `start`: at most `batch`, and at most
-/// MAX_CALL_BYTES of them unless a single file is larger.
-fn next_chunk(files: &[PathBuf], start: usize, batch: usize) -> Result<Vec<pb::Input>, String> {
-    let mut inputs = Vec::new();
-    let mut bytes = 0u64;
-    for path in files[start..].iter().take(batch) {
-        let len = std::fs::metadata(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .len();
-        if !inputs.is_empty() && bytes + len > MAX_CALL_BYTES {
-            break;
-        }
-        bytes += len;
-        inputs.push(image_input(read_file(path)?));
-    }
-    Ok(inputs)
-}
-
 /// A failed Embed call's status, naming the file when the status names an input
 /// (`inputs[3].image: undecodable image ...`).
 fn naming_input(s: crate::grpc::client::Status, files: &[PathBuf]) -> String {
@@ -253,122 +158,6 @@ fn naming_input(s: crate::grpc::client::Status, files: &[PathBuf]) -> String {
     match index.and_then(|i| files.get(i)) {
         Some(file) => format!("{}: {}", file.display(), status(s)),
         None => status(s),
-    }
-}
-
-/// Where `embed` writes: a .npy or .jsonl file (through `<out>.partial`, renamed once
-/// every row is written, so a failed run leaves no half file), or stdout.
-struct Sink {
-    npy: bool,
-    w: BufWriter<Box<dyn Write>>,
-    /// (the file asked for, the partial file written meanwhile)
-    file: Option<(PathBuf, PathBuf)>,
-    rows: usize,
-    dim: Option<usize>,
-    written: usize,
-}
-
-#[derive(serde::Serialize)]
-struct EmbedRow<'a> {
-    file: &'a str,
-    vector: &'a [f32],
-}
-
-impl Sink {
-    fn open(out: Option<&Path>, rows: usize) -> Result<Sink, String> {
-        let Some(out) = out else {
-            return Ok(Sink {
-                npy: false,
-                w: BufWriter::new(Box::new(std::io::stdout())),
-                file: None,
-                rows,
-                dim: None,
-                written: 0,
-            });
-        };
-        let ext = out
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_lowercase);
-        let npy = match ext.as_deref() {
-            Some("npy") => true,
-            Some("jsonl") | Some("ndjson") => false,
-            _ => {
-                return Err(format!(
-                    "--out {}: the extension picks the format: .npy or .jsonl",
-                    out.display()
-                ));
-            }
-        };
-        let mut partial = out.as_os_str().to_owned();
-        partial.push(".partial");
-        let partial = PathBuf::from(partial);
-        let file = File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
-        Ok(Sink {
-            npy,
-            w: BufWriter::new(Box::new(file)),
-            file: Some((out.to_path_buf(), partial)),
-            rows,
-            dim: None,
-            written: 0,
-        })
-    }
-
-    fn where_to(&self) -> String {
-        match &self.file {
-            Some((out, _)) => out.display().to_string(),
-            None => "stdout".into(),
-        }
-    }
-
-    fn write(&mut self, file: &Path, vector: &[f32]) -> Result<(), String> {
-        let written = if self.npy {
-            let dim = *self.dim.get_or_insert(vector.len());
-            if vector.len() != dim {
-                return Err(format!(
-                    "{}: a {}-d vector after {dim}-d ones",
-                    file.display(),
-                    vector.len()
-                ));
-            }
-            let mut bytes = Vec::with_capacity(vector.len() * 4);
-            if self.written == 0 {
-                bytes.extend(load::npy_header(self.rows, dim));
-            }
-            bytes.extend(vector.iter().flat_map(|v| v.to_le_bytes()));
-            self.w.write_all(&bytes)
-        } else {
-            let row = EmbedRow {
-                file: &file.display().to_string(),
-                vector,
-            };
-            serde_json::to_writer(&mut self.w, &row)
-                .map_err(std::io::Error::from)
-                .and_then(|()| self.w.write_all(b"\n"))
-        };
-        written.map_err(|e| format!("{}: {e}", self.where_to()))?;
-        self.written += 1;
-        Ok(())
-    }
-
-    /// Flushes, and puts the file in place.
-    fn finish(&mut self) -> Result<(), String> {
-        self.w
-            .flush()
-            .map_err(|e| format!("{}: {e}", self.where_to()))?;
-        if let Some((out, partial)) = self.file.take() {
-            std::fs::rename(&partial, &out).map_err(|e| format!("{}: {e}", out.display()))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Sink {
-    /// A sink dropped before `finish` leaves no partial file behind.
-    fn drop(&mut self) {
-        if let Some((_, partial)) = self.file.take() {
-            let _ = std::fs::remove_file(partial);
-        }
     }
 }
 
@@ -553,30 +342,6 @@ pub async fn verify(daemon: &Daemon, args: VerifyArgs) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_folder_is_its_images_sorted_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        for name in ["b.PNG", "a.jpg", "c.txt", "d.gif"] {
-            std::fs::write(dir.path().join(name), b"x").unwrap();
-        }
-        std::fs::create_dir(dir.path().join("e.png")).unwrap();
-        let loose = dir.path().join("c.txt");
-        let files = image_files(&[loose.clone(), dir.path().to_path_buf()]).unwrap();
-        let names: Vec<_> = files
-            .iter()
-            .map(|f| f.file_name().unwrap().to_str().unwrap())
-            .collect();
-        assert_eq!(names, ["c.txt", "a.jpg", "b.PNG", "d.gif"]);
-        let err = image_files(&[dir.path().join("nope.png")]).unwrap_err();
-        assert!(err.contains("nope.png"), "{err}");
-        let empty = dir.path().join("e.png");
-        assert!(
-            image_files(&[empty])
-                .unwrap_err()
-                .contains("no image files")
-        );
-    }
 
     #[test]
     fn a_status_naming_an_input_names_its_file() {

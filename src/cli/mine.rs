@@ -8,8 +8,8 @@ use clap::ValueEnum;
 use tokio_stream::StreamExt;
 
 use super::{Daemon, connect, load::Progress, status};
-use crate::pb;
-use crate::pb::miner_client::MinerClient;
+use crate::grpc::pb;
+use crate::grpc::pb::miner_client::MinerClient;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum StrategyArg {
@@ -37,7 +37,7 @@ impl From<StrategyArg> for pb::Strategy {
 #[derive(Debug, clap::Args)]
 pub struct MineArgs {
     #[command(flatten)]
-    pub conn: crate::grpc::client::ConnectArgs,
+    pub conn: crate::cli::ConnectArgs,
     #[arg(long, short)]
     pub collection: String,
     #[arg(long, value_enum, default_value = "semi-hard")]

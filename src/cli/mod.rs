@@ -3,20 +3,24 @@
 //! `restore` works offline on a data dir.
 
 pub mod admin;
+mod images;
 pub mod infer;
 pub mod load;
 pub mod mine;
 pub mod models;
+mod sink;
+mod window;
 
+use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::grpc::client::{Channel, ConnectArgs};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::ServeArgs;
-use crate::pb;
-use crate::pb::collections_client::CollectionsClient;
-use crate::pb::items_client::ItemsClient;
+use crate::grpc::client::Channel;
+use crate::grpc::pb;
+use crate::grpc::pb::collections_client::CollectionsClient;
+use crate::grpc::pb::items_client::ItemsClient;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -268,7 +272,7 @@ pub async fn run(addr: String, command: Command) -> Result<(), String> {
 
 /// A connected channel (TLS and the token as the target says).
 pub async fn connect(daemon: &Daemon) -> Result<Channel, String> {
-    crate::grpc::client::connect(&daemon.addr, &daemon.conn).await
+    daemon.conn.connect(&daemon.addr).await
 }
 
 fn items_client(ch: Channel) -> ItemsClient<Channel> {
@@ -514,4 +518,55 @@ async fn delete(daemon: &Daemon, args: DeleteArgs) -> Result<(), String> {
         .into_inner();
     println!("deleted {} items", r.deleted);
     Ok(())
+}
+
+/// How to reach a daemon that wants TLS or tokens: the flags every client command takes.
+/// `global`: the flags may come after a
+/// nested subcommand too (`likeness collections list --token ...`).
+#[derive(Clone, Default, clap::Args)]
+pub struct ConnectArgs {
+    /// Use TLS and trust the daemon's certificate if this PEM CA signed it (an http://
+    /// address is then dialled as https://).
+    #[arg(long, env = "LIKENESS_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// A PEM client certificate to present, for a daemon that requires one (mutual TLS;
+    /// with --tls-key and --tls-ca).
+    #[arg(long, env = "LIKENESS_CLIENT_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "LIKENESS_CLIENT_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// A bearer token sent with every call (`authorization: Bearer TOKEN`). The env var
+    /// keeps it out of the process list.
+    #[arg(long, env = "LIKENESS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+// By hand: the token must not reach a debug print.
+impl std::fmt::Debug for ConnectArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectArgs")
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
+impl ConnectArgs {
+    /// A channel to `addr` as these flags say.
+    pub async fn connect(&self, addr: &str) -> Result<Channel, String> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together".into());
+        }
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        crate::grpc::client::connect(
+            addr,
+            self.tls_ca.as_deref(),
+            identity,
+            self.token.as_deref(),
+        )
+        .await
+    }
 }

@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cli::ConnectArgs;
 use crate::embed::manifest::Manifest;
-use crate::grpc::client::ConnectArgs;
-use crate::pb;
-use crate::pb::collections_client::CollectionsClient;
-use crate::pb::models_client::ModelsClient;
+use crate::grpc::pb;
+use crate::grpc::pb::collections_client::CollectionsClient;
+use crate::grpc::pb::models_client::ModelsClient;
 
 /// Bytes per ModelChunk.
 const CHUNK: usize = 1 << 20;

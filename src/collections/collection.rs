@@ -13,10 +13,11 @@ use super::write::{Turns, Writer};
 use super::{CollectionInfo, validate};
 use crate::error::{Error, Field, Result};
 use crate::index::{AnnIndex, snapshot};
-use crate::judge::{Decision, LabelGroups};
 use crate::store::codec::decode_input;
 use crate::store::{ItemsTree, TreeState};
-use crate::types::{CollectionSpec, InputData, ItemData, Limits, QueryTarget};
+use crate::types::{
+    CollectionSpec, Decision, InputData, ItemData, LabelGroups, Limits, QueryTarget,
+};
 
 pub struct Collection {
     pub(super) spec: CollectionSpec,

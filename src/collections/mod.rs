@@ -10,17 +10,23 @@
 //! - [`write`]: the ordered write path and stream transactions;
 //! - [`catalogue`]: ids, interned labels, the label index, metadata per ANN key;
 //! - [`search`]: ANN, exact and batched kNN;
-//! - [`validate`]: input checks that name the field.
+//! - [`validate`]: input checks that name the field;
+//! - `spec`: a new collection's spec, defaults resolved and checked;
+//! - `storage`: the store failed and brought back (the probe, reconciliation);
+//! - `backup`: online backups.
 //!
 //! Every method here blocks (disk, HNSW): callers run them off the async workers.
 //! Locks: the registry's map lock is held only to look up, insert or remove a
 //! collection, never across disk work; DDL (create, delete, calibration) is serialised
 //! by a mutex of its own, so readers never wait for an fsync.
 
+mod backup;
 pub mod catalogue;
 pub mod collection;
 pub mod generation;
 pub mod search;
+mod spec;
+mod storage;
 pub mod validate;
 pub mod write;
 
@@ -30,19 +36,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+pub use backup::BackupInfo;
 pub use catalogue::{Catalogue, LabelId};
 pub use collection::{Collection, IndexAudit, SearchStats};
 pub use search::{KnnOptions, KnnQuery, KnnResult, Neighbour, knn_parallel};
+pub use spec::CreateCollection;
+pub use storage::STORAGE_PROBE;
 pub use write::StreamTxn;
 
 use crate::error::{Error, Result};
 use crate::index::snapshot;
-use crate::judge::{Calibration, Decision};
 use crate::store::Store;
-use crate::store::backup::BackupWriter;
-use crate::types::{
-    CollectionSpec, IndexParams, ItemData, Limits, Metric, ModelDefaults, Precision,
-};
+use crate::types::{Calibration, CollectionSpec, Decision, ItemData, Limits};
 use write::TxnTable;
 
 /// What the core needs to know, and nothing of the server's: no listen address, no
@@ -69,46 +74,34 @@ impl Settings {
     }
 }
 
-/// What CreateCollection asks for; zeros and `None` mean defaults.
-#[derive(Debug, Clone, Default)]
-pub struct CreateCollection {
-    pub name: String,
-    pub dimension: u32,
-    pub metric: Option<Metric>,
-    pub index: IndexParams,
-    pub precision: Option<Precision>,
-    pub model: String,
-    pub keep_inputs: Option<bool>,
-    /// A pair model's name (checked by the caller, who knows the models); empty for none.
-    pub pair_model: String,
-    /// What the named model implies (resolved by the caller, who knows the models).
-    pub model_defaults: Option<ModelDefaults>,
-}
-
 /// A collection's spec and live item count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CollectionInfo {
     pub spec: CollectionSpec,
     pub count: u64,
     /// The latest re-embedding to another model (filled in by the application).
-    pub activation: Option<crate::activation::ActivationInfo>,
+    pub activation: Option<ActivationInfo>,
 }
 
-/// How often the storage probe checks whether writes can resume after a storage
-/// failure.
-pub const STORAGE_PROBE: Duration = Duration::from_millis(500);
+/// Where an activation (Models.Activate, [`crate::activation`]) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationState {
+    Running,
+    Done,
+    Failed,
+}
 
-/// What a backup wrote.
+/// An activation's progress, as GetCollection reports it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BackupInfo {
-    pub path: PathBuf,
-    /// Each collection's name and item count, in name order.
-    pub collections: Vec<(String, u64)>,
-    pub items: u64,
-    pub bytes: u64,
-    pub took: Duration,
-    /// The longest time one collection's writes waited for the backup.
-    pub longest_pause: Duration,
+pub struct ActivationInfo {
+    pub state: ActivationState,
+    pub model: String,
+    pub version: String,
+    pub done: u64,
+    pub total: u64,
+    /// Items re-embedded per second since this run started (or resumed).
+    pub rate: f64,
+    pub error: String,
 }
 
 /// How recovery went, per collection.
@@ -285,90 +278,6 @@ impl Registry {
         })
     }
 
-    /// A new collection's spec: the request with every default filled in, checked.
-    fn resolve_spec(&self, mut req: CreateCollection) -> Result<CollectionSpec> {
-        if let Some(d) = req.model_defaults.filter(|_| !req.model.is_empty()) {
-            if req.dimension == 0 {
-                req.dimension = d.dimension;
-            } else if req.dimension != d.dimension {
-                return Err(Error::invalid(
-                    "dimension",
-                    format!(
-                        "{} differs from model {:?}'s {}",
-                        req.dimension, req.model, d.dimension
-                    ),
-                ));
-            }
-        }
-        let max_dimension = self.settings.limits.max_dimension;
-        if req.dimension == 0 || req.dimension > max_dimension {
-            return Err(Error::invalid(
-                "dimension",
-                format!("{} is out of range 1..={max_dimension}", req.dimension),
-            ));
-        }
-        let d = IndexParams::default();
-        let pick = |v: u32, default: u32| if v == 0 { default } else { v };
-        let index = IndexParams {
-            connectivity: pick(req.index.connectivity, d.connectivity),
-            expansion_add: pick(req.index.expansion_add, d.expansion_add),
-            expansion_search: pick(req.index.expansion_search, d.expansion_search),
-        };
-        if !(2..=256).contains(&index.connectivity) {
-            return Err(Error::invalid(
-                "index.connectivity",
-                format!("{} is out of range 2..=256", index.connectivity),
-            ));
-        }
-        for (field, v) in [
-            ("index.expansion_add", index.expansion_add),
-            ("index.expansion_search", index.expansion_search),
-        ] {
-            if v > 4096 {
-                return Err(Error::invalid(
-                    field,
-                    format!("{v} is out of range 1..=4096"),
-                ));
-            }
-        }
-        let defaults = match (req.model.is_empty(), req.model_defaults) {
-            (true, _) => None,
-            (false, Some(d)) => Some(d),
-            (false, None) => return Err(Error::not_found(format!("model {:?}", req.model))),
-        };
-        if !req.pair_model.is_empty() && req.keep_inputs == Some(false) {
-            return Err(Error::invalid(
-                "keep_inputs",
-                format!(
-                    "pair model {:?} scores the items' stored inputs: the collection must keep them",
-                    req.pair_model
-                ),
-            ));
-        }
-        Ok(CollectionSpec {
-            name: req.name,
-            dimension: req.dimension,
-            metric: req
-                .metric
-                .or(defaults.map(|d| d.metric))
-                .unwrap_or(Metric::Cosine),
-            index,
-            precision: req.precision.unwrap_or(Precision::F32),
-            keep_inputs: req
-                .keep_inputs
-                .unwrap_or(defaults.is_some() || !req.pair_model.is_empty()),
-            dbl_margin: defaults.and_then(|d| d.dbl_margin),
-            dbl_scale: defaults.and_then(|d| d.dbl_scale),
-            threshold: defaults.and_then(|d| d.threshold),
-            pair_model: req.pair_model,
-            pair_threshold: None,
-            model: req.model,
-            uid: new_uid(),
-            model_version: String::new(),
-            tree: String::new(),
-        })
-    }
-
     /// Every collection now in the map (a snapshot: the map's lock is not held).
     fn all(&self) -> Vec<Arc<Collection>> {
         self.collections
@@ -484,191 +393,6 @@ impl Registry {
         self.store.put_spec(&spec)?;
         coll.set_decision(next);
         Ok(())
-    }
-
-    /// Whether the store accepts writes (false while storage is failing).
-    pub fn storage_writable(&self) -> bool {
-        self.store.writable()
-    }
-
-    /// How many times storage has failed since the daemon started.
-    pub fn storage_failures(&self) -> u64 {
-        self.store.failures()
-    }
-
-    /// Test-only: see [`Store::inject_fault`].
-    #[doc(hidden)]
-    pub fn inject_storage_fault(&self, on: bool) {
-        self.store.inject_fault(on);
-    }
-
-    /// Watches storage from a thread of its own: while writes are failing, every
-    /// [`STORAGE_PROBE`] it tries [`Registry::restore_storage`]. The thread ends with
-    /// the registry.
-    pub fn watch_storage(self: &Arc<Self>) {
-        let registry = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("storage-probe".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(STORAGE_PROBE);
-                    let Some(registry) = registry.upgrade() else {
-                        return;
-                    };
-                    if registry.storage_writable() || !registry.is_ready() {
-                        continue;
-                    }
-                    if let Err(e) = registry.restore_storage() {
-                        tracing::debug!(error = %e, "storage still failing");
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "no storage probe thread: writes will not resume after a storage failure without a restart");
-        }
-    }
-
-    /// After a storage failure: once the data dir takes a write again, reopens the
-    /// store (every writer kept out meanwhile), brings each collection's index and
-    /// catalogue in line with what it holds, and resumes writes. Returns whether writes
-    /// are accepted now.
-    pub fn restore_storage(&self) -> Result<bool> {
-        if self.store.writable() {
-            return Ok(true);
-        }
-        if self.store.fault_injected() {
-            return Ok(false);
-        }
-        self.store.probe_space()?;
-        let _ddl = self.ddl.lock().expect("ddl lock");
-        let colls = self.all();
-        // Name order, as the map is: the only place that holds more than one writer.
-        let mut writers: Vec<_> = colls
-            .iter()
-            .map(|c| c.writer.lock().expect("writer lock"))
-            .collect();
-        for (c, w) in colls.iter().zip(&writers) {
-            c.turns.wait_all(w.next_ticket);
-        }
-        self.store.reopen()?;
-        for (c, w) in colls.iter().zip(&mut writers) {
-            if !w.dropped {
-                c.resync(w)?;
-            }
-        }
-        drop(writers);
-        self.reconcile_specs(&colls)?;
-        self.store.resume_writes();
-        Ok(true)
-    }
-
-    /// A create or delete whose commit failed may have reached the disk after all: the
-    /// registry follows the reopened store's specs.
-    fn reconcile_specs(&self, colls: &[Arc<Collection>]) -> Result<()> {
-        let specs = self.store.specs()?;
-        for c in colls {
-            if !specs.iter().any(|s| s.name == c.name()) {
-                tracing::warn!(collection = %c.name(), "collection gone from the reopened store");
-                c.writer.lock().expect("writer lock").dropped = true;
-                self.collections
-                    .write()
-                    .expect("registry lock")
-                    .remove(c.name());
-            }
-        }
-        for spec in specs {
-            if colls.iter().any(|c| c.name() == spec.name) {
-                continue;
-            }
-            tracing::warn!(collection = %spec.name, "collection found in the reopened store");
-            let (coll, _) = self.open_collection(&spec)?;
-            self.collections
-                .write()
-                .expect("registry lock")
-                .insert(spec.name, Arc::new(coll));
-        }
-        Ok(())
-    }
-
-    /// Writes an online backup to `path` (absent or an empty directory on this
-    /// machine, outside the data dir). Each collection is copied under its writer lock,
-    /// so its copy holds every write acknowledged before the backup reached it and no
-    /// part of a later one; writes to it wait meanwhile, writes to the others go on.
-    /// Messages of an UpsertStream still open are visible to the copy as they are to
-    /// reads. Creates, deletes and calibrations wait for the whole backup.
-    pub fn backup(&self, path: &str) -> Result<BackupInfo> {
-        self.check_ready()?;
-        let started = Instant::now();
-        let to = self.backup_target(path)?;
-        let _ddl = self.ddl.lock().expect("ddl lock");
-        let mut writer = BackupWriter::create(&to)?;
-        let mut collections = Vec::new();
-        let mut longest_pause = Duration::ZERO;
-        for spec in self.store.specs()? {
-            let Ok(coll) = self.collection(&spec.name) else {
-                continue;
-            };
-            let paused = Instant::now();
-            let items = {
-                let w = coll.writer.lock().expect("writer lock");
-                writer.add(&spec, &coll.items, w.state.seq)?
-            };
-            let pause = paused.elapsed();
-            longest_pause = longest_pause.max(pause);
-            tracing::info!(collection = %spec.name, items, pause_ms = pause.as_millis() as u64, "backed up collection");
-            collections.push((spec.name, items));
-        }
-        let (_, bytes) = writer.finish()?;
-        let info = BackupInfo {
-            path: to,
-            items: collections.iter().map(|(_, n)| n).sum(),
-            collections,
-            bytes,
-            took: started.elapsed(),
-            longest_pause,
-        };
-        tracing::info!(path = %info.path.display(), items = info.items, bytes, took_ms = info.took.as_millis() as u64, "backup written");
-        Ok(info)
-    }
-
-    /// A backup path: absolute, and not inside the data dir.
-    fn backup_target(&self, path: &str) -> Result<PathBuf> {
-        if path.is_empty() {
-            return Err(Error::invalid("path", "must not be empty"));
-        }
-        let to = PathBuf::from(path);
-        if !to.is_absolute() {
-            return Err(Error::invalid(
-                "path",
-                format!("{path:?} must be an absolute path on the daemon's machine"),
-            ));
-        }
-        // The nearest existing ancestor, resolved, so that links and `..` cannot hide
-        // the data dir.
-        let mut existing = to.as_path();
-        let mut rest = Vec::new();
-        while !existing.exists() {
-            let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
-                break;
-            };
-            rest.push(name);
-            existing = parent;
-        }
-        let mut resolved = existing
-            .canonicalize()
-            .map_err(|e| Error::invalid("path", format!("{path:?}: {e}")))?;
-        resolved.extend(rest.iter().rev());
-        let data_dir = self.settings.data_dir.canonicalize()?;
-        if resolved.starts_with(&data_dir) || data_dir.starts_with(&resolved) {
-            return Err(Error::invalid(
-                "path",
-                format!(
-                    "{path:?} overlaps the data dir {}; back up to a directory outside it",
-                    data_dir.display()
-                ),
-            ));
-        }
-        Ok(to)
     }
 
     /// Rolls back open streams, saves every index snapshot and flushes the store (clean

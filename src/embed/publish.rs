@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use super::manifest::Manifest;
 use super::{Embedder, ModelInfo};
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
 
 /// The manifest file in each version's folder.
 const MANIFEST: &str = "model.toml";
@@ -29,6 +29,65 @@ pub struct Upload {
     pub name: String,
     pub manifest: String,
     pub bytes: Vec<u8>,
+    /// Chunks received so far.
+    chunks: usize,
+}
+
+impl Upload {
+    /// Adds one chunk of a Publish stream: the first names the model and carries the
+    /// manifest; later ones repeat the same or leave both empty. The upload is refused
+    /// as soon as it grows past `max_bytes`, nothing stored.
+    pub fn push(
+        &mut self,
+        name: String,
+        manifest: String,
+        bytes: &[u8],
+        max_bytes: usize,
+    ) -> Result<()> {
+        let n = self.chunks;
+        if n == 0 {
+            if name.is_empty() {
+                return Err(Error::invalid(
+                    "name",
+                    "the first chunk must name the model",
+                ));
+            }
+            if manifest.is_empty() {
+                return Err(Error::invalid(
+                    "manifest",
+                    "the first chunk must carry the manifest (TOML)",
+                ));
+            }
+            self.name = name;
+            self.manifest = manifest;
+        } else if !name.is_empty() && name != self.name {
+            return Err(Error::invalid(
+                Field::name("chunks").at(n).field("name"),
+                format!("{name:?} differs from the first chunk's {:?}", self.name),
+            ));
+        } else if !manifest.is_empty() && manifest != self.manifest {
+            return Err(Error::invalid(
+                Field::name("chunks").at(n).field("manifest"),
+                "only the first chunk carries the manifest",
+            ));
+        }
+        if self.bytes.len() + bytes.len() > max_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "bytes: the upload passed the limit of {max_bytes} bytes (--max-model-mb); nothing was stored"
+            )));
+        }
+        self.bytes.extend_from_slice(bytes);
+        self.chunks += 1;
+        Ok(())
+    }
+
+    /// The stream has ended: it must have carried a chunk.
+    pub fn finish(&self) -> Result<()> {
+        if self.chunks == 0 {
+            return Err(Error::invalid("chunks", "the stream carried no chunk"));
+        }
+        Ok(())
+    }
 }
 
 /// The name a published model is served under.
@@ -142,6 +201,7 @@ impl ModelStore {
             name,
             manifest: text,
             bytes,
+            chunks: _,
         } = upload;
         if !plain_name(&name, 64) {
             return Err(Error::invalid(

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::app::App;
-use crate::pb;
+use crate::grpc::pb;
 
 pub struct AdminService {
     pub app: Arc<App>,

@@ -1,9 +1,9 @@
-//! The client side of the wire, so that tonic stays behind `grpc/` there too: the
-//! connection flags every client takes (TLS, a client certificate, a bearer token), a
-//! channel to a daemon that sends the token with every call, and the status calls fail
-//! with. The CLI (`cli`) and the benchmark harness connect through here.
+//! The client side of the wire, so that tonic stays behind `grpc/` there too: a channel
+//! to a daemon (TLS, a client certificate) that sends a bearer token with every call,
+//! and the status calls fail with. The CLI (`cli`, whose `ConnectArgs` are the flags)
+//! and the benchmark harness connect through here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
@@ -15,39 +15,6 @@ pub use tonic::Status;
 
 /// A connection to a daemon; every call on it carries the token, when there is one.
 pub type Channel = InterceptedService<tonic::transport::Channel, Bearer>;
-
-/// How to reach a daemon that wants TLS or tokens. `global`: the flags may come after a
-/// nested subcommand too (`likeness collections list --token ...`).
-#[derive(Clone, Default, clap::Args)]
-pub struct ConnectArgs {
-    /// Use TLS and trust the daemon's certificate if this PEM CA signed it (an http://
-    /// address is then dialled as https://).
-    #[arg(long, env = "LIKENESS_TLS_CA", global = true)]
-    pub tls_ca: Option<PathBuf>,
-    /// A PEM client certificate to present, for a daemon that requires one (mutual TLS;
-    /// with --tls-key and --tls-ca).
-    #[arg(long, env = "LIKENESS_CLIENT_CERT", global = true)]
-    pub tls_cert: Option<PathBuf>,
-    /// The PEM private key of --tls-cert.
-    #[arg(long, env = "LIKENESS_CLIENT_KEY", global = true)]
-    pub tls_key: Option<PathBuf>,
-    /// A bearer token sent with every call (`authorization: Bearer TOKEN`). The env var
-    /// keeps it out of the process list.
-    #[arg(long, env = "LIKENESS_TOKEN", global = true, hide_env_values = true)]
-    pub token: Option<String>,
-}
-
-// By hand: the token must not reach a debug print.
-impl std::fmt::Debug for ConnectArgs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectArgs")
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
-            .finish()
-    }
-}
 
 /// Adds `authorization: Bearer TOKEN` to each call.
 #[derive(Clone)]
@@ -83,12 +50,17 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Connects to `addr` (`http://host:port` or `https://...`) as `args` say.
-pub async fn connect(addr: &str, args: &ConnectArgs) -> Result<Channel, String> {
-    if args.tls_cert.is_some() != args.tls_key.is_some() {
-        return Err("--tls-cert and --tls-key go together".into());
-    }
-    let tls = args.tls_ca.is_some() || addr.starts_with("https://");
+/// Connects to `addr` (`http://host:port` or `https://...`): over TLS when `tls_ca`
+/// (the CA that signed the daemon's certificate) is given or the address says https,
+/// presenting `identity` (a PEM certificate and key) when given, and sending `token`
+/// with every call. Errors name the option (`tls-ca`, `token`) they are about.
+pub async fn connect(
+    addr: &str,
+    tls_ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+    token: Option<&str>,
+) -> Result<Channel, String> {
+    let tls = tls_ca.is_some() || addr.starts_with("https://");
     let url = match addr.strip_prefix("http://") {
         Some(rest) if tls => format!("https://{rest}"),
         _ => addr.to_string(),
@@ -98,14 +70,14 @@ pub async fn connect(addr: &str, args: &ConnectArgs) -> Result<Channel, String> 
         .connect_timeout(Duration::from_secs(10));
     if tls {
         // No system roots are built in: the daemon's CA is named.
-        let Some(ca) = &args.tls_ca else {
+        let Some(ca) = tls_ca else {
             return Err(format!(
                 "{addr}: TLS needs --tls-ca, the CA that signed the daemon's certificate"
             ));
         };
         let mut config =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("tls-ca", ca)?));
-        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        if let Some((cert, key)) = identity {
             config = config.identity(Identity::from_pem(
                 read("tls-cert", cert)?,
                 read("tls-key", key)?,
@@ -114,10 +86,10 @@ pub async fn connect(addr: &str, args: &ConnectArgs) -> Result<Channel, String> 
         endpoint = endpoint
             .tls_config(config)
             .map_err(|e| format!("TLS: {}", with_causes(&e)))?;
-    } else if args.tls_cert.is_some() {
+    } else if identity.is_some() {
         return Err("--tls-cert needs TLS: give --tls-ca too".into());
     }
-    let bearer = match &args.token {
+    let bearer = match token {
         Some(token) => {
             let mut value = MetadataValue::try_from(format!("Bearer {token}"))
                 .map_err(|_| "--token: only printable ASCII can be sent".to_string())?;

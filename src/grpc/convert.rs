@@ -3,7 +3,7 @@
 
 use crate::collections::{CollectionInfo, CreateCollection};
 use crate::error::{Error, Field, Result};
-use crate::pb;
+use crate::grpc::pb;
 use crate::store::codec::decode_input;
 use crate::types::{
     self, Filter, Hit, Input, InputData, ItemData, Metric, NewItem, Precision, Query, SearchParams,

@@ -14,7 +14,7 @@ use crate::app::App;
 use crate::embed::publish::{ModelStore, Upload};
 use crate::embed::{EmbedHandle, Input, ModelInfo};
 use crate::error::{Error, Field, Result};
-use crate::pb;
+use crate::grpc::pb;
 
 pub struct EmbedderService {
     pub embedder: EmbedHandle,
@@ -36,54 +36,15 @@ impl ModelsService {
         mut chunks: Streaming<pb::ModelChunk>,
     ) -> Result<Upload, Status> {
         let mut upload = Upload::default();
-        let mut n = 0usize;
         while let Some(chunk) = chunks.message().await.map_err(oversize_to_exhausted)? {
             let pb::ModelChunk {
                 name,
                 manifest,
                 bytes,
             } = chunk;
-            if n == 0 {
-                if name.is_empty() {
-                    return Err(
-                        Error::invalid("name", "the first chunk must name the model").into(),
-                    );
-                }
-                if manifest.is_empty() {
-                    return Err(Error::invalid(
-                        "manifest",
-                        "the first chunk must carry the manifest (TOML)",
-                    )
-                    .into());
-                }
-                upload.name = name;
-                upload.manifest = manifest;
-            } else if !name.is_empty() && name != upload.name {
-                return Err(Error::invalid(
-                    Field::name("chunks").at(n).field("name"),
-                    format!("{name:?} differs from the first chunk's {:?}", upload.name),
-                )
-                .into());
-            } else if !manifest.is_empty() && manifest != upload.manifest {
-                return Err(Error::invalid(
-                    Field::name("chunks").at(n).field("manifest"),
-                    "only the first chunk carries the manifest",
-                )
-                .into());
-            }
-            if upload.bytes.len() + bytes.len() > store.max_bytes() {
-                return Err(Error::ResourceExhausted(format!(
-                    "bytes: the upload passed the limit of {} bytes (--max-model-mb); nothing was stored",
-                    store.max_bytes()
-                ))
-                .into());
-            }
-            upload.bytes.extend_from_slice(&bytes);
-            n += 1;
+            upload.push(name, manifest, &bytes, store.max_bytes())?;
         }
-        if n == 0 {
-            return Err(Error::invalid("chunks", "the stream carried no chunk").into());
-        }
+        upload.finish()?;
         Ok(upload)
     }
 }
@@ -301,7 +262,7 @@ impl pb::models_server::Models for ModelsService {
         };
         let upload = Self::receive(&store, request.into_inner()).await?;
         let embedder = self.embedder.clone();
-        let info = crate::app::blocking(move || store.publish(&*embedder, upload)).await?;
+        let info = crate::pool::blocking(move || store.publish(&*embedder, upload)).await?;
         Ok(Response::new(info_to(info)))
     }
 
@@ -320,7 +281,10 @@ impl pb::models_server::Models for ModelsService {
             model,
             version,
         } = request.into_inner();
-        let info = app.activate(&collection, &model, &version).await?;
+        let info = app
+            .activations()
+            .activate(&collection, &model, &version)
+            .await?;
         Ok(Response::new(super::convert::collection_info(info)))
     }
 }

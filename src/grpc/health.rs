@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::pb::health_server::{Health, HealthServer};
 
 use crate::error::{Error, Result};
 
@@ -28,14 +28,14 @@ pub(super) async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>
 /// Serves `health` on `listener` until the returned task is aborted. The daemon aborts
 /// it last, so the port keeps answering while in-flight RPCs drain (a liveness probe
 /// then still passes) and closes only when the daemon is done.
-pub(super) fn spawn<H: Health>(listener: TcpListener, health: HealthServer<H>) -> JoinHandle<()> {
+pub(super) fn spawn(listener: TcpListener, health: Routes) -> JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(addr = %addr, "health listening (plaintext, grpc.health.v1 only)");
     }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(async move {
         let served = Server::builder()
-            .add_service(health)
+            .add_routes(health)
             .serve_with_incoming(incoming)
             .await;
         if let Err(e) = served {

@@ -8,7 +8,7 @@ use super::convert;
 use super::oversize_to_exhausted;
 use crate::app::App;
 use crate::error::{Error, Field};
-use crate::pb;
+use crate::grpc::pb;
 use crate::types::NewItem;
 
 pub struct ItemsService {
@@ -127,7 +127,6 @@ impl pb::items_server::Items for ItemsService {
             k,
         } = request.into_inner();
         let query = convert::query_from(Field::name("query"), query)?;
-        let k = if k == 0 { 10 } else { k as usize };
         let c = self.app.classify(&collection, query, k).await?;
         Ok(Response::new(pb::ClassifyResponse {
             label: c.label,
@@ -170,13 +169,6 @@ impl pb::items_server::Items for ItemsService {
             pairs,
             seed,
         } = request.into_inner();
-        let pairs = match pairs {
-            0 => 2000,
-            n if n > 1_000_000 => {
-                return Err(Error::invalid("pairs", format!("{n} exceeds 1000000")).into());
-            }
-            n => n as usize,
-        };
         let c = self.app.calibrate(&collection, pairs, seed).await?;
         let (pair_threshold, pair_accuracy, pair_roc_auc) = match c.pair {
             Some((t, acc, auc)) => (Some(t), acc, auc),

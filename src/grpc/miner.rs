@@ -10,11 +10,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::error::{Error, Field, Result};
+use crate::grpc::pb;
 use crate::mine::{
     Anchors, Batch, ClassBatch, MinedItem, Mode, Pair, RawBatchSpec, RawSpec, Shard, Stats, Step,
     StepAnchor, Strategy, Triplet,
 };
-use crate::pb;
 
 pub struct MinerService {
     pub app: Arc<App>,

@@ -26,11 +26,7 @@ impl From<Error> for Status {
             Error::StorageUnavailable(_) => Code::Unavailable,
             // The store maps its own I/O errors to StorageUnavailable (and marks itself
             // failed); one that reaches here another way is still the disk, not a bug.
-            Error::Storage(sled::Error::Io(io)) => {
-                return Status::unavailable(format!(
-                    "storage unavailable: {io}; writes resume once the data dir takes writes again"
-                ));
-            }
+            Error::StorageIo(_) => Code::Unavailable,
             Error::Storage(_)
             | Error::Index(_)
             | Error::Io(_)
@@ -71,11 +67,9 @@ mod tests {
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("usearch"), "{}", s.message());
         assert!(s.message().contains("request id"), "{}", s.message());
-        let s = Status::from(Error::Storage(sled::Error::Unsupported("x".into())));
+        let s = Status::from(Error::Storage("unsupported: x".into()));
         assert_eq!(s.code(), Code::Internal);
-        let s = Status::from(Error::Storage(sled::Error::Io(
-            std::io::Error::from_raw_os_error(28),
-        )));
+        let s = Status::from(Error::StorageIo(std::io::Error::from_raw_os_error(28)));
         assert_eq!(s.code(), Code::Unavailable, "a disk error is not a bug");
         assert!(
             s.message().starts_with("storage unavailable"),

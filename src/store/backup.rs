@@ -107,7 +107,7 @@ fn backup_error(dir: &Path, e: Error) -> Error {
     };
     match &e {
         Error::Io(io) if full(io) => {}
-        Error::Storage(sled::Error::Io(io)) if full(io) => {}
+        Error::StorageIo(io) if full(io) => {}
         _ => return e,
     }
     Error::ResourceExhausted(format!(

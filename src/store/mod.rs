@@ -134,7 +134,7 @@ impl Shared {
     fn sled_failed(&self, e: sled::Error) -> Error {
         match e {
             sled::Error::Io(io) => self.fail(&io),
-            other => Error::Storage(other),
+            other => other.into(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Every RPC of likeness.v1 against a real server on 127.0.0.1:0.
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use likeness::pb;
-use likeness::pb::admin_client::AdminClient;
-use likeness::pb::items_client::ItemsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::admin_client::AdminClient;
+use likeness::grpc::pb::items_client::ItemsClient;
 use tonic::Code;
 use tonic::transport::Channel;
 

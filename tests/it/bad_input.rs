@@ -2,7 +2,7 @@
 //! the item, writes nothing, and the daemon keeps serving.
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

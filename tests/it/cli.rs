@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use likeness::pb;
-use likeness::pb::embedder_client::EmbedderClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::embedder_client::EmbedderClient;
 
 use crate::common::*;
 

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use likeness::Config;
-use likeness::pb;
-use likeness::pb::collections_client::CollectionsClient;
-use likeness::pb::items_client::ItemsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::collections_client::CollectionsClient;
+use likeness::grpc::pb::items_client::ItemsClient;
 use tonic::transport::Channel;
 
 pub struct TestServer {
@@ -429,17 +429,17 @@ pub fn fixture_pngs(name: &str) -> Vec<Vec<u8>> {
 }
 
 /// An image input.
-pub fn image_input(png: &[u8]) -> likeness::pb::Input {
-    likeness::pb::Input {
-        kind: Some(likeness::pb::input::Kind::Image(png.to_vec())),
+pub fn image_input(png: &[u8]) -> likeness::grpc::pb::Input {
+    likeness::grpc::pb::Input {
+        kind: Some(likeness::grpc::pb::input::Kind::Image(png.to_vec())),
         tower: String::new(),
     }
 }
 
 /// A query by image.
-pub fn input_query(png: &[u8]) -> Option<likeness::pb::Query> {
-    Some(likeness::pb::Query {
-        kind: Some(likeness::pb::query::Kind::Input(image_input(png))),
+pub fn input_query(png: &[u8]) -> Option<likeness::grpc::pb::Query> {
+    Some(likeness::grpc::pb::Query {
+        kind: Some(likeness::grpc::pb::query::Kind::Input(image_input(png))),
     })
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 
 const DIM: usize = 16;
 const WRITERS: usize = 4;
@@ -24,7 +24,7 @@ struct Ledger {
 }
 
 async fn write_until_killed(url: String, cycle: usize, writer: usize, ledger: Arc<Mutex<Ledger>>) {
-    let mut client = likeness::pb::items_client::ItemsClient::new(channel(&url).await);
+    let mut client = likeness::grpc::pb::items_client::ItemsClient::new(channel(&url).await);
     let mut rng = Rng::new((cycle * 100 + writer) as u64);
     for seq in 0.. {
         // Mostly new ids; every third batch replaces ids this writer had acknowledged
@@ -85,7 +85,7 @@ async fn sigkill_loses_nothing_acknowledged() {
         wait_serving(&url).await;
         if cycle == 0 {
             let mut c =
-                likeness::pb::collections_client::CollectionsClient::new(channel(&url).await);
+                likeness::grpc::pb::collections_client::CollectionsClient::new(channel(&url).await);
             create(&mut c, "crash", DIM as u32, pb::Metric::Cosine).await;
         } else {
             let seen = ledger.lock().unwrap().clone();
@@ -168,9 +168,9 @@ async fn sigkill_loses_nothing_acknowledged() {
 /// Every acknowledged id is there with its last acknowledged label (unless a later write
 /// to it was in flight), and the count is what the store holds.
 async fn verify(url: &str, ledger: &Ledger) {
-    let mut items = likeness::pb::items_client::ItemsClient::new(channel(url).await)
+    let mut items = likeness::grpc::pb::items_client::ItemsClient::new(channel(url).await)
         .max_decoding_message_size(64 << 20);
-    let mut c = likeness::pb::collections_client::CollectionsClient::new(channel(url).await);
+    let mut c = likeness::grpc::pb::collections_client::CollectionsClient::new(channel(url).await);
     let count = c
         .get_collection(pb::GetCollectionRequest {
             name: "crash".into(),

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use likeness::pb;
-use likeness::pb::models_client::ModelsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::models_client::ModelsClient;
 
 use crate::common::{channel, health_addr, spawn_command, wait_for_service};
 

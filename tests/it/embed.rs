@@ -2,9 +2,9 @@
 //! committed Fashion-MNIST fixture (classes 6-9, unseen in training).
 
 use crate::common::*;
-use likeness::pb;
-use likeness::pb::embedder_client::EmbedderClient;
-use likeness::pb::models_client::ModelsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::embedder_client::EmbedderClient;
+use likeness::grpc::pb::models_client::ModelsClient;
 use tonic::Code;
 use tonic::transport::Channel;
 

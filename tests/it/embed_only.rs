@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use likeness::embed::fake::{FAKE_MODEL, FakeEmbedder};
 use likeness::embed::{EmbedHandle, Embedder, Input, InputData, ModelInfo};
-use likeness::pb;
-use likeness::pb::collections_client::CollectionsClient;
-use likeness::pb::embedder_client::EmbedderClient;
-use likeness::pb::items_client::ItemsClient;
-use likeness::pb::models_client::ModelsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::collections_client::CollectionsClient;
+use likeness::grpc::pb::embedder_client::EmbedderClient;
+use likeness::grpc::pb::items_client::ItemsClient;
+use likeness::grpc::pb::models_client::ModelsClient;
 use likeness::types::ModelDefaults;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};

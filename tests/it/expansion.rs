@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 
 const N: usize = 8_000;
 const DIM: usize = 32;

@@ -2,7 +2,7 @@
 //! the shipped embedder on the real ONNX Runtime, and the model card's figures out.
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,9 +11,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use likeness::pb;
-use likeness::pb::embedder_client::EmbedderClient;
-use likeness::pb::models_client::ModelsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::embedder_client::EmbedderClient;
+use likeness::grpc::pb::models_client::ModelsClient;
 use tonic::Code;
 
 use crate::common::{
@@ -247,7 +247,8 @@ async fn publish_checks_keeps_and_serves_a_new_version() {
 
 /// Creates collection `name` on the shipped model and enrols `pngs` by input.
 async fn enrol(url: &str, name: &str, pngs: &[Vec<u8>], keep_inputs: Option<bool>) {
-    let mut colls = likeness::pb::collections_client::CollectionsClient::new(channel(url).await);
+    let mut colls =
+        likeness::grpc::pb::collections_client::CollectionsClient::new(channel(url).await);
     colls
         .create_collection(pb::CreateCollectionRequest {
             name: name.into(),
@@ -257,7 +258,7 @@ async fn enrol(url: &str, name: &str, pngs: &[Vec<u8>], keep_inputs: Option<bool
         })
         .await
         .unwrap();
-    let mut items = likeness::pb::items_client::ItemsClient::new(channel(url).await);
+    let mut items = likeness::grpc::pb::items_client::ItemsClient::new(channel(url).await);
     for (c, chunk) in pngs.chunks(200).enumerate() {
         items
             .upsert(pb::UpsertRequest {
@@ -292,7 +293,7 @@ async fn enrol_and_publish(url: &str) -> Vec<Vec<u8>> {
 }
 
 async fn info(url: &str, name: &str) -> pb::CollectionInfo {
-    likeness::pb::collections_client::CollectionsClient::new(channel(url).await)
+    likeness::grpc::pb::collections_client::CollectionsClient::new(channel(url).await)
         .get_collection(pb::GetCollectionRequest { name: name.into() })
         .await
         .unwrap()
@@ -322,7 +323,7 @@ fn state(info: &pb::CollectionInfo) -> pb::activation::State {
 
 /// The (id, distance) hits of a k = 10 search by image.
 async fn search(url: &str, name: &str, png: &[u8]) -> Vec<(String, f32)> {
-    likeness::pb::items_client::ItemsClient::new(channel(url).await)
+    likeness::grpc::pb::items_client::ItemsClient::new(channel(url).await)
         .search(pb::SearchRequest {
             collection: name.into(),
             query: input_query(png),
@@ -357,7 +358,7 @@ impl Generation {
 
 /// Every item's stored vector, by id.
 async fn vectors(url: &str, name: &str, n: usize) -> Vec<Vec<f32>> {
-    let r = likeness::pb::items_client::ItemsClient::new(channel(url).await)
+    let r = likeness::grpc::pb::items_client::ItemsClient::new(channel(url).await)
         .max_decoding_message_size(64 << 20)
         .get(pb::GetRequest {
             collection: name.into(),
@@ -416,7 +417,7 @@ async fn activate_reembeds_then_switches_with_reads_never_mixed() {
 
     // Meanwhile: each search is answered by one generation, whole; a write by input
     // lands in both; a write by vector is refused while the run lasts.
-    let mut items = likeness::pb::items_client::ItemsClient::new(channel(&url).await);
+    let mut items = likeness::grpc::pb::items_client::ItemsClient::new(channel(&url).await);
     let mut wrote = false;
     let (mut seen_old, mut progress) = (0, HashSet::new());
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -557,7 +558,7 @@ async fn activate_refuses_what_it_cannot_do() {
     // Items written by vector have no input to re-embed.
     enrol(&url, "mixed", &pngs[..20], None).await;
     let v = embed(&url, MODEL, &pngs[20..21]).await.remove(0);
-    likeness::pb::items_client::ItemsClient::new(channel(&url).await)
+    likeness::grpc::pb::items_client::ItemsClient::new(channel(&url).await)
         .upsert(pb::UpsertRequest {
             collection: "mixed".into(),
             items: vec![crate::common::item("by-vector", "l0", v)],

@@ -15,6 +15,7 @@ mod embed_only;
 mod engine;
 mod expansion;
 mod identify;
+mod layers;
 mod lifecycle;
 mod manifest;
 mod metrics;

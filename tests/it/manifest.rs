@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::*;
 use likeness::embed::{BatchConfig, Device, Models};
-use likeness::pb;
+use likeness::grpc::pb;
 
 fn shipped_onnx() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-triplet/model.onnx")

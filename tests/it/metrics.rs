@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use likeness::pb;
-use likeness::pb::miner_client::MinerClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::miner_client::MinerClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
@@ -238,4 +238,47 @@ async fn metrics_are_prometheus_text_and_count_what_happened() {
     // Anything but GET /metrics is a 404.
     let (head, _) = http_get(addr, "/other").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
+/// Issue 20, fault 1: the default metrics port was 9090, a Prometheus server's own, and
+/// a second daemon (or Prometheus) on the host made the start fail. The default is now
+/// outside Prometheus's allocations, and a daemon whose default is taken serves its
+/// metrics on a free port; an address asked for by name still fails the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_default_metrics_port_does_not_stop_the_daemon() {
+    let resolved = likeness::Config::resolve(&likeness::config::ServeArgs::default()).unwrap();
+    let default = resolved.metrics_listen.expect("metrics on by default");
+    assert!(resolved.metrics_fallback);
+    assert!(
+        default.port() != 9090 && !(9100..=9999).contains(&default.port()),
+        "{default} is Prometheus's"
+    );
+    // Whoever holds it (this test, or another program), the port is taken.
+    let _holder = tokio::net::TcpListener::bind(default).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::light_in(dir.path(), |c| {
+        c.metrics_listen = Some(default);
+        c.metrics_fallback = true;
+    })
+    .await;
+    let app = server.app().await;
+    let bound = *app.metrics().address.get().expect("metrics bound");
+    assert_ne!(bound, default);
+    assert_eq!(bound.ip(), default.ip());
+    let (head, body) = http_get(bound, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("likeness_rpc_requests_total"), "{body}");
+    server.stop().await;
+
+    // Asked for by name, a taken port is an error that names it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = likeness::Config::with_data_dir(dir.path());
+    config.metrics_listen = Some(default);
+    config.metrics_fallback = false;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = likeness::serve(listener, config, std::future::pending())
+        .await
+        .expect_err("a taken metrics port named by the user fails the start");
+    assert!(err.to_string().contains("metrics listener on"), "{err}");
 }

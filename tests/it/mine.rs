@@ -6,8 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use likeness::pb;
-use likeness::pb::miner_client::MinerClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::miner_client::MinerClient;
 use likeness::rng::Rng;
 use likeness::types::Metric;
 use tokio_stream::StreamExt;

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 
-use likeness::pb;
+use likeness::grpc::pb;
 use likeness::types::Metric;
 use tokio_stream::StreamExt;
 
@@ -15,7 +15,7 @@ use crate::mine::{Corpus, ids_anchors, mine_all, miner, request};
 
 /// One item with its vector, if it exists.
 async fn get_one(
-    items: &mut likeness::pb::items_client::ItemsClient<tonic::transport::Channel>,
+    items: &mut likeness::grpc::pb::items_client::ItemsClient<tonic::transport::Channel>,
     id: &str,
 ) -> Option<pb::Item> {
     get(items, "m", vec![id.to_string()], true).await.pop()

@@ -3,7 +3,7 @@
 //! card (training/PAIR_MODEL_CARD.md, tests/fixtures/fmnist/pair_expected.json).
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 use tonic::Code;
 
 fn pair_expected() -> serde_json::Value {

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 
 const N: usize = 20_000;
 const DIM: usize = 64;

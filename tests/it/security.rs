@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use likeness::grpc::client::{Channel, ConnectArgs, connect};
-use likeness::pb;
-use likeness::pb::collections_client::CollectionsClient;
-use likeness::pb::items_client::ItemsClient;
-use likeness::pb::miner_client::MinerClient;
+use likeness::cli::ConnectArgs;
+use likeness::grpc::client::Channel;
+use likeness::grpc::pb;
+use likeness::grpc::pb::collections_client::CollectionsClient;
+use likeness::grpc::pb::items_client::ItemsClient;
+use likeness::grpc::pb::miner_client::MinerClient;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -98,7 +99,7 @@ fn with_token(token: &str) -> ConnectArgs {
 async fn wait_for(url: &str, conn: &ConnectArgs, service: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(ch) = connect(url, conn).await {
+        if let Ok(ch) = conn.connect(url).await {
             let r = HealthClient::new(ch)
                 .check(HealthCheckRequest {
                     service: service.into(),
@@ -118,7 +119,7 @@ async fn wait_for(url: &str, conn: &ConnectArgs, service: &str) {
 
 /// A ListCollections over a new connection made with `conn`: Ok, or why not.
 async fn list_over(url: &str, conn: &ConnectArgs) -> Result<usize, String> {
-    let ch = connect(url, conn).await?;
+    let ch = conn.connect(url).await?;
     list_on(&ch).await
 }
 
@@ -220,7 +221,7 @@ async fn a_reload_serves_new_connections_the_new_certificate_and_keeps_old_ones(
     .await;
     let url = server.url();
     wait_for(&url, &trusting(&ca_a), "likeness.v1.Items").await;
-    let before = connect(&url, &trusting(&ca_a)).await.unwrap();
+    let before = trusting(&ca_a).connect(&url).await.unwrap();
     assert_eq!(list_on(&before).await, Ok(0));
 
     // Certificate B, from another CA, written over the same files (as a Secret update
@@ -259,7 +260,7 @@ fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
 /// Every kind of call with `token` (or none): the codes, in a fixed order.
 async fn calls_with(url: &str, token: Option<&str>) -> Vec<(&'static str, Code)> {
     let conn = token.map(with_token).unwrap_or_default();
-    let ch = connect(url, &conn).await.unwrap();
+    let ch = conn.connect(url).await.unwrap();
     let mut colls = CollectionsClient::new(ch.clone());
     let mut items = ItemsClient::new(ch.clone());
     let mut miner = MinerClient::new(ch.clone());
@@ -402,7 +403,7 @@ async fn tokens_decide_who_may_call_what_and_health_and_reflection_need_none() {
     let app = server.app().await;
     {
         // Four items in two labels, for the reads (and the miner) to find.
-        let ch = connect(&url, &with_token(WRITE_TOKEN)).await.unwrap();
+        let ch = with_token(WRITE_TOKEN).connect(&url).await.unwrap();
         CollectionsClient::new(ch.clone())
             .create_collection(pb::CreateCollectionRequest {
                 name: "sec".into(),
@@ -467,7 +468,7 @@ async fn tokens_decide_who_may_call_what_and_health_and_reflection_need_none() {
         use tonic_reflection::pb::v1::ServerReflectionRequest;
         use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-        let ch = connect(&url, &ConnectArgs::default()).await.unwrap();
+        let ch = ConnectArgs::default().connect(&url).await.unwrap();
         let req = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
@@ -523,8 +524,8 @@ async fn embed_only_mode_honours_tls_and_tokens() {
     let models = |conn: ConnectArgs| {
         let url = url.clone();
         async move {
-            let ch = connect(&url, &conn).await?;
-            likeness::pb::models_client::ModelsClient::new(ch)
+            let ch = conn.connect(&url).await?;
+            likeness::grpc::pb::models_client::ModelsClient::new(ch)
                 .list_models(pb::ListModelsRequest {})
                 .await
                 .map(|r| r.into_inner().models.len())

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 
 fn spp_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spp")

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use likeness::pb;
-use likeness::pb::items_client::ItemsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::items_client::ItemsClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -46,7 +46,7 @@ async fn nearest(items: &mut ItemsClient<Channel>, n: usize) -> pb::Hit {
 }
 
 async fn metric(app: &likeness::app::App, name: &str) -> f64 {
-    let text = likeness::metrics::render(app);
+    let text = likeness::exporter::render(app);
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} not exported"))

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use likeness::pb;
+use likeness::grpc::pb;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// 100 committed items b0..b99; then a stream message that replaces b0..b9 and adds
@@ -31,14 +31,14 @@ impl Served for Remote {
 
 async fn items_client(
     s: &impl Served,
-) -> likeness::pb::items_client::ItemsClient<tonic::transport::Channel> {
-    likeness::pb::items_client::ItemsClient::new(channel(&s.url()).await)
+) -> likeness::grpc::pb::items_client::ItemsClient<tonic::transport::Channel> {
+    likeness::grpc::pb::items_client::ItemsClient::new(channel(&s.url()).await)
 }
 
 async fn colls_client(
     s: &impl Served,
-) -> likeness::pb::collections_client::CollectionsClient<tonic::transport::Channel> {
-    likeness::pb::collections_client::CollectionsClient::new(channel(&s.url()).await)
+) -> likeness::grpc::pb::collections_client::CollectionsClient<tonic::transport::Channel> {
+    likeness::grpc::pb::collections_client::CollectionsClient::new(channel(&s.url()).await)
 }
 
 async fn base_and_open_stream(
@@ -89,7 +89,8 @@ impl Client {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut items = likeness::pb::items_client::ItemsClient::new(channel(&url).await);
+                let mut items =
+                    likeness::grpc::pb::items_client::ItemsClient::new(channel(&url).await);
                 tokio::select! {
                     _ = items.upsert_stream(ReceiverStream::new(rx)) => {}
                     _ = stopped => {}
@@ -224,4 +225,88 @@ async fn shutdown_with_a_stream_still_open_leaves_nothing_of_it() {
     assert_base_only(&Remote(url)).await;
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
+}
+
+/// Issue 20, fault 4: open streams are bounded (`--max-streams`). Beyond the bound a new
+/// stream is RESOURCE_EXHAUSTED naming the setting, unary calls go on, and a stream that
+/// closes (or whose client goes away) gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_bounded_and_give_their_place_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::light_in(dir.path(), |c| c.max_streams = 3).await;
+    let app = server.app().await;
+    let mut colls = server.collections().await;
+    create(&mut colls, "s", 4, pb::Metric::Cosine).await;
+    let mut items = server.items().await;
+
+    // Three UpsertStreams held open, each with one message sent.
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::UpsertRequest {
+            collection: "s".into(),
+            items: vec![item(&format!("o{i}"), "a", vec![1.0, 0.0, 0.0, i as f32])],
+        })
+        .await
+        .unwrap();
+        let mut client = items.clone();
+        let call = tokio::spawn(async move { client.upsert_stream(ReceiverStream::new(rx)).await });
+        open.push((tx, call));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.metrics().streams.open() < 3 {
+        assert!(Instant::now() < deadline, "three streams never opened");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // A fourth is refused at once, whatever its kind; a unary call is not.
+    let (_tx4, rx4) = tokio::sync::mpsc::channel::<pb::UpsertRequest>(1);
+    let err = items
+        .upsert_stream(ReceiverStream::new(rx4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-streams"), "{}", err.message());
+    let mut miner = pb::miner_client::MinerClient::new(channel(&server.url()).await);
+    let err = miner
+        .mine_triplets(pb::MineRequest {
+            collection: "s".into(),
+            strategy: pb::Strategy::Hard as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    items
+        .get(pb::GetRequest {
+            collection: "s".into(),
+            ids: vec!["nope".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // One closes by committing, one by its client going away: two places come back.
+    let (tx, call) = open.pop().unwrap();
+    drop(tx);
+    call.await.unwrap().unwrap();
+    let (tx, call) = open.pop().unwrap();
+    call.abort();
+    drop(tx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.metrics().streams.open() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "closed streams kept their places"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(tx);
+    items
+        .upsert_stream(ReceiverStream::new(rx))
+        .await
+        .expect("a place came back");
+    drop(open);
+    server.stop().await;
 }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import likeness
 from conftest import clustered
+from likeness.v1 import likeness_pb2 as pb
 
 
 def cosine_distance(a, b):
@@ -205,3 +208,80 @@ def test_session_options_take_sample(client, labelled):
         assert b.written_step is None and s.written_step is None, "no write-back asked"
         assert sum(b.stats.sources.values()) == len(b) > 0
         assert set(b.stats.sources) <= {"knn", "sample", "second_search"}
+
+
+def test_mine_options_carry_every_request_field():
+    names = {f.name for f in dataclasses.fields(likeness.MineOptions)}
+    proto = set(pb.MineRequest.DESCRIPTOR.fields_by_name) - {"collection", "strategy"}
+    assert names == proto | {"anchor_labels"}, "MineOptions has MineRequest's fields"
+    names = {f.name for f in dataclasses.fields(likeness.BatchOptions)}
+    assert names == set(pb.BatchRequest.DESCRIPTOR.fields_by_name) - {"collection"}
+
+    given = dict(
+        margin=0.5, negatives_per_anchor=2, positives_per_anchor=3, batch_size=64,
+        max_triplets=100, seed=7, candidates=32, sample=16, skip_nearest=1,
+        min_distance=0.125, max_distance=1.5, pos_margin=0.25, neg_margin=0.75,
+        exclude_ids=["x"], min_generation=4, anchors=["a", "b"], shard=(1, 3),
+        with_vectors=True, with_inputs=True, expansion=50,
+    )  # fmt: skip
+    req = likeness.MineOptions(**given).request("c", "hard")
+    assert (req.collection, req.strategy) == ("c", pb.HARD)
+    assert list(req.anchors.ids.ids) == ["a", "b"] and list(req.exclude_ids) == ["x"]
+    assert (req.shard.index, req.shard.count) == (1, 3)
+    for key, value in given.items():
+        if key not in ("anchors", "exclude_ids", "shard"):
+            assert getattr(req, key) == value, key
+    req = likeness.MineOptions(anchor_labels=["k"]).request("c", "random")
+    assert list(req.anchors.labels.labels) == ["k"] and not req.HasField("margin")
+    assert req.batch_size == 256, "the default the daemon once required"
+    with pytest.raises(ValueError, match="not both"):
+        likeness.MineOptions(anchors=["a"], anchor_labels=["k"]).request("c", "hard")
+
+    given = dict(
+        classes=5, per_class=3, neighbours=2, seed=9, shard=(0, 2), min_generation=1,
+        max_batches=4, with_vectors=True, with_inputs=True, expansion=20, candidates=8,
+    )  # fmt: skip
+    req = likeness.BatchOptions(**given).request("c")
+    for key, value in given.items():
+        if key != "shard":
+            assert getattr(req, key) == value, key
+    assert (req.shard.index, req.shard.count) == (0, 2)
+    assert not likeness.BatchOptions().request("c").HasField("neighbours"), "None: P - 1"
+
+
+def test_mine_options_and_keywords_are_one(client, labelled, classes40):
+    coll, ids, _, _ = labelled
+    opts = likeness.MineOptions(negatives_per_anchor=2, batch_size=32, seed=3)
+
+    def rows(stream):
+        return [(b.anchor_ids, b.negative_ids) for b in stream]
+
+    by_object = rows(client.mine_triplets(coll, "hard", opts))
+    assert by_object and by_object == rows(
+        client.mine_triplets(coll, "hard", negatives_per_anchor=2, batch_size=32, seed=3)
+    )
+    # Keywords over an options object.
+    few = rows(client.mine_triplets(coll, "hard", opts, anchors=ids[:5]))
+    assert {a for anchors, _ in few for a in anchors} == set(ids[:5])
+    assert likeness.mining.mine_request(coll, "hard", opts, seed=5).seed == 5
+    assert opts.seed == 3, "the options object is left as it was"
+
+    for call, name in (
+        (lambda: client.mine_triplets(coll, "hard", negatives=3), "negatives"),
+        (lambda: client.mine_pairs(coll, "hard", opts, marign=0.1), "marign"),
+        (lambda: client.session(coll, "hard", with_vector=True), "with_vector"),
+        (lambda: client.mine_batches(coll, per_klass=2), "per_klass"),
+    ):
+        with pytest.raises(TypeError, match=f"unknown .*option '{name}'"):
+            call()
+    with pytest.raises(TypeError, match="MineOptions"):
+        client.mine_triplets(coll, "hard", likeness.BatchOptions())
+    with client.session(coll, "hard", opts) as s:
+        with pytest.raises(TypeError, match="'typo'"):
+            s.update(typo=1)
+        s.update(likeness.MineOptions(negatives_per_anchor=3), strategy="random")
+        assert len(s.step(ids[:2])) == 6
+
+    two = likeness.BatchOptions(classes=4, per_class=2, max_batches=2)
+    batches = list(client.mine_batches(classes40[0], two))
+    assert len(batches) == 2 and all(len(b.classes) == 4 for b in batches)

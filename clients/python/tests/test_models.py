@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -52,6 +54,27 @@ def test_publish_serves_the_new_version_and_refuses_a_corrupt_one(client):
     assert new.shape == (3, 64) and np.abs(new - old).max() > 0.05
     with pytest.raises(likeness.AlreadyExists):
         client.publish("fmnist-triplet", _manifest(version), onnx)
+
+
+def test_publish_closes_the_files_it_opens(client, tmp_path, monkeypatch):
+    version = f"py{next(_versions)}"
+    (tmp_path / "model.toml").write_text(_manifest(version))
+    shutil.copyfile(PROJ / "proj.onnx", tmp_path / "proj.onnx")
+    opened = []
+    real_open = builtins.open
+
+    def tracked_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", tracked_open)
+    info = client.publish("fmnist-triplet", tmp_path / "model.toml")
+    monkeypatch.undo()
+    assert info.version == version
+    names = [f.name for f in opened]
+    assert str(tmp_path / "model.toml") in names and str(tmp_path / "proj.onnx") in names
+    assert all(f.closed for f in opened), [f.name for f in opened if not f.closed]
 
 
 def test_activate_reembeds_a_collection(client, name):

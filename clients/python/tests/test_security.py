@@ -135,3 +135,36 @@ def test_tls_and_tokens(secure):
         with pytest.raises(likeness.LikenessError) as e:
             plaintext.list_collections()
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_aio_tls_and_tokens(secure):
+    import asyncio
+
+    import likeness.aio
+
+    address, ca = secure
+    ids, vectors, labels = clustered(4, 10, 8, seed=5)
+
+    async def main():
+        async with likeness.aio.Client(address, tls_ca=ca, token=WRITE_TOKEN, timeout=30) as w:
+            await w.wait_ready(60)
+            await w.create_collection("secure-aio", 8, "cosine")
+            # Unary calls, a client stream, a server stream and a Session carry the token.
+            await w.upsert("secure-aio", ids, vectors, labels=labels, batch_size=16, atomic=True)
+            assert (await w.get_collection("secure-aio")).count == len(ids)
+            anchors = [a async for b in w.mine_triplets("secure-aio", "hard") for a in b.anchor_ids]
+            assert anchors
+            async with w.session("secure-aio", "hard") as s:
+                assert len(await s.step(ids[:4])) > 0
+        async with likeness.aio.Client(address, tls_ca=ca, token=READ_TOKEN, timeout=30) as r:
+            assert (await r.search("secure-aio", vectors[0], k=1)).ids == [ids[0]]
+            with pytest.raises(likeness.LikenessError) as e:
+                await r.delete("secure-aio", ids[:1])
+            assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+        async with likeness.aio.Client(address, tls_ca=ca, timeout=30) as anonymous:
+            assert await anonymous.serving()
+            with pytest.raises(likeness.LikenessError) as e:
+                await anonymous.list_collections()
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+    asyncio.run(main())

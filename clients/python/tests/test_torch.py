@@ -342,3 +342,28 @@ def test_collection_memory_warms_up_then_feeds_a_pml_loss(client, name):
         emb, r.labels, r.indices_tuple, ref_emb=r.ref_emb, ref_labels=r.ref_labels
     )
     assert torch.isfinite(loss)
+
+
+def test_datasets_take_options_objects(daemon, client, labelled, classes40):
+    coll, ids, _, _ = labelled
+    opts = likeness.MineOptions(negatives_per_anchor=2, batch_size=32, seed=2)
+    by_object = MinedTripletDataset(daemon.address, coll, "hard", options=opts)
+    by_name = MinedTripletDataset(daemon.address, coll, "hard", negatives_per_anchor=2,
+                                  batch_size=32, seed=2)  # fmt: skip
+    a, b = list(loader(by_object, 0)), list(loader(by_name, 0))
+    assert [x.ids for x in a] == [x.ids for x in b] and a
+    assert set(anchors_of(a)) == set(ids)
+    with pytest.raises(TypeError, match="'negatives'"):
+        MinedPairDataset(daemon.address, coll, "hard", negatives=2)
+
+    few = likeness.BatchOptions(classes=3, per_class=2, max_batches=2)
+    batches = list(loader(NeighbourClassBatches(daemon.address, classes40[0], options=few), 0))
+    assert len(batches) == 2 and all(len(x.classes) == 3 for x in batches)
+    batches = list(
+        loader(NeighbourClassBatches(daemon.address, classes40[0], classes=5, options=few), 0)
+    )
+    assert all(len(x.classes) == 5 for x in batches), "a given P over the options'"
+
+    with SessionFeed(client, coll, "hard", options=likeness.MineOptions(seed=1)) as feed:
+        feed.update(likeness.MineOptions(negatives_per_anchor=3), strategy="random")
+        assert len(feed.step(ids[:2]).anchor_index) == 6

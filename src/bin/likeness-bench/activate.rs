@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use likeness::pb;
-use likeness::pb::collections_client::CollectionsClient;
-use likeness::pb::embedder_client::EmbedderClient;
-use likeness::pb::models_client::ModelsClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::collections_client::CollectionsClient;
+use likeness::grpc::pb::embedder_client::EmbedderClient;
+use likeness::grpc::pb::models_client::ModelsClient;
 
 use crate::Ctx;
 use crate::daemon::{COLLECTION, Daemon, items_client, status};

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use likeness::grpc::client::{Channel, ConnectArgs};
-use likeness::pb;
-use likeness::pb::collections_client::CollectionsClient;
-use likeness::pb::embedder_client::EmbedderClient;
-use likeness::pb::items_client::ItemsClient;
+use likeness::cli::ConnectArgs;
+use likeness::grpc::client::Channel;
+use likeness::grpc::pb;
+use likeness::grpc::pb::collections_client::CollectionsClient;
+use likeness::grpc::pb::embedder_client::EmbedderClient;
+use likeness::grpc::pb::items_client::ItemsClient;
 
 use crate::procfs::{Cpu, Meter};
 
@@ -98,7 +99,7 @@ pub fn status(s: tonic::Status) -> String {
 
 /// A channel to the daemon at `url`, with the bench's TLS and token flags.
 pub async fn connect(spec: &Spec, url: &str) -> Result<Channel, String> {
-    likeness::grpc::client::connect(url, &spec.conn).await
+    spec.conn.connect(url).await
 }
 
 pub fn items_client(ch: Channel) -> ItemsClient<Channel> {
@@ -214,7 +215,7 @@ impl Daemon {
             .arg("--data-dir")
             .arg(self.dir.join("data"));
         // A metrics port of its own, so that two daemons (or a daemon and a test) never
-        // contend for the default 9090.
+        // contend for the default 20151.
         self.metrics = None;
         if !self
             .spec

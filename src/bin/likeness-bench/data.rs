@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use likeness::pb;
+use likeness::grpc::pb;
 use likeness::synth;
 use likeness::types::Metric;
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use likeness::pb;
+use likeness::grpc::pb;
 use serde::Deserialize;
 
 use crate::daemon::Daemon;

@@ -102,7 +102,7 @@ pub async fn restart(ctx: &Ctx, mut d: Daemon) -> Result<(), String> {
         // must come back from the store.
         d.items()
             .await?
-            .upsert(likeness::pb::UpsertRequest {
+            .upsert(likeness::grpc::pb::UpsertRequest {
                 collection: crate::daemon::COLLECTION.into(),
                 items: vec![first.clone()],
             })

@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use likeness::grpc::client::Channel;
-use likeness::pb;
-use likeness::pb::embedder_client::EmbedderClient;
-use likeness::pb::items_client::ItemsClient;
-use likeness::pb::miner_client::MinerClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::embedder_client::EmbedderClient;
+use likeness::grpc::pb::items_client::ItemsClient;
+use likeness::grpc::pb::miner_client::MinerClient;
 use tokio_stream::StreamExt;
 
 use crate::Ctx;

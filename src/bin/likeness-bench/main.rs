@@ -64,7 +64,7 @@ pub struct Args {
     /// --token, for a daemon given TLS or tokens through --daemon-arg (e.g.
     /// --daemon-arg=--tls-cert=server.pem --daemon-arg=--tls-key=server.key --tls-ca ca.pem).
     #[command(flatten)]
-    pub conn: likeness::grpc::client::ConnectArgs,
+    pub conn: likeness::cli::ConnectArgs,
     /// The vectors: synthetic clusters, or Fashion-MNIST's images (784-d, L2).
     #[arg(long, value_enum, default_value = "synthetic")]
     pub dataset: data::Which,

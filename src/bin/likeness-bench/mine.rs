@@ -39,8 +39,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use likeness::pb;
-use likeness::pb::miner_client::MinerClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::miner_client::MinerClient;
 use likeness::rng::Rng;
 use likeness::types::{IndexParams, Metric};
 use tokio_stream::StreamExt;

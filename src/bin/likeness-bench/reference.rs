@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use likeness::pb;
+use likeness::grpc::pb;
 use likeness::types::{IndexParams, Metric};
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
 

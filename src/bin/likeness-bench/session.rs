@@ -17,8 +17,8 @@
 use std::time::{Duration, Instant};
 
 use likeness::grpc::client::Channel;
-use likeness::pb;
-use likeness::pb::miner_client::MinerClient;
+use likeness::grpc::pb;
+use likeness::grpc::pb::miner_client::MinerClient;
 use likeness::rng::Rng;
 
 use crate::Ctx;

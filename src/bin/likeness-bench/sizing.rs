@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use likeness::pb;
+use likeness::grpc::pb;
 
 use crate::Ctx;
 use crate::daemon::{COLLECTION, Daemon};

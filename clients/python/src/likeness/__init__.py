@@ -7,8 +7,9 @@
         hits = c.search("faces", vectors[0], k=5)
 
 Mining for training: `Client.mine_triplets`, `Client.mine_pairs`, `Client.mine_batches`,
-`Client.session`; PyTorch datasets and a cross-batch memory over them in
-`likeness.torch` (the `likeness[torch]` extra).
+`Client.session` (options: `MineOptions`, `BatchOptions`); PyTorch datasets and a
+cross-batch memory over them in `likeness.torch` (the `likeness[torch]` extra). The
+same client on asyncio: `likeness.aio.Client`. Retries: `Retry`.
 """
 
 from likeness._convert import image_input, tensor_input
@@ -25,9 +26,11 @@ from likeness.errors import (
     Unavailable,
 )
 from likeness.mining import (
+    BatchOptions,
     ClassBatch,
     ClassBatchStream,
     MinedItem,
+    MineOptions,
     MineStats,
     PairBatch,
     PairStream,
@@ -37,6 +40,7 @@ from likeness.mining import (
     fnv1a,
     shard_of,
 )
+from likeness.retry import Retry
 from likeness.types import (
     Activation,
     BatchSearchResult,
@@ -54,6 +58,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "Retry",
+    "MineOptions",
+    "BatchOptions",
     "image_input",
     "tensor_input",
     "LikenessError",

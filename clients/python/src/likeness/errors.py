@@ -7,8 +7,8 @@ caller may want to catch on their own; anything else is a plain LikenessError.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Dict, Type, TypeVar
+import contextlib
+from typing import Dict, Iterator, Type
 
 import grpc
 
@@ -90,17 +90,10 @@ def from_rpc_error(e: grpc.RpcError) -> LikenessError:
     return _BY_CODE.get(code, LikenessError)(code, details or "")
 
 
-F = TypeVar("F", bound=Callable)
-
-
-def translate(f: F) -> F:
-    """Re-raises a grpc.RpcError from f as the matching LikenessError."""
-
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        try:
-            return f(*args, **kwargs)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-
-    return wrapper  # type: ignore[return-value]
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Re-raises a grpc.RpcError from the block as the matching LikenessError."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None

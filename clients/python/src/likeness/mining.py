@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import grpc
 import numpy as np
 
 from likeness._convert import STRATEGIES, enum
-from likeness.errors import LikenessError, from_rpc_error
+from likeness._signature import like
+from likeness.errors import LikenessError, from_rpc_error, translated
 from likeness.v1 import likeness_pb2 as pb
 
 __all__ = [
+    "MineOptions",
+    "BatchOptions",
     "fnv1a",
     "shard_of",
     "MinedItem",
@@ -262,109 +265,170 @@ class ClassBatch(_WithItems):
         )
 
 
-def mine_request(collection: str, strategy: Any, **options: Any) -> pb.MineRequest:
-    """A MineRequest from keyword options named as the proto's fields, plus:
+@dataclass(frozen=True)
+class MineOptions:
+    """MineRequest's options (MineTriplets, MinePairs, a Session). A 0 or None leaves
+    the daemon's default, given after each field; docs/mining.md defines them."""
 
-    - strategy: "random", "hard", "semi_hard" (or "semi-hard"), "distance_weighted",
-      "batch_hard", "multi_similarity", or the proto's number;
-    - batch_size: anchors per message, 256 unless given;
-    - anchors: a list of anchor ids; anchor_labels: a list of labels (default: all);
-    - shard: (index, count).
+    margin: Optional[float] = None  # triplet margin alpha, SEMI_HARD's window; 0.2
+    negatives_per_anchor: int = 0  # 1
+    positives_per_anchor: int = 0  # 1; each positive makes its own triplets
+    batch_size: int = 256  # anchors per message, at most 4096 (a Session ignores it)
+    max_triplets: int = 0  # stop after this many triplets or pairs; 0: one pass
+    seed: int = 0  # the same seed gives the same stream on the same data
+    candidates: int = 0  # ANN candidate pool per anchor; 64
+    sample: int = 0  # uniform negatives drawn beside the kNN pool by the window
+    # strategies and DISTANCE_WEIGHTED; 64
+    skip_nearest: int = 0  # skip this many nearest negatives (often mislabelled)
+    min_distance: Optional[float] = None  # bounds on d_an
+    max_distance: Optional[float] = None
+    pos_margin: Optional[float] = None  # MinePairs: keep positive pairs with d > this
+    neg_margin: Optional[float] = None  # MinePairs: keep negative pairs with d < this
+    exclude_ids: Sequence[str] = ()  # never anchor, positive or negative
+    min_generation: int = 0  # leave out items of an older generation
+    anchors: Optional[Sequence[str]] = None  # anchor ids; default: every labelled item
+    anchor_labels: Optional[Sequence[str]] = None  # or the items with these labels
+    shard: Optional[Tuple[int, int]] = None  # (index, count): anchors by FNV-1a of the id
+    with_vectors: bool = False  # carry each used item's stored vector in `items`
+    with_inputs: bool = False  # and its stored input
+    expansion: int = 0  # HNSW expansion for the negative search; the collection's
 
-    Among the fields: sample, the uniform negatives that the window strategies and
-    DISTANCE_WEIGHTED draw per anchor beside the kNN pool (0: the daemon's 64).
-    """
-    opts = dict(options)
-    # The daemon's default too (0 means it); sent anyway for daemons that required it.
-    opts.setdefault("batch_size", 256)
-    anchors = opts.pop("anchors", None)
-    anchor_labels = opts.pop("anchor_labels", None)
-    shard = opts.pop("shard", None)
-    exclude = opts.pop("exclude_ids", None)
-    if anchors is not None and anchor_labels is not None:
-        raise ValueError("give anchors (ids) or anchor_labels, not both")
-    req = pb.MineRequest(collection=collection, strategy=enum(strategy, STRATEGIES, "strategy"))
-    for key, value in opts.items():
-        if value is None:
+    def request(self, collection: str, strategy: Any) -> pb.MineRequest:
+        """The MineRequest; strategy: "random", "hard", "semi_hard" (or "semi-hard"),
+        "distance_weighted", "batch_hard", "multi_similarity", or the proto's number."""
+        if self.anchors is not None and self.anchor_labels is not None:
+            raise ValueError("give anchors (ids) or anchor_labels, not both")
+        req = pb.MineRequest(collection=collection, strategy=enum(strategy, STRATEGIES, "strategy"))
+        _fill(req, self, ("anchors", "anchor_labels"))
+        if self.anchors is not None:
+            req.anchors.ids.ids.extend(self.anchors)
+        elif self.anchor_labels is not None:
+            req.anchors.labels.labels.extend(self.anchor_labels)
+        return req
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """BatchRequest's options (MineBatches): P x K batches for an in-batch miner."""
+
+    classes: int = 8  # P: classes per batch, at most 1024
+    per_class: int = 4  # K: items per class, at most 1024
+    neighbours: Optional[int] = None  # classes chosen as the anchor class's nearest; P - 1
+    seed: int = 0  # the same seed gives the same stream on the same data
+    shard: Optional[Tuple[int, int]] = None  # (index, count): items by FNV-1a of the id
+    min_generation: int = 0  # leave out items of an older generation
+    max_batches: int = 0  # stop after this many batches; 0: one pass over the shard
+    with_vectors: bool = False  # carry the items' stored vectors
+    with_inputs: bool = False  # and their stored inputs
+    expansion: int = 0  # HNSW expansion for the neighbour-class search; the collection's
+    candidates: int = 0  # nearest negatives looked at per anchor-class item; 32
+
+    def request(self, collection: str) -> pb.BatchRequest:
+        req = pb.BatchRequest(collection=collection)
+        _fill(req, self, ())
+        return req
+
+
+def _fill(req: Any, options: Any, skip: Sequence[str]) -> None:
+    """Copies the options' fields into the request message of the same field names."""
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.name in skip or value is None:
             continue
-        if key not in pb.MineRequest.DESCRIPTOR.fields_by_name:
-            raise TypeError(f"unknown mining option {key!r}")
-        setattr(req, key, value)
-    if anchors is not None:
-        req.anchors.ids.ids.extend(anchors)
-    elif anchor_labels is not None:
-        req.anchors.labels.labels.extend(anchor_labels)
-    if shard is not None:
-        index, count = shard
-        req.shard.index, req.shard.count = int(index), int(count)
-    if exclude:
-        req.exclude_ids.extend(exclude)
-    return req
+        if f.name == "shard":
+            index, count = value
+            req.shard.index, req.shard.count = int(index), int(count)
+        elif f.name == "exclude_ids":
+            req.exclude_ids.extend(value)
+        else:
+            setattr(req, f.name, value)
+
+
+O = TypeVar("O", MineOptions, BatchOptions)
+
+
+def merge_options(cls: Type[O], options: Optional[O], overrides: Mapping[str, Any]) -> O:
+    """`options` (default: cls()) with the keyword overrides; an unknown name is a
+    TypeError naming it."""
+    if options is None:
+        options = cls()
+    elif not isinstance(options, cls):
+        raise TypeError(f"options is a {cls.__name__}, not {type(options).__name__}")
+    known = {f.name for f in fields(cls)}
+    for key in overrides:
+        if key not in known:
+            what = "mining" if cls is MineOptions else "MineBatches"
+            raise TypeError(f"unknown {what} option {key!r}")
+    return replace(options, **overrides) if overrides else options
+
+
+def mine_request(
+    collection: str, strategy: Any, options: Optional[MineOptions] = None, **overrides: Any
+) -> pb.MineRequest:
+    """A MineRequest from a MineOptions and/or its fields by name."""
+    return merge_options(MineOptions, options, overrides).request(collection, strategy)
 
 
 def batch_request(
-    collection: str,
-    *,
-    classes: int = 8,
-    per_class: int = 4,
-    neighbours: Optional[int] = None,
-    seed: int = 0,
-    shard: Optional[Tuple[int, int]] = None,
-    min_generation: int = 0,
-    max_batches: int = 0,
-    with_vectors: bool = False,
-    with_inputs: bool = False,
-    expansion: int = 0,
-    candidates: int = 0,
+    collection: str, options: Optional[BatchOptions] = None, **overrides: Any
 ) -> pb.BatchRequest:
-    """A BatchRequest (MineBatches); shard is (index, count), neighbours None = P - 1."""
-    req = pb.BatchRequest(
-        collection=collection,
-        classes=classes,
-        per_class=per_class,
-        seed=seed,
-        min_generation=min_generation,
-        max_batches=max_batches,
-        with_vectors=with_vectors,
-        with_inputs=with_inputs,
-        expansion=expansion,
-        candidates=candidates,
-    )
-    if neighbours is not None:
-        req.neighbours = neighbours
-    if shard is not None:
-        index, count = shard
-        req.shard.index, req.shard.count = int(index), int(count)
-    return req
+    """A BatchRequest from a BatchOptions and/or its fields by name."""
+    return merge_options(BatchOptions, options, overrides).request(collection)
 
 
-class _Stream:
-    """A server stream: iterate for batches; `stats` is set once it has ended."""
+class StreamBase:
+    """What the blocking and asyncio mining streams share: each message to a batch, and
+    `stats` from the last one."""
 
     # The field that holds a message's results: a last message that carries some is
     # yielded too.
     _rows = "triplets"
 
-    def __init__(self, call, convert):
+    def __init__(self, call: Any):
         self._call = call
-        self._convert = convert
         self.stats: Optional[MineStats] = None
 
-    def __iter__(self):
-        try:
-            for msg in self._call:
-                if msg.last:
-                    self.stats = MineStats.from_pb(msg.stats)
-                    if len(getattr(msg, self._rows)):
-                        yield self._convert(msg)
-                    return
-                yield self._convert(msg)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+    @staticmethod
+    def _convert(msg: Any) -> Any:
+        raise NotImplementedError
+
+    def _take(self, msg: Any) -> List[Any]:
+        """The batch `msg` holds (none for a last message without rows)."""
+        if msg.last:
+            self.stats = MineStats.from_pb(msg.stats)
+            if not len(getattr(msg, self._rows)):
+                return []
+        return [self._convert(msg)]
 
     def cancel(self) -> None:
         """Stops the stream; the daemon stops mining for it."""
         self._call.cancel()
+
+
+class TripletRows:
+    _rows = "triplets"
+    _convert = staticmethod(TripletBatch.from_pb)
+
+
+class PairRows:
+    _rows = "pairs"
+    _convert = staticmethod(PairBatch.from_pb)
+
+
+class ClassRows:
+    _rows = "items"
+    _convert = staticmethod(ClassBatch.from_pb)
+
+
+class _Stream(StreamBase):
+    """A server stream: iterate for batches; `stats` is set once it has ended."""
+
+    def __iter__(self):
+        with translated():
+            for msg in self._call:
+                yield from self._take(msg)
+                if msg.last:
+                    return
 
     def __enter__(self):
         return self
@@ -373,35 +437,114 @@ class _Stream:
         self.cancel()
 
 
-class TripletStream(_Stream):
+class TripletStream(TripletRows, _Stream):
     """MineTriplets: an iterator of TripletBatch."""
 
     def __iter__(self) -> Iterator[TripletBatch]:
         return super().__iter__()
 
 
-class PairStream(_Stream):
+class PairStream(PairRows, _Stream):
     """MinePairs: an iterator of PairBatch."""
-
-    _rows = "pairs"
 
     def __iter__(self) -> Iterator[PairBatch]:
         return super().__iter__()
 
 
-class ClassBatchStream(_Stream):
+class ClassBatchStream(ClassRows, _Stream):
     """MineBatches: an iterator of ClassBatch."""
-
-    _rows = "items"
 
     def __iter__(self) -> Iterator[ClassBatch]:
         return super().__iter__()
 
 
+class SessionBase:
+    """What the blocking and asyncio Sessions share: the options, step numbers, the
+    step messages and the answers."""
+
+    def __init__(self, collection: str, strategy: Any, options: MineOptions):
+        self._collection = collection
+        self._strategy = strategy
+        self._options = options
+        # Sent with the next step: the first, and the one after an update.
+        self._request: Optional[pb.MineRequest] = options.request(collection, strategy)
+        self._request_lock = threading.Lock()
+        self._next_step = 0
+        self._closed = False
+        self.written_step: Optional[int] = None
+
+    def update(
+        self, options: Optional[MineOptions] = None, *, strategy: Any = None, **overrides: Any
+    ) -> None:
+        """Changes the mining options from the next step on. options: a MineOptions in
+        place of the current ones; names (strategy, margin, ...): changes over them."""
+        merged = merge_options(MineOptions, options or self._options, overrides)
+        strategy = self._strategy if strategy is None else strategy
+        request = merged.request(self._collection, strategy)
+        with self._request_lock:
+            self._options, self._strategy, self._request = merged, strategy, request
+
+    def _message(
+        self,
+        ids: Sequence[str],
+        vectors: Any = None,
+        labels: Optional[Sequence[str]] = None,
+        step: Optional[int] = None,
+        write_back: bool = False,
+    ) -> pb.MineStep:
+        """Mines for this step's anchors.
+
+        ids: the anchors. vectors: optional (n, d) array of the trainer's current
+        embeddings of them (a torch tensor is fine; it is copied to the CPU); without
+        it the stored vectors are used. labels: for ids not yet stored (new anchors
+        need a label and a vector); "" keeps a stored item's label. write_back: write
+        the vectors back into the collection after mining (see the class).
+        """
+        if self._closed:
+            raise RuntimeError("the session is closed")
+        n = len(ids)
+        if vectors is not None:
+            if hasattr(vectors, "detach"):
+                vectors = vectors.detach().cpu().numpy()
+            vectors = np.asarray(vectors, dtype=np.float32)
+            if vectors.ndim != 2 or vectors.shape[0] != n:
+                raise ValueError(f"vectors must be ({n}, d), got shape {vectors.shape}")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} ids")
+        number = self._next_step if step is None else int(step)
+        self._next_step = number + 1
+        msg = pb.MineStep(step=number, write_back=write_back)
+        with self._request_lock:
+            if self._request is not None:
+                msg.request.CopyFrom(self._request)
+                self._request = None
+        rows = vectors.tolist() if vectors is not None else None
+        for i, item_id in enumerate(ids):
+            a = msg.anchors.add(id=item_id)
+            if labels is not None and labels[i]:
+                a.label = labels[i]
+            if rows is not None:
+                a.vector.extend(rows[i])
+        return msg
+
+    def _answer(self, answer: Any) -> TripletBatch:
+        """The step's TripletBatch; an error when the stream ended or failed instead."""
+        if isinstance(answer, grpc.RpcError):
+            self._closed = True
+            raise from_rpc_error(answer)
+        if answer is None:
+            self._closed = True
+            raise LikenessError(grpc.StatusCode.UNKNOWN, "the session ended without an answer")
+        batch = TripletBatch.from_pb(answer)
+        if batch.written_step is not None:
+            self.written_step = batch.written_step
+        return batch
+
+
 _CLOSE = object()
 
 
-class Session:
+class Session(SessionBase):
     """A training loop's feed (Miner.Session): one `step` per training step.
 
     Each step sends the step's anchors (stored ids, optionally with the trainer's fresh
@@ -418,23 +561,11 @@ class Session:
     (None: none yet).
     """
 
-    def __init__(
-        self,
-        stub,
-        collection: str,
-        strategy: Any,
-        options: Dict[str, Any],
-        timeout: Optional[float] = None,
-    ):
-        self._collection = collection
-        self._options = dict(options, strategy=strategy)
-        self._request: Optional[pb.MineRequest] = mine_request(collection, **self._options)
+    def __init__(self, open_call: Any, collection: str, strategy: Any, options: MineOptions):
+        super().__init__(collection, strategy, options)
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._lock = threading.Lock()
-        self._next_step = 0
-        self._closed = False
-        self.written_step: Optional[int] = None
-        self._responses = stub.Session(self._requests(), timeout=timeout)
+        self._responses = open_call(self._requests())
 
     def _requests(self):
         while True:
@@ -443,70 +574,15 @@ class Session:
                 return
             yield m
 
-    def update(self, **options: Any) -> None:
-        """Changes the mining options from the next step on (strategy, margin, ...)."""
-        merged = dict(self._options, **options)
-        request = mine_request(self._collection, **merged)
+    @like(SessionBase._message, TripletBatch)
+    def step(self, *args: Any, **kwargs: Any) -> TripletBatch:
         with self._lock:
-            self._options = merged
-            self._request = request
-
-    def step(
-        self,
-        ids: Sequence[str],
-        vectors: Any = None,
-        labels: Optional[Sequence[str]] = None,
-        step: Optional[int] = None,
-        write_back: bool = False,
-    ) -> TripletBatch:
-        """Mines for this step's anchors.
-
-        ids: the anchors. vectors: optional (n, d) array of the trainer's current
-        embeddings of them (a torch tensor is fine; it is copied to the CPU); without
-        it the stored vectors are used. labels: for ids not yet stored (new anchors
-        need a label and a vector); "" keeps a stored item's label. write_back: write
-        the vectors back into the collection after mining (see the class).
-        """
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the session is closed")
-            n = len(ids)
-            if vectors is not None:
-                if hasattr(vectors, "detach"):
-                    vectors = vectors.detach().cpu().numpy()
-                vectors = np.asarray(vectors, dtype=np.float32)
-                if vectors.ndim != 2 or vectors.shape[0] != n:
-                    raise ValueError(f"vectors must be ({n}, d), got shape {vectors.shape}")
-            if labels is not None and len(labels) != n:
-                raise ValueError(f"{len(labels)} labels for {n} ids")
-            number = self._next_step if step is None else int(step)
-            self._next_step = number + 1
-            msg = pb.MineStep(step=number, write_back=write_back)
-            if self._request is not None:
-                msg.request.CopyFrom(self._request)
-                self._request = None
-            rows = vectors.tolist() if vectors is not None else None
-            for i, item_id in enumerate(ids):
-                a = msg.anchors.add(id=item_id)
-                if labels is not None and labels[i]:
-                    a.label = labels[i]
-                if rows is not None:
-                    a.vector.extend(rows[i])
-            self._queue.put(msg)
+            self._queue.put(self._message(*args, **kwargs))
             try:
-                answer = next(self._responses)
+                answer = next(self._responses, None)
             except grpc.RpcError as e:
-                self._closed = True
-                raise from_rpc_error(e) from None
-            except StopIteration:
-                self._closed = True
-                raise LikenessError(
-                    grpc.StatusCode.UNKNOWN, "the session ended without an answer"
-                ) from None
-            batch = TripletBatch.from_pb(answer)
-            if batch.written_step is not None:
-                self.written_step = batch.written_step
-            return batch
+                answer = e
+            return self._answer(answer)
 
     def close(self) -> None:
         with self._lock:

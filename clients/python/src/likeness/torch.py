@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,12 +36,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from likeness.client import Client
 from likeness.mining import (
+    BatchOptions,
     ClassBatch,
     MinedItem,
+    MineOptions,
     MineStats,
     PairBatch,
     Session,
     TripletBatch,
+    merge_options,
 )
 from likeness.v1 import likeness_pb2 as pb
 
@@ -359,6 +362,7 @@ def class_batch_to_tensors(
 class _MinedDataset(IterableDataset):
     _pairs = False
     _data_kinds: Tuple[Optional[str], ...] = ("vectors", "inputs")
+    _options: Any = MineOptions
 
     def __init__(
         self,
@@ -371,13 +375,14 @@ class _MinedDataset(IterableDataset):
         transform: Optional[Transform] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
-        **options: Any,
+        options: Any = None,
+        **overrides: Any,
     ):
         super().__init__()
         if data not in self._data_kinds:
             raise ValueError("data is " + " or ".join(repr(k) for k in self._data_kinds))
         for key in ("shard", "with_vectors", "with_inputs"):
-            if key in options:
+            if key in overrides:
                 raise TypeError(f"{key} is set by the dataset")
         self.address = address
         self.collection = collection
@@ -387,7 +392,7 @@ class _MinedDataset(IterableDataset):
         self.transform = transform
         self.rank = rank
         self.world_size = world_size
-        self.options = options
+        self.options = merge_options(self._options, options, overrides)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -395,20 +400,20 @@ class _MinedDataset(IterableDataset):
         iterating, as with DistributedSampler)."""
         self.epoch = int(epoch)
 
-    def _open(self, client: Client, opts: Dict[str, Any]) -> Tuple[Any, Callable[..., Any]]:
+    def _open(self, client: Client, opts: Any) -> Tuple[Any, Callable[..., Any]]:
         """This dataset's stream, and what turns its batches into tensors."""
         if self._pairs:
-            return client.mine_pairs(self.collection, self.strategy, **opts), pairs_to_tensors
-        return client.mine_triplets(self.collection, self.strategy, **opts), triplets_to_tensors
+            return client.mine_pairs(self.collection, self.strategy, opts), pairs_to_tensors
+        return client.mine_triplets(self.collection, self.strategy, opts), triplets_to_tensors
 
     def __iter__(self):
         index, count = current_shard(self.rank, self.world_size)
-        opts = dict(self.options)
-        opts["seed"] = int(opts.get("seed", 0)) + self.epoch
+        opts = replace(self.options, seed=self.options.seed + self.epoch)
         if self.data is not None:
-            opts["with_vectors" if self.data == "vectors" else "with_inputs"] = True
+            use = "with_vectors" if self.data == "vectors" else "with_inputs"
+            opts = replace(opts, **{use: True})
         if count > 1:
-            opts["shard"] = (index, count)
+            opts = replace(opts, shard=(index, count))
         client = Client(self.address)
         try:
             stream, convert = self._open(client, opts)
@@ -425,10 +430,10 @@ class _MinedDataset(IterableDataset):
 class MinedTripletDataset(_MinedDataset):
     """One MineTriplets pass per epoch, as MinedTriplets batches.
 
-    address: the daemon ("host:port"); each worker opens its own channel. strategy and
-    options: as Client.mine_triplets (batch_size anchors per element, margin, seed, ...;
-    shard, with_vectors and with_inputs are the dataset's to set; max_triplets bounds
-    each shard, not the total). data: "vectors" (the
+    address: the daemon ("host:port"); each worker opens its own channel. strategy,
+    options (a MineOptions) and options by name: as Client.mine_triplets (batch_size
+    anchors per element, margin, seed, ...; shard, with_vectors and with_inputs are the
+    dataset's to set; max_triplets bounds each shard, not the total). data: "vectors" (the
     stored vectors) or "inputs" (the stored inputs, through `transform`, default
     decode_input). label_ids: a fixed label -> int table; default: codes per batch.
     rank, world_size: default from torch.distributed.
@@ -445,19 +450,14 @@ class MinedPairDataset(_MinedDataset):
     _pairs = True
 
 
-# Client.mine_batches' options that NeighbourClassBatches passes on as they are.
-_BATCH_OPTIONS = frozenset(
-    ("neighbours", "seed", "min_generation", "max_batches", "expansion", "candidates")
-)
-
-
 class NeighbourClassBatches(_MinedDataset):
     """MineBatches as a dataset: one pass per epoch (every item of this process's shard
     at least once), as NeighbourBatch elements of P x K items, for an in-batch miner.
 
     address: the daemon ("host:port"); each worker opens its own channel. classes (P),
-    per_class (K) and the options neighbours, seed, min_generation, max_batches (per
-    shard; 0 = one pass), expansion and candidates: as Client.mine_batches. data: None
+    per_class (K), options (a BatchOptions) and the options by name neighbours, seed,
+    min_generation, max_batches (per shard; 0 = one pass), expansion and candidates: as
+    Client.mine_batches. data: None
     (ids and labels only), "vectors" (the stored vectors) or "inputs" (the stored
     inputs, through `transform`, default decode_input). label_ids: a fixed label -> int
     table; default: codes per batch, class j of the batch = j. rank, world_size: default
@@ -471,24 +471,27 @@ class NeighbourClassBatches(_MinedDataset):
     """
 
     _data_kinds = (None, "vectors", "inputs")
+    _options = BatchOptions
 
     def __init__(
         self,
         address: str,
         collection: str,
         *,
-        classes: int = 8,
-        per_class: int = 4,
+        classes: Optional[int] = None,
+        per_class: Optional[int] = None,
         data: Optional[str] = None,
         label_ids: Optional[Mapping[str, int]] = None,
         transform: Optional[Transform] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
-        **options: Any,
+        options: Optional[BatchOptions] = None,
+        **overrides: Any,
     ):
-        for key in options:
-            if key not in _BATCH_OPTIONS and key not in ("shard", "with_vectors", "with_inputs"):
-                raise TypeError(f"unknown MineBatches option {key!r}")
+        # Given ones only, so that options' own P and K stand otherwise.
+        for key, value in (("classes", classes), ("per_class", per_class)):
+            if value is not None:
+                overrides[key] = value
         super().__init__(
             address,
             collection,
@@ -498,13 +501,12 @@ class NeighbourClassBatches(_MinedDataset):
             transform=transform,
             rank=rank,
             world_size=world_size,
-            classes=classes,
-            per_class=per_class,
-            **options,
+            options=options,
+            **overrides,
         )
 
-    def _open(self, client: Client, opts: Dict[str, Any]) -> Tuple[Any, Callable[..., Any]]:
-        return client.mine_batches(self.collection, **opts), class_batch_to_tensors
+    def _open(self, client: Client, opts: Any) -> Tuple[Any, Callable[..., Any]]:
+        return client.mine_batches(self.collection, opts), class_batch_to_tensors
 
 
 @dataclass
@@ -568,6 +570,7 @@ class SessionFeed:
     step(ids, embeddings): the anchors are the trainer's items (stored ids; new ids
     need `labels`), measured with its current embeddings; positives and negatives come
     from the collection (stored vectors, or stored inputs with data="inputs").
+    strategy, options (a MineOptions) and options by name: as Client.session.
     """
 
     def __init__(
@@ -579,15 +582,18 @@ class SessionFeed:
         data: str = "vectors",
         label_ids: Optional[Mapping[str, int]] = None,
         transform: Optional[Transform] = None,
-        **options: Any,
+        options: Optional[MineOptions] = None,
+        **overrides: Any,
     ):
         if data not in ("vectors", "inputs"):
             raise ValueError('data is "vectors" or "inputs"')
-        options["with_vectors" if data == "vectors" else "with_inputs"] = True
+        # Kept through update(): the feed needs the items' data.
+        self._use = {"with_vectors" if data == "vectors" else "with_inputs": True}
+        overrides.update(self._use)
         self.data = data
         self.label_ids = label_ids
         self.transform = transform
-        self.session: Session = client.session(collection, strategy, **options)
+        self.session: Session = client.session(collection, strategy, options, **overrides)
 
     def step(
         self,
@@ -628,9 +634,9 @@ class SessionFeed:
             stats=batch.stats,
         )
 
-    def update(self, **options: Any) -> None:
-        """New mining options from the next step on."""
-        self.session.update(**options)
+    def update(self, options: Optional[MineOptions] = None, **overrides: Any) -> None:
+        """New mining options from the next step on (as Session.update)."""
+        self.session.update(options, **overrides, **self._use)
 
     def close(self) -> None:
         self.session.close()
@@ -833,9 +839,10 @@ class CollectionMemory:
             "max_ms": float(ms.max()),
         }
 
-    def update(self, **options: Any) -> None:
-        """New mining options from the next step on (strategy, min_generation, ...)."""
-        self.session.update(**options)
+    def update(self, options: Optional[MineOptions] = None, **overrides: Any) -> None:
+        """New mining options from the next step on (as Session.update: strategy,
+        min_generation, ...)."""
+        self.session.update(options, **overrides, with_vectors=True)
 
     def close(self) -> None:
         self.session.close()
