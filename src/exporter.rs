@@ -258,6 +258,18 @@ pub fn render(app: &App) -> String {
         &[],
         m.batches.load(Relaxed) as f64,
     );
+    header(
+        &mut out,
+        "likeness_mine_jobs_waiting",
+        "gauge",
+        "Mining jobs whose read-ahead is full, waiting for their trainer to read.",
+    );
+    sample(
+        &mut out,
+        "likeness_mine_jobs_waiting",
+        &[],
+        m.waiting.load(Relaxed) as f64,
+    );
     out
 }
 

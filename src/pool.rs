@@ -192,11 +192,14 @@ mod tests {
         assert_eq!(pool.run(|| Ok(41 + 1)).await.unwrap(), 42);
         // Block the only worker, fill the one queue slot, then the next is refused.
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
         let blocker = tokio::spawn(pool.run(move || {
+            let _ = held_tx.send(());
             release_rx.recv().ok();
             Ok(())
         }));
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The only worker is taken once the blocker says so, not after a guessed pause.
+        held_rx.await.unwrap();
         let queued = tokio::spawn(pool.run(|| Ok(())));
         let err = pool.run(|| Ok(())).await.unwrap_err();
         assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
@@ -209,11 +212,14 @@ mod tests {
     async fn foreground_goes_first_and_background_keeps_a_share() {
         let pool = WorkPool::new("t", 1, 64);
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
         let blocker = tokio::spawn(pool.run(move || {
+            let _ = held_tx.send(());
             release_rx.recv().ok();
             Ok(())
         }));
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The only worker is taken once the blocker says so, not after a guessed pause.
+        held_rx.await.unwrap();
         // Queued while the only worker is busy: 2 background, then 20 foreground.
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut pending = Vec::new();

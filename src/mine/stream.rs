@@ -74,6 +74,8 @@ pub struct Counters {
     pub active: AtomicU64,
     /// Messages handed to readers.
     pub batches: AtomicU64,
+    /// Jobs that have filled their read-ahead and wait for their reader to take one.
+    pub waiting: AtomicU64,
     pub anchors: AtomicU64,
     pub triplets: AtomicU64,
 }
@@ -527,10 +529,18 @@ async fn run(
     let limit = p.spec.max_triplets;
     let mut emitted = 0u64;
     for chunk in ids.chunks(p.spec.batch_size) {
-        // Wait for a free slot before mining: the reader sets the pace.
-        let permit = match tx.reserve().await {
-            Ok(permit) => permit,
-            Err(_) => return,
+        // Wait for a free slot before mining: the reader sets the pace. (This job is
+        // the channel's only sender, so a full channel now stays full until a read.)
+        let full = tx.capacity() == 0;
+        if full {
+            counters.waiting.fetch_add(1, Ordering::Relaxed);
+        }
+        let reserved = tx.reserve().await;
+        if full {
+            counters.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        let Ok(permit) = reserved else {
+            return;
         };
         drop(permit);
         let Some(r) = mine_batch(&p, mode, Source::Ids(chunk.to_vec()), &pool, &tx).await else {

@@ -673,11 +673,17 @@ async fn a_slow_reader_holds_the_job_and_cancelling_stops_it() {
         .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.items.is_empty());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The job fills its read-ahead, then waits for the reader (an event the miner
+    // reports, not a guessed pause): while it waits it makes nothing more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counters.waiting.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never waited for its reader"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let held = counters.batches.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let still = counters.batches.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(held, still, "the job kept going while its reader slept");
     assert!(
         held < 30,
         "{held} of 79 messages produced for a reader that took one"
