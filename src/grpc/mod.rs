@@ -246,7 +246,7 @@ pub async fn serve_with(
     let (reflection, reflection_alpha) = reflection()?;
 
     // Once writes go quiet, free heap memory goes back to the system: an ingest leaves
-    // tens of MB in malloc's free lists otherwise.
+    // tens of MB in malloc's free lists otherwise. Indexes that grew are swept then too.
     let trimmer = {
         // Weak: the trimmer must not keep the store open after the daemon stops.
         let db = Arc::downgrade(&db);
@@ -263,6 +263,10 @@ pub async fn serve_with(
                 } else if dirty {
                     dirty = false;
                     let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
+                    // The same quiet moment checks the indexes that grew (issue 20).
+                    if let Some(db) = db.upgrade() {
+                        let _ = tokio::task::spawn_blocking(move || sweep_due(&db)).await;
+                    }
                 }
             }
         })
@@ -421,6 +425,35 @@ pub async fn serve_with(
 /// Runs the server until it ends by itself (its shutdown signal drained every RPC) or,
 /// once `stop` is set, until the grace period has passed; then what is still running
 /// is dropped.
+/// Sweeps each collection whose index is due (see `AnnIndex::sweep_due`): the HNSW
+/// nodes that search cannot reach are found and repaired while writes are quiet.
+fn sweep_due(db: &Registry) {
+    let Ok(infos) = db.list() else {
+        return; // still recovering
+    };
+    for info in infos {
+        let Ok(coll) = db.collection(&info.spec.name) else {
+            continue;
+        };
+        if !coll.sweep_due() {
+            continue;
+        }
+        let started = Instant::now();
+        match coll.sweep_reach() {
+            Ok(r) => tracing::info!(
+                collection = %coll.name(),
+                checked = r.checked,
+                unreachable = r.unreachable,
+                repaired = r.repaired,
+                stashed = r.stashed,
+                took_ms = started.elapsed().as_millis() as u64,
+                "swept the index for nodes search cannot reach"
+            ),
+            Err(e) => tracing::warn!(collection = %coll.name(), error = %e, "index sweep failed"),
+        }
+    }
+}
+
 async fn drain<E: std::error::Error + Send + Sync + 'static>(
     server: impl Future<Output = std::result::Result<(), E>>,
     mut stop: tokio::sync::watch::Receiver<bool>,

@@ -21,6 +21,7 @@ mod metrics;
 mod mine;
 mod mine_engine;
 mod pair;
+mod reach;
 mod recall;
 mod recovery;
 mod security;
