@@ -214,7 +214,7 @@ pub fn unreachable<'e, G>(
         return check();
     }
     std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads).map(|_| s.spawn(&check)).collect();
+        let workers: Vec<_> = (0..threads).map(|_| s.spawn(check)).collect();
         let mut all = Vec::new();
         for w in workers {
             all.extend(w.join().expect("reach check thread panicked")?);

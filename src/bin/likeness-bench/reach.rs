@@ -184,7 +184,7 @@ fn dataset(ctx: &Ctx, data: &Data) -> Result<(), String> {
     for (k, v) in &entries {
         match index.search(v, 1, 0).ok().and_then(|h| h.first().copied()) {
             Some((hit, _)) if hit == *k => {}
-            Some((_, d)) if d == 0.0 => twins += 1,
+            Some((_, 0.0)) => twins += 1,
             _ => missed += 1,
         }
     }
