@@ -229,8 +229,9 @@ async fn open_model_store(config: &Config, embedder: &EmbedHandle) -> Result<Arc
     .await?
 }
 
-/// Once writes go quiet, free heap memory goes back to the system: an ingest leaves
-/// tens of MB in malloc's free lists otherwise.
+/// Once writes go quiet, free heap memory goes back to the system (an ingest leaves
+/// tens of MB in malloc's free lists otherwise), and the indexes that grew are swept
+/// for nodes search cannot reach (issue 20).
 fn spawn_trimmer(db: &Arc<Registry>) -> tokio::task::JoinHandle<()> {
     // Weak: the trimmer must not keep the store open after the daemon stops.
     let db = Arc::downgrade(db);
@@ -247,6 +248,9 @@ fn spawn_trimmer(db: &Arc<Registry>) -> tokio::task::JoinHandle<()> {
             } else if dirty {
                 dirty = false;
                 let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
+                if let Some(db) = db.upgrade() {
+                    let _ = tokio::task::spawn_blocking(move || db.sweep_due()).await;
+                }
             }
         }
     })

@@ -93,6 +93,48 @@ pub fn render(app: &App) -> String {
             c.len() as f64,
         );
     }
+    // The reachability sweeps (issue 20): keys checked, found unreachable, re-linked,
+    // stashed; the stash is searched exactly beside the graph.
+    let reach: Vec<_> = colls.iter().map(|c| (c.name(), c.reach_counts())).collect();
+    type Pick = fn(&crate::index::reach::ReachCounts) -> u64;
+    let families: [(&str, &str, &str, Pick); 5] = [
+        (
+            "likeness_index_reach_checked_total",
+            "counter",
+            "Keys whose own search a sweep checked.",
+            |r| r.checked,
+        ),
+        (
+            "likeness_index_unreachable_total",
+            "counter",
+            "Keys a search for their own vector could not reach when checked.",
+            |r| r.unreachable,
+        ),
+        (
+            "likeness_index_relinked_total",
+            "counter",
+            "Unreachable keys that a re-insertion made reachable.",
+            |r| r.repaired,
+        ),
+        (
+            "likeness_index_stashed_total",
+            "counter",
+            "Unreachable keys put in the exact stash.",
+            |r| r.stashed,
+        ),
+        (
+            "likeness_index_stash_keys",
+            "gauge",
+            "Keys in the exact stash now, scanned by every search.",
+            |r| r.in_stash,
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        header(&mut out, name, kind, help);
+        for (coll, r) in &reach {
+            sample(&mut out, name, &[("collection", coll)], pick(r) as f64);
+        }
+    }
     header(
         &mut out,
         "likeness_index_memory_bytes",

@@ -10,7 +10,7 @@
 //! - [`error`]: the crate [`Error`] with typed field paths, free of tonic.
 //! - [`types`]: domain types (metrics, items, queries, filters, hits), free of gRPC.
 //! - [`store`]: sled: collection specs, item records, raw inputs, group commit, codecs.
-//! - [`index`]: usearch HNSW per collection; the snapshot format.
+//! - [`index`]: usearch HNSW per collection; the snapshot format; reachability sweeps.
 //! - [`collections`]: the registry joining store and index; one collection, the ordered
 //!   write path and stream transactions, the catalogue with its label index, search and
 //!   the batched kNN the miner reads through; recovery; validation.

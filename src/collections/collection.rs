@@ -197,6 +197,8 @@ impl Collection {
                     }
                 }
                 flush(&mut chunk)?;
+                let items = items.scan(true).map(|r| r.map(|(k, it)| (k, it.vector)));
+                index.sweep(items, threads)?;
                 index
             }
         };
@@ -240,6 +242,26 @@ impl Collection {
 
     pub fn search_stats(&self) -> &SearchStats {
         &self.stats
+    }
+
+    /// What the index's reachability checks found: nodes search could not reach, and
+    /// their repair (see [`crate::index::reach`]).
+    pub fn reach_counts(&self) -> crate::index::reach::ReachCounts {
+        self.index.reach_counts()
+    }
+
+    /// Checks every stored item against the index and repairs what search cannot
+    /// reach; [`Collection::sweep_due`] says when one is worth its cost.
+    pub fn sweep_reach(&self) -> Result<crate::index::reach::Reach> {
+        let items = self
+            .items
+            .scan(true)
+            .map(|r| r.map(|(k, it)| (k, it.vector)));
+        self.index.sweep(items, self.threads)
+    }
+
+    pub fn sweep_due(&self) -> bool {
+        self.index.sweep_due()
     }
 
     pub(super) fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>> {

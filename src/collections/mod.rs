@@ -397,6 +397,35 @@ impl Registry {
 
     /// Rolls back open streams, saves every index snapshot and flushes the store (clean
     /// shutdown).
+    /// Sweeps each collection whose index is due (see `AnnIndex::sweep_due`): the HNSW
+    /// nodes that search cannot reach are found and repaired. The daemon calls it when
+    /// writes go quiet. Blocking.
+    pub fn sweep_due(&self) {
+        if !self.is_ready() {
+            return; // still recovering
+        }
+        for coll in self.all() {
+            if !coll.sweep_due() {
+                continue;
+            }
+            let started = Instant::now();
+            match coll.sweep_reach() {
+                Ok(r) => tracing::info!(
+                    collection = %coll.name(),
+                    checked = r.checked,
+                    unreachable = r.unreachable,
+                    repaired = r.repaired,
+                    stashed = r.stashed,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "swept the index for nodes search cannot reach"
+                ),
+                Err(e) => {
+                    tracing::warn!(collection = %coll.name(), error = %e, "index sweep failed")
+                }
+            }
+        }
+    }
+
     pub fn shutdown(&self) -> Result<()> {
         let undone = self
             .txns

@@ -20,11 +20,26 @@
 //! of k (12 bytes each); they are cut to k right at this boundary, before any lookup,
 //! and the bench measures the copy against usearch's own per-config search
 //! (docs/benchmarks.md, "Search at equal recall").
+//!
+//! # Reachability
+//!
+//! A few nodes of any HNSW graph end up where no search reaches them ([`reach`]). A
+//! sweep ([`AnnIndex::sweep`]) checks every stored key by a search for its own vector,
+//! re-links those it does not find, and stashes those a re-link does not help: every
+//! search here also scans that stash exactly, so after a sweep each stored item is found
+//! by a k = 1 search for its own vector. Sweeps run after a rebuild at recovery and, once
+//! writes go quiet, on indexes that grew by half since their last sweep
+//! ([`AnnIndex::sweep_due`]); checking each batch as it is inserted instead cost a third
+//! of the ingest rate and missed the nodes that later insertions cut off
+//! (docs/benchmarks.md, "Unreachable nodes").
 
+pub mod reach;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
+use std::time::Instant;
 
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
 
@@ -33,6 +48,9 @@ use crate::types::{CollectionSpec, Metric, Precision};
 
 /// Concurrent usearch operations per index. Callers beyond this wait for a slot.
 const SLOTS: usize = 32;
+
+/// Keys a sweep checks at a time: the vectors of one chunk are in memory at once.
+const SWEEP_CHUNK: usize = 8192;
 
 /// The expansion usearch itself is configured with: the least it allows (0 means its
 /// default, 64). The real ef of each search is its result count (see the module docs).
@@ -51,6 +69,11 @@ pub struct AnnIndex {
     /// The snapshot file this index is memory-mapped from, until the first write loads
     /// a private, writable copy (see [`AnnIndex::view`]).
     viewed: Mutex<Option<(PathBuf, IndexOptions)>>,
+    /// Keys added since the last sweep began, and the index's size then.
+    grown: AtomicUsize,
+    swept_size: AtomicUsize,
+    reach: reach::ReachStats,
+    stash: reach::Stash,
 }
 
 impl AnnIndex {
@@ -66,6 +89,10 @@ impl AnnIndex {
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
             viewed: Mutex::new(None),
+            grown: AtomicUsize::new(0),
+            swept_size: AtomicUsize::new(0),
+            reach: reach::ReachStats::default(),
+            stash: reach::Stash::default(),
         })
     }
 
@@ -95,6 +122,10 @@ impl AnnIndex {
             slots: Slots::new(SLOTS),
             pending: Mutex::new(0),
             viewed: Mutex::new(Some((path.to_path_buf(), opts))),
+            grown: AtomicUsize::new(0),
+            swept_size: AtomicUsize::new(0),
+            reach: reach::ReachStats::default(),
+            stash: reach::Stash::default(),
         })
     }
 
@@ -159,7 +190,147 @@ impl AnnIndex {
         self.reserve_for(entries.len())?;
         let result = self.add_reserved(entries, threads);
         *self.pending.lock().expect("pending lock") -= entries.len();
+        self.grown.fetch_add(entries.len(), Ordering::Relaxed);
         result
+    }
+
+    /// Checks that a search for each entry's own vector at the default ef finds it
+    /// through the graph; re-links those it does not find, and stashes those a re-link
+    /// does not help (see [`reach`]). The check runs on up to `threads` threads beside
+    /// searches and inserts; a re-link holds the index alone.
+    pub fn ensure_reachable(
+        &self,
+        entries: &[(u64, &[f32])],
+        threads: usize,
+    ) -> Result<reach::Reach> {
+        let started = Instant::now();
+        let ef = self.candidates(1, 0);
+        let flagged = self.unreachable_entries(entries, threads)?;
+        let mut found = reach::Reach {
+            checked: entries.len(),
+            unreachable: flagged.len(),
+            ..reach::Reach::default()
+        };
+        // Stashed keys the graph reaches now need the stash no more.
+        if !self.stash.is_empty() {
+            let flagged: std::collections::HashSet<u64> = flagged.iter().map(|(k, _)| *k).collect();
+            let reached: Vec<u64> = entries
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| !flagged.contains(k) && self.stash.contains(*k))
+                .collect();
+            found.released = self.stash.remove(&reached)?;
+        }
+        // Stashed keys are not re-linked again: a re-link repeats what failed before.
+        let (stashed, fresh): (Vec<_>, Vec<_>) = flagged
+            .into_iter()
+            .partition(|(k, _)| self.stash.contains(*k));
+        if !fresh.is_empty() {
+            self.promote()?;
+            let index = self.inner.write().expect("index lock");
+            let left = reach::relink(&index, &fresh, ef)?;
+            // Keys removed since the check count as neither.
+            found.repaired = fresh.iter().filter(|(k, _)| index.contains(*k)).count() - left.len();
+            self.stash.insert(&index, &left)?;
+            found.stashed = left.len();
+        }
+        found.stashed += stashed.len();
+        if found.unreachable > 0 || found.released > 0 {
+            tracing::info!(
+                checked = found.checked,
+                unreachable = found.unreachable,
+                repaired = found.repaired,
+                stashed = found.stashed,
+                released = found.released,
+                in_stash = self.stash.len(),
+                "HNSW nodes that search could not reach: re-linked, or searched exactly beside the graph"
+            );
+        }
+        self.reach.record(&found, started);
+        Ok(found)
+    }
+
+    /// Checks every key of `items` (key and vector, in any order: a scan of the store)
+    /// with [`AnnIndex::ensure_reachable`], a chunk at a time, and counts a sweep.
+    pub fn sweep(
+        &self,
+        items: impl Iterator<Item = Result<(u64, Vec<f32>)>>,
+        threads: usize,
+    ) -> Result<reach::Reach> {
+        self.swept_size.store(self.len(), Ordering::Relaxed);
+        self.grown.store(0, Ordering::Relaxed);
+        let mut total = reach::Reach::default();
+        let mut chunk: Vec<(u64, Vec<f32>)> = Vec::with_capacity(SWEEP_CHUNK);
+        let mut check = |chunk: &mut Vec<(u64, Vec<f32>)>| -> Result<()> {
+            let refs: Vec<(u64, &[f32])> = chunk.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+            total += self.ensure_reachable(&refs, threads)?;
+            chunk.clear();
+            Ok(())
+        };
+        for item in items {
+            chunk.push(item?);
+            if chunk.len() == SWEEP_CHUNK {
+                check(&mut chunk)?;
+            }
+        }
+        check(&mut chunk)?;
+        self.reach.swept();
+        Ok(total)
+    }
+
+    /// Whether keys were added since the last sweep, as many as half the index held then
+    /// (or any, before a first sweep): a sweep now costs at most about three checks per
+    /// key added, whatever the pace of the writes.
+    pub fn sweep_due(&self) -> bool {
+        let grown = self.grown.load(Ordering::Relaxed);
+        grown > 0 && grown * 2 >= self.swept_size.load(Ordering::Relaxed)
+    }
+
+    /// The keys of `entries` that a search for their own vector at the default ef does
+    /// not find, checked on up to `threads` threads; nothing is changed.
+    pub fn unreachable(&self, entries: &[(u64, &[f32])], threads: usize) -> Result<Vec<u64>> {
+        Ok(self
+            .unreachable_entries(entries, threads)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn unreachable_entries<'e>(
+        &self,
+        entries: &[(u64, &'e [f32])],
+        threads: usize,
+    ) -> Result<Vec<(u64, &'e [f32])>> {
+        let index = self.inner.read().expect("index lock");
+        reach::unreachable(&index, entries, self.candidates(1, 0), threads, || {
+            self.slots.acquire()
+        })
+    }
+
+    /// What the reachability checks have found since this index was built or loaded.
+    pub fn reach_counts(&self) -> reach::ReachCounts {
+        self.reach.counts(self.stash.len())
+    }
+
+    /// The keys searched exactly beside the graph (see [`reach::Stash`]).
+    pub fn stashed_keys(&self) -> Vec<u64> {
+        self.stash.keys()
+    }
+
+    /// Stashes `keys` again with the vectors this index holds for them (a snapshot's
+    /// stash, after a load). Exact for f32 and f16; an i8 vector read back and cast again
+    /// may differ from the stored one in its last unit.
+    pub fn restore_stash(&self, keys: &[u64]) -> Result<()> {
+        let index = self.inner.read().expect("index lock");
+        let mut vectors = Vec::with_capacity(keys.len());
+        for &key in keys {
+            let mut v = vec![0f32; index.dimensions()];
+            if index.get(key, &mut v[..])? == 1 {
+                vectors.push((key, v));
+            }
+        }
+        let refs: Vec<(u64, &[f32])> = vectors.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        self.stash.insert(&index, &refs)
     }
 
     fn add_reserved(&self, entries: &[(u64, &[f32])], threads: usize) -> Result<()> {
@@ -211,6 +382,7 @@ impl AnnIndex {
         for key in keys {
             index.remove(*key)?;
         }
+        self.stash.remove(keys)?;
         Ok(())
     }
 
@@ -241,7 +413,7 @@ impl AnnIndex {
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
         let m = index.search(query, count)?;
-        Ok(self.matches(m, k))
+        Ok(self.matches(m, self.stash.search(query, count, |_| true)?, count, k))
     }
 
     /// The `k` nearest keys that pass `keep`, nearest first, with API distances, from a
@@ -257,8 +429,8 @@ impl AnnIndex {
         let count = self.candidates(k, expansion);
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
-        let m = index.filtered_search(query, count, keep)?;
-        Ok(self.matches(m, k))
+        let m = index.filtered_search(query, count, &keep)?;
+        Ok(self.matches(m, self.stash.search(query, count, &keep)?, count, k))
     }
 
     /// The ef a search runs at: what usearch is asked for (see the module docs).
@@ -271,10 +443,18 @@ impl AnnIndex {
         ef.max(k).max(1)
     }
 
-    fn matches(&self, m: usearch::ffi::Matches, k: usize) -> Vec<(u64, f32)> {
-        m.keys
-            .into_iter()
-            .zip(m.distances)
+    /// The graph's `count` candidates and the stash's, merged, cut to k, with API
+    /// distances.
+    fn matches(
+        &self,
+        m: usearch::ffi::Matches,
+        stash: Vec<(u64, f32)>,
+        count: usize,
+        k: usize,
+    ) -> Vec<(u64, f32)> {
+        let mut hits: Vec<(u64, f32)> = m.keys.into_iter().zip(m.distances).collect();
+        reach::merge(&mut hits, stash, count);
+        hits.into_iter()
             .take(k)
             .map(|(k, d)| (k, self.api_distance(d)))
             .collect()

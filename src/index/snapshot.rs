@@ -2,7 +2,9 @@
 //! `<name>.catalogue` (the collection's catalogue: ids, labels and metadata per ANN key,
 //! so that a clean restart reads one small file instead of scanning the store), and
 //! `<name>.snapshot.json` ([`SnapshotMeta`]: the collection's uid, the store's mutation
-//! counter the files reflect, and the item count).
+//! counter the files reflect, and the item count), and `<name>.stash`, when the index
+//! has keys that search reaches only through its stash (see [`super::reach`]): their
+//! ANN keys as JSON. Without it a clean restart would lose them to search again.
 //!
 //! The trust rule: a snapshot is loaded only when uid, counter and count all match the
 //! store; otherwise the index is rebuilt from the store, which is the truth. A save
@@ -36,6 +38,11 @@ pub fn paths(dir: &Path, name: &str) -> [PathBuf; 3] {
     ]
 }
 
+/// The stash file of collection `name` under `dir`.
+fn stash_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.stash"))
+}
+
 /// Writes `index` and the encoded `catalogue` with `meta` (callers hold the collection's
 /// writer, so nothing changes meanwhile). An index still mapped from the snapshot it was
 /// loaded from has not changed since: its file stays as it is.
@@ -56,6 +63,15 @@ pub fn save(
     let tmp = catalogue_path.with_extension("catalogue.tmp");
     std::fs::write(&tmp, catalogue)?;
     std::fs::rename(&tmp, &catalogue_path)?;
+    let stashed = index.stashed_keys();
+    let stash = stash_path(dir, name);
+    if stashed.is_empty() {
+        remove_if_present(&stash)?;
+    } else {
+        let tmp = stash.with_extension("stash.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&stashed).expect("keys serialise"))?;
+        std::fs::rename(&tmp, &stash)?;
+    }
     let tmp = meta_path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&meta).expect("meta serialises"))?;
     std::fs::rename(&tmp, &meta_path)?;
@@ -94,7 +110,10 @@ pub fn load(spec: &CollectionSpec, dir: &Path, seq: u64, count: usize) -> Option
         return None;
     }
     match AnnIndex::view(spec, &index_path) {
-        Ok(index) if index.len() == count => Some(index),
+        Ok(index) if index.len() == count => {
+            restore_stash(spec, dir, &index)?;
+            Some(index)
+        }
         Ok(index) => {
             tracing::warn!(collection = %spec.name, snapshot = index.len(), store = count, "index snapshot size differs from the store; rebuilding");
             None
@@ -106,12 +125,35 @@ pub fn load(spec: &CollectionSpec, dir: &Path, seq: u64, count: usize) -> Option
     }
 }
 
+/// Stashes the keys of the snapshot's stash file again, if it has one. None (rebuild,
+/// which sweeps) when the file is unreadable.
+fn restore_stash(spec: &CollectionSpec, dir: &Path, index: &AnnIndex) -> Option<()> {
+    let bytes = match std::fs::read(stash_path(dir, &spec.name)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(()),
+        Err(e) => {
+            tracing::warn!(collection = %spec.name, error = %e, "index stash unreadable; rebuilding");
+            return None;
+        }
+    };
+    let restored = serde_json::from_slice::<Vec<u64>>(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|keys| index.restore_stash(&keys).map_err(|e| e.to_string()));
+    match restored {
+        Ok(()) => Some(()),
+        Err(e) => {
+            tracing::warn!(collection = %spec.name, error = %e, "index stash unreadable; rebuilding");
+            None
+        }
+    }
+}
+
 /// Removes a collection's snapshot files.
 pub fn remove(dir: &Path, name: &str) -> Result<()> {
     for path in paths(dir, name) {
         remove_if_present(&path)?;
     }
-    Ok(())
+    remove_if_present(&stash_path(dir, name))
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {

@@ -22,6 +22,7 @@ mod metrics;
 mod mine;
 mod mine_engine;
 mod pair;
+mod reach;
 mod recall;
 mod recovery;
 mod security;

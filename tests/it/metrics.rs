@@ -150,6 +150,10 @@ async fn metrics_are_prometheus_text_and_count_what_happened() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let m = parse(&body);
+    // The stream bound and the reachability sweep (issue 20) are exported.
+    assert_eq!(value(&m, "likeness_streams_limit", &[]), 2048.0);
+    assert_eq!(value(&m, "likeness_streams_open", &[]), 0.0);
+    let _ = value(&m, "likeness_index_stash_keys", &[("collection", "m")]);
     let rpc = |method: &str, code: &str| {
         value(
             &m,

@@ -151,6 +151,7 @@ async fn sweep(ctx: &Ctx, data: &Data) -> Result<(Vec<Point>, Floor), String> {
         data.n()
     );
     d.ingest(data, args.batch, args.writers).await?;
+    wait_for_sweep(&d, &data.describe).await;
     eprintln!("[{}] ingested; measuring", data.describe);
     let queries: Arc<Vec<Vec<f32>>> = Arc::new(data.queries.clone());
 
@@ -231,6 +232,25 @@ async fn sweep(ctx: &Ctx, data: &Data) -> Result<(Vec<Point>, Floor), String> {
     }
     d.stop().await?;
     Ok((points, floor))
+}
+
+/// Waits until the daemon has swept its index after the ingest (it does once writes go
+/// quiet; src/index/reach.rs), so that the sweep neither runs beside the measurements
+/// nor is missing from the recall. A daemon from before issue 20 never logs one: it is
+/// given 120 s.
+async fn wait_for_sweep(d: &Daemon, describe: &str) {
+    let start = Instant::now();
+    while start.elapsed().as_secs() < 120 {
+        if d.log().contains("swept the index") {
+            eprintln!(
+                "[{describe}] the daemon swept its index {:.1} s after the ingest",
+                start.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    eprintln!("[{describe}] no sweep logged within 120 s; measuring anyway");
 }
 
 /// `total` single-query k = 10 searches at `ef` from `threads` threads: queries/s and

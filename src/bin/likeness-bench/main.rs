@@ -12,8 +12,9 @@
 //! curve (recall against QPS over an ef sweep) and mine (a daemon per `--mine-n`), with
 //! data sets of their own; session (a Session used as a cross-batch memory, with and
 //! without write-back); load (1,000 streams beside a mixed unary load for 60 s);
-//! sizing (memory and disk by N, dimension and precision, a daemon per cell); and
-//! activate (a collection re-embedded with a second model under load).
+//! sizing (memory and disk by N, dimension and precision, a daemon per cell);
+//! activate (a collection re-embedded with a second model under load); and reach (HNSW
+//! nodes that search cannot reach, their check and repair, in process).
 
 mod activate;
 mod curve;
@@ -26,6 +27,7 @@ mod load;
 mod mine;
 mod mixed;
 mod procfs;
+mod reach;
 mod reference;
 mod search;
 mod session;
@@ -39,12 +41,14 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 12] = [
+const PARTS: [&str; 13] = [
     "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine", "session", "load",
-    "sizing", "activate",
+    "sizing", "activate", "reach",
 ];
 /// Parts that run only when `--only` names them (long, or with data sets of their own).
-const ON_REQUEST: [&str; 6] = ["curve", "mine", "session", "load", "sizing", "activate"];
+const ON_REQUEST: [&str; 7] = [
+    "curve", "mine", "session", "load", "sizing", "activate", "reach",
+];
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -245,7 +249,7 @@ pub struct Args {
     #[arg(long, default_value_t = 20_000)]
     pub activate_n: usize,
     /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve, mine,
-    /// session, load, sizing, activate); default all but the last six.
+    /// session, load, sizing, activate, reach); default all but the last seven.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The data sets of the curve part, each with its own daemon and in-process index
@@ -273,6 +277,16 @@ pub struct Args {
     /// [default: docs/search-curve.csv in the source tree].
     #[arg(long)]
     pub curve_csv: Option<PathBuf>,
+    /// The data sets of the reach part (`--n` and `--dim` apply as in the curve part);
+    /// its recall sweep uses `--curve-efs`, its builds `--batch`, `--writers` and
+    /// `--threads`.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fmnist,synthetic"
+    )]
+    pub reach_datasets: Vec<data::Which>,
 }
 
 /// What every part shares.
@@ -405,7 +419,7 @@ async fn run(args: Args) -> Result<(), String> {
         .filter(|p| {
             !matches!(
                 **p,
-                "embed" | "curve" | "mine" | "session" | "sizing" | "activate"
+                "embed" | "curve" | "mine" | "session" | "sizing" | "activate" | "reach"
             )
         })
         .any(|p| want(p));
@@ -522,6 +536,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if want("activate") {
         activate::run(&ctx).await?;
+    }
+    if want("reach") {
+        reach::run(&ctx)?;
     }
     Ok(())
 }
