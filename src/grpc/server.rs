@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::Routes;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::collections::CollectionsService;
@@ -37,36 +38,36 @@ pub struct Health {
 
 impl Health {
     pub async fn set_core(&self, serving: bool) {
-        let r = &self.reporter;
-        if serving {
-            r.set_serving::<pb::items_server::ItemsServer<ItemsService>>()
-                .await;
-            r.set_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
-                .await;
-            r.set_serving::<pb::miner_server::MinerServer<MinerService>>()
-                .await;
-        } else {
-            r.set_not_serving::<pb::items_server::ItemsServer<ItemsService>>()
-                .await;
-            r.set_not_serving::<pb::collections_server::CollectionsServer<CollectionsService>>()
-                .await;
-            r.set_not_serving::<pb::miner_server::MinerServer<MinerService>>()
-                .await;
-        }
+        self.set(
+            &[
+                pb::items_server::SERVICE_NAME,
+                pb::collections_server::SERVICE_NAME,
+                pb::miner_server::SERVICE_NAME,
+            ],
+            serving,
+        )
+        .await;
     }
 
     pub async fn set_inference(&self, serving: bool) {
-        let r = &self.reporter;
-        if serving {
-            r.set_serving::<pb::embedder_server::EmbedderServer<EmbedderService>>()
-                .await;
-            r.set_serving::<pb::models_server::ModelsServer<ModelsService>>()
-                .await;
+        self.set(
+            &[
+                pb::embedder_server::SERVICE_NAME,
+                pb::models_server::SERVICE_NAME,
+            ],
+            serving,
+        )
+        .await;
+    }
+
+    async fn set(&self, services: &[&str], serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
         } else {
-            r.set_not_serving::<pb::embedder_server::EmbedderServer<EmbedderService>>()
-                .await;
-            r.set_not_serving::<pb::models_server::ModelsServer<ModelsService>>()
-                .await;
+            ServingStatus::NotServing
+        };
+        for service in services {
+            self.reporter.set_service_status(*service, status).await;
         }
     }
 }
