@@ -1,7 +1,8 @@
 """A real daemon for the tests: the likeness binary on 127.0.0.1:0 with a temp data dir.
 
-The binary is $LIKENESS_BIN, else the newer of target/debug/likeness (what `cargo test`
-builds) and target/release/likeness at the repository's root. The daemon logs JSON;
+The binary is $LIKENESS_BIN, else the newer of debug/likeness (what `cargo test`
+builds) and release/likeness under cargo's target directory ($CARGO_TARGET_DIR, else
+target/ at the repository's root). The daemon logs JSON;
 the fixture reads the bound address from its "listening" line and waits until
 likeness.v1.Items reports SERVING.
 """
@@ -29,11 +30,15 @@ def daemon_binary() -> Path:
     given = os.environ.get("LIKENESS_BIN")
     if given:
         return Path(given)
-    built = [REPO / "target" / p / "likeness" for p in ("debug", "release")]
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    if not target.is_absolute():
+        target = REPO / target
+    built = [target / p / "likeness" for p in ("debug", "release")]
     built = [b for b in built if b.is_file()]
     if not built:
         pytest.exit(
-            "no likeness binary: run `cargo build --bin likeness` (or set LIKENESS_BIN)",
+            f"no likeness binary under {target}: run `cargo build --bin likeness` "
+            "(or set LIKENESS_BIN)",
             returncode=2,
         )
     return max(built, key=lambda b: b.stat().st_mtime)
