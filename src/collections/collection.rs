@@ -264,6 +264,11 @@ impl Collection {
         self.index.sweep_due()
     }
 
+    /// Keys added since the last reachability sweep began.
+    pub fn unswept(&self) -> usize {
+        self.index.unswept()
+    }
+
     pub(super) fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>> {
         let w = self.writer.lock().expect("writer lock");
         if w.dropped {

@@ -39,7 +39,7 @@ pub mod snapshot;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
 
@@ -48,6 +48,19 @@ use crate::types::{CollectionSpec, Metric, Precision};
 
 /// Concurrent usearch operations per index. Callers beyond this wait for a slot.
 const SLOTS: usize = 32;
+
+/// Indexes of at most this many vectors are searched exactly (a scan of every vector)
+/// instead of by a graph walk. At this size a walk at the default ef already computes a
+/// distance to a large part of the graph, so a scan costs about as much, and a small
+/// collection (a new one, a test, a gallery of a few hundred) gets exact answers rather
+/// than a graph's near misses. Filters and mining exclusions apply to the scan as well.
+pub const EXACT_BELOW: usize = 2048;
+
+/// A sweep of fewer keys than [`AnnIndex::sweep_due`] asks for is due once this many
+/// times the last sweep's duration (at least [`SWEEP_MIN`]) has passed since it ended:
+/// such catch-up sweeps then take at most a fifth of one core's time.
+const SWEEP_CATCH_UP: u32 = 4;
+const SWEEP_MIN: Duration = Duration::from_secs(1);
 
 /// Keys a sweep checks at a time: the vectors of one chunk are in memory at once.
 const SWEEP_CHUNK: usize = 8192;
@@ -72,8 +85,14 @@ pub struct AnnIndex {
     /// Keys added since the last sweep began, and the index's size then.
     grown: AtomicUsize,
     swept_size: AtomicUsize,
+    /// When the last sweep ended, and how long it took; sweeps running now.
+    last_sweep: Mutex<Option<(Instant, Duration)>>,
+    sweeping: AtomicUsize,
     reach: reach::ReachStats,
     stash: reach::Stash,
+    /// Searches scan every vector while the index holds at most this many
+    /// ([`EXACT_BELOW`]).
+    exact_below: AtomicUsize,
 }
 
 impl AnnIndex {
@@ -91,8 +110,11 @@ impl AnnIndex {
             viewed: Mutex::new(None),
             grown: AtomicUsize::new(0),
             swept_size: AtomicUsize::new(0),
+            last_sweep: Mutex::new(None),
+            sweeping: AtomicUsize::new(0),
             reach: reach::ReachStats::default(),
             stash: reach::Stash::default(),
+            exact_below: AtomicUsize::new(EXACT_BELOW),
         })
     }
 
@@ -124,8 +146,11 @@ impl AnnIndex {
             viewed: Mutex::new(Some((path.to_path_buf(), opts))),
             grown: AtomicUsize::new(0),
             swept_size: AtomicUsize::new(0),
+            last_sweep: Mutex::new(None),
+            sweeping: AtomicUsize::new(0),
             reach: reach::ReachStats::default(),
             stash: reach::Stash::default(),
+            exact_below: AtomicUsize::new(EXACT_BELOW),
         })
     }
 
@@ -257,8 +282,13 @@ impl AnnIndex {
         items: impl Iterator<Item = Result<(u64, Vec<f32>)>>,
         threads: usize,
     ) -> Result<reach::Reach> {
+        let started = Instant::now();
+        // Keys added from here on are counted for the next sweep; those counted so far
+        // stay unswept until this one ends.
+        let counted = self.grown.load(Ordering::Relaxed);
         self.swept_size.store(self.len(), Ordering::Relaxed);
-        self.grown.store(0, Ordering::Relaxed);
+        self.sweeping.fetch_add(1, Ordering::Relaxed);
+        let _done = SweepDone(self, counted);
         let mut total = reach::Reach::default();
         let mut chunk: Vec<(u64, Vec<f32>)> = Vec::with_capacity(SWEEP_CHUNK);
         let mut check = |chunk: &mut Vec<(u64, Vec<f32>)>| -> Result<()> {
@@ -275,15 +305,34 @@ impl AnnIndex {
         }
         check(&mut chunk)?;
         self.reach.swept();
+        *self.last_sweep.lock().expect("sweep lock") = Some((Instant::now(), started.elapsed()));
         Ok(total)
     }
 
-    /// Whether keys were added since the last sweep, as many as half the index held then
-    /// (or any, before a first sweep): a sweep now costs at most about three checks per
-    /// key added, whatever the pace of the writes.
+    /// Whether keys were added since the last sweep began, as many as half the index
+    /// held then (or any, before a first sweep): a sweep now costs at most about three
+    /// checks per key added, whatever the pace of the writes. Fewer are enough once
+    /// [`SWEEP_CATCH_UP`] times the last sweep's duration has passed since it ended, so
+    /// that the tail of an ingest whose pause set off a sweep midway is not left
+    /// unchecked until the index grows by half again.
     pub fn sweep_due(&self) -> bool {
         let grown = self.grown.load(Ordering::Relaxed);
-        grown > 0 && grown * 2 >= self.swept_size.load(Ordering::Relaxed)
+        if grown == 0 || self.sweeping.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        if grown * 2 >= self.swept_size.load(Ordering::Relaxed) {
+            return true;
+        }
+        match *self.last_sweep.lock().expect("sweep lock") {
+            Some((ended, took)) => ended.elapsed() >= took.max(SWEEP_MIN) * SWEEP_CATCH_UP,
+            None => true,
+        }
+    }
+
+    /// Keys added and not yet checked by a finished sweep (those a running sweep is
+    /// checking included).
+    pub fn unswept(&self) -> usize {
+        self.grown.load(Ordering::Relaxed)
     }
 
     /// The keys of `entries` that a search for their own vector at the default ef does
@@ -412,6 +461,10 @@ impl AnnIndex {
         let count = self.candidates(k, expansion);
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
+        if index.size() <= self.exact_below.load(Ordering::Relaxed) {
+            let m = index.exact_search(query, count)?;
+            return Ok(self.matches(m, Vec::new(), count, k));
+        }
         let m = index.search(query, count)?;
         Ok(self.matches(m, self.stash.search(query, count, |_| true)?, count, k))
     }
@@ -429,8 +482,29 @@ impl AnnIndex {
         let count = self.candidates(k, expansion);
         let index = self.inner.read().expect("index lock");
         let _slot = self.slots.acquire();
+        let size = index.size();
+        if size <= self.exact_below.load(Ordering::Relaxed) {
+            // usearch's exact scan takes no predicate: rank everything, then filter.
+            let mut m = index.exact_search(query, size.max(1))?;
+            let (keys, distances): (Vec<u64>, Vec<f32>) = m
+                .keys
+                .iter()
+                .zip(&m.distances)
+                .filter(|(key, _)| keep(**key))
+                .take(count)
+                .unzip();
+            (m.keys, m.distances) = (keys, distances);
+            return Ok(self.matches(m, Vec::new(), count, k));
+        }
         let m = index.filtered_search(query, count, &keep)?;
         Ok(self.matches(m, self.stash.search(query, count, &keep)?, count, k))
+    }
+
+    /// Sets the size up to which searches scan every vector instead of walking the graph
+    /// ([`EXACT_BELOW`] by default; 0: always walk). For tests and benchmarks that look
+    /// at the graph itself on small data.
+    pub fn set_exact_below(&self, n: usize) {
+        self.exact_below.store(n, Ordering::Relaxed);
     }
 
     /// The ef a search runs at: what usearch is asked for (see the module docs).
@@ -563,6 +637,17 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
+/// Ends a sweep however it returns: the keys it was started for are no longer unswept
+/// (when it fails too: the next is due by the usual rule, not at once and in a loop).
+struct SweepDone<'a>(&'a AnnIndex, usize);
+
+impl Drop for SweepDone<'_> {
+    fn drop(&mut self) {
+        self.0.grown.fetch_sub(self.1, Ordering::Relaxed);
+        self.0.sweeping.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,6 +687,90 @@ mod tests {
         });
         assert_eq!(index.len(), 4200);
         assert_eq!(*index.pending.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_small_index_is_searched_exactly_filters_included() {
+        // 200 copies of one vector crowd the graph, so that a walk at a low ef misses
+        // some true neighbours of the other 500 vectors; below EXACT_BELOW a search
+        // scans, and plain and filtered answers are the brute-force ones.
+        let mut rng = crate::rng::Rng::new(5);
+        let mut vectors = vec![vec![1.0f32, 2.0, 3.0, 4.0]; 200];
+        vectors.extend((0..500).map(|_| (0..4).map(|_| rng.normal()).collect::<Vec<f32>>()));
+        let refs: Vec<(u64, &[f32])> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as u64, v.as_slice()))
+            .collect();
+        let index = AnnIndex::new(&spec(Metric::L2), 0).unwrap();
+        index.add_many(&refs, 1).unwrap();
+        index.remove_many(&[250]).unwrap();
+        let brute = |q: &[f32], keep: &dyn Fn(u64) -> bool| -> Vec<f32> {
+            let mut d: Vec<f32> = refs
+                .iter()
+                .filter(|(k, _)| *k != 250 && keep(*k))
+                .map(|(_, v)| v.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>())
+                .map(f32::sqrt)
+                .collect();
+            d.sort_by(f32::total_cmp);
+            d.truncate(10);
+            d
+        };
+        let same = |hits: &[(u64, f32)], want: &[f32]| {
+            hits.len() == want.len()
+                && hits.iter().zip(want).all(|(h, w)| (h.1 - w).abs() < 1e-4)
+                && hits.iter().all(|h| h.0 != 250)
+        };
+        let odd = |k: u64| k % 2 == 1;
+        let mut walk_misses = 0;
+        for (_, v) in &refs[200..] {
+            let hits = index.search(v, 10, 16).unwrap();
+            assert!(same(&hits, &brute(v, &|_| true)), "{hits:?}");
+            let hits = index.filtered_search(v, 10, 16, odd).unwrap();
+            assert!(same(&hits, &brute(v, &odd)), "{hits:?}");
+            assert!(hits.iter().all(|h| odd(h.0)));
+            index.set_exact_below(0);
+            walk_misses += !same(&index.search(v, 10, 16).unwrap(), &brute(v, &|_| true)) as usize;
+            index.set_exact_below(EXACT_BELOW);
+        }
+        // The scan is what made those exact: the graph alone misses some.
+        assert!(walk_misses > 0);
+    }
+
+    #[test]
+    fn a_sweep_is_due_after_half_again_or_after_a_quiet_while() {
+        let index = AnnIndex::new(&spec(Metric::L2), 0).unwrap();
+        let vectors: Vec<Vec<f32>> = (0..1000)
+            .map(|i| vec![i as f32, 1.0, (i % 7) as f32, 2.0])
+            .collect();
+        let refs: Vec<(u64, &[f32])> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as u64, v.as_slice()))
+            .collect();
+        let sweep = |upto: usize| {
+            let items = refs[..upto].iter().map(|(k, v)| Ok((*k, v.to_vec())));
+            index.sweep(items, 1).unwrap();
+        };
+        index.add_many(&refs[..600], 1).unwrap();
+        assert!(index.sweep_due()); // never swept
+        sweep(600);
+        assert_eq!(index.unswept(), 0);
+        assert!(!index.sweep_due());
+        index.add_many(&refs[600..700], 1).unwrap();
+        assert_eq!(index.unswept(), 100);
+        assert!(!index.sweep_due()); // 100 of 600: not yet
+        index.add_many(&refs[700..900], 1).unwrap();
+        assert!(index.sweep_due()); // 300 of 600: half again
+        sweep(900);
+        index.add_many(&refs[900..], 1).unwrap();
+        assert!(!index.sweep_due());
+        // The sweep took well under SWEEP_MIN: the catch-up is due after SWEEP_MIN x 4.
+        std::thread::sleep(SWEEP_MIN * SWEEP_CATCH_UP + Duration::from_millis(50));
+        assert!(index.sweep_due());
+        sweep(1000);
+        assert_eq!(index.unswept(), 0);
+        assert!(!index.sweep_due());
     }
 
     #[test]

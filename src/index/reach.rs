@@ -447,6 +447,7 @@ mod tests {
         let vectors = gaussian(30_000, 16, 11);
         let entries = entries(&vectors);
         let index = AnnIndex::new(&spec(16, Metric::L2, Precision::F32), 0).unwrap();
+        index.set_exact_below(0); // the graph itself, not the small-index scan
         concurrent_build(&index, &entries);
         assert!(index.sweep_due());
         let before = index.unreachable(&entries, 2).unwrap();
@@ -485,6 +486,7 @@ mod tests {
         let vectors = gaussian(2_000, 8, 3);
         let entries = entries(&vectors);
         let index = AnnIndex::new(&spec(8, Metric::L2, Precision::F32), 0).unwrap();
+        index.set_exact_below(0); // the graph itself, not the small-index scan
         index.add_many(&entries, 1).unwrap();
         // Stash two reachable keys on purpose: found once each, not twice.
         let guard = index.inner.read().unwrap();
@@ -522,6 +524,7 @@ mod tests {
             let vectors = gaussian(2_000, 8, 3);
             let entries = entries(&vectors);
             let index = AnnIndex::new(&spec(8, Metric::Cosine, precision), 0).unwrap();
+            index.set_exact_below(0); // the graph itself, not the small-index scan
             index.add_many(&entries, 1).unwrap();
             // Reachable keys re-linked on purpose: still there, once, and found.
             let guard = index.inner.write().unwrap();
@@ -550,6 +553,7 @@ mod tests {
         vectors.extend(gaussian(500, 4, 5));
         let entries = entries(&vectors);
         let index = AnnIndex::new(&spec(4, Metric::L2, Precision::F32), 0).unwrap();
+        index.set_exact_below(0); // the graph itself, not the small-index scan
         index.add_many(&entries, 1).unwrap();
         let hits = index.search(&vectors[0], 1, 0).unwrap();
         assert_eq!(hits[0].1, 0.0);
@@ -582,6 +586,7 @@ mod tests {
         vectors.push(vec![0.1, 0.01, 0.0, 0.0]);
         let entries = entries(&vectors);
         let index = AnnIndex::new(&spec(4, Metric::InnerProduct, Precision::F32), 0).unwrap();
+        index.set_exact_below(0); // the graph itself, not the small-index scan
         index.add_many(&entries, 1).unwrap();
         let short = vectors.len() as u64 - 1;
         let hits = index.search(&vectors[short as usize], 64, 0).unwrap();
@@ -594,6 +599,7 @@ mod tests {
         let vectors = gaussian(1_000, 8, 9);
         let entries = entries(&vectors);
         let index = AnnIndex::new(&spec(8, Metric::L2, Precision::F32), 0).unwrap();
+        index.set_exact_below(0); // the graph itself, not the small-index scan
         index.add_many(&entries, 1).unwrap();
         index.remove_many(&[3]).unwrap();
         let guard = index.inner.write().unwrap();
@@ -610,6 +616,7 @@ mod tests {
         let vectors = gaussian(1_000, 8, 4);
         let entries = entries(&vectors);
         let index = AnnIndex::new(&s, 0).unwrap();
+        index.set_exact_below(0); // the graph itself, not the small-index scan
         index.add_many(&entries, 1).unwrap();
         let guard = index.inner.read().unwrap();
         index.stash.insert(&guard, &entries[9..10]).unwrap();
