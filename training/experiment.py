@@ -943,6 +943,227 @@ def plot(result, path):
     plt.close(fig)
 
 
+# Round two's report: mean ± standard error, differences against the baselines
+R2_COLS = [("recall_at_1_clean", "R@1 clean"), ("recall_at_1_reid", "R@1 re-id"),
+           ("verification_accuracy_val_threshold_clean", "verif. clean (val thr.)"),
+           ("verification_accuracy_val_threshold_reid", "verif. re-id (val thr.)"),
+           ("roc_auc_clean", "AUC clean"), ("roc_auc_reid", "AUC re-id")]
+
+
+def _figure(r, key):
+    metric, kind = key.rsplit("_", 1)
+    if metric == "val_recall_at_1_last":
+        return r["curve"]["val_recall_at_1"][-1]
+    return r["test"][kind][metric]
+
+
+def per_method(result):
+    rows = {}
+    for r in result["runs"].values():
+        rows.setdefault(r["method"], []).append(r)
+    return {m: sorted(rows[m], key=lambda r: r["seed"]) for m in METHODS if m in rows}
+
+
+def mean_se(values):
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)
+
+
+def table_round2(result):
+    """Mean ± standard error over seeds, with costs."""
+    rows = per_method(result)
+    lines = ["| method | " + " | ".join(c[1] for c in R2_COLS)
+             + " | wall s/run (refresh) | CPU s/run, trainer + daemon |",
+             "|---" * (len(R2_COLS) + 3) + "|"]
+    for m, rs in rows.items():
+        cells = []
+        for key, _ in R2_COLS:
+            mu, se = mean_se([_figure(r, key) for r in rs])
+            cells.append(f"{mu:.3f} ± {se:.3f}")
+        w = mean_se([r["info"]["wall_seconds"] for r in rs])
+        ref = np.mean([r["info"]["refresh_seconds"] for r in rs])
+        tc = np.mean([r["info"]["trainer_cpu_seconds"] for r in rs])
+        dc = np.mean([r["info"].get("daemon_cpu_seconds", 0.0) for r in rs])
+        extra = f" ({ref:.0f})" if ref > 0 else ""
+        lines.append(f"| {m} (n={len(rs)}) | " + " | ".join(cells)
+                     + f" | {w[0]:.0f} ± {w[1]:.0f}{extra} | {tc:.0f} + {dc:.0f} |")
+    px = result["pixels"]
+    cells = []
+    for key, _ in R2_COLS:
+        metric, kind = key.rsplit("_", 1)
+        cells.append(f"{px[kind][metric]:.3f}")
+    lines.append("| raw pixels, cosine | " + " | ".join(cells) + " | - | - |")
+    return "\n".join(lines)
+
+
+def differences(result, baselines=("triplet-inbatch", "xbm")):
+    """Per method and baseline: the difference of the means and its standard error
+    (sqrt(se1^2 + se2^2), the seeds being independent runs), and whether it exceeds
+    two standard errors."""
+    rows = per_method(result)
+    lines = ["| method | vs | " + " | ".join(c[1] for c in R2_COLS[:2] + R2_COLS[4:5])
+             + " |", "|---" * 5 + "|"]
+    out = {}
+    for base in baselines:
+        if base not in rows:
+            continue
+        for m, rs in rows.items():
+            if m == base:
+                continue
+            cells = []
+            for key, _ in R2_COLS[:2] + R2_COLS[4:5]:
+                a = mean_se([_figure(r, key) for r in rs])
+                b = mean_se([_figure(r, key) for r in rows[base]])
+                diff, se = a[0] - b[0], float(np.hypot(a[1], b[1]))
+                flag = " **" if se > 0 and abs(diff) > 2 * se else ""
+                cells.append(f"{diff:+.3f} ± {se:.3f}{flag}")
+                out[(m, base, key)] = (diff, se)
+            lines.append(f"| {m} | {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), out
+
+
+def costs_round2(result):
+    """Where the time goes, per method: mean seconds per run and per step."""
+    rows = per_method(result)
+    steps = result["settings"]["steps"]
+    lines = ["| method | trainer CPU s | daemon CPU s | wall s | refresh s | memory term s "
+             "| write-back s | batch stream s | Session p50 / p99 ms | in-batch triplets "
+             "/ step | memory triplets / step | refs / step |", "|---" * 12 + "|"]
+    for m, rs in rows.items():
+        r2 = [r["info"].get("round2", {}) for r in rs]
+
+        def avg(f):
+            return float(np.mean([f(r, x) for r, x in zip(rs, r2)]))
+        lat = [x.get("memory_latency") for x in r2 if x.get("memory_latency")]
+        lat_s = (f"{np.mean([v['p50_ms'] for v in lat]):.0f} / "
+                 f"{np.mean([v['p99_ms'] for v in lat]):.0f}") if lat else "-"
+        msteps = avg(lambda r, x: max(1, x.get("memory_steps", 0)))
+        lines.append(
+            f"| {m} | {avg(lambda r, x: r['info']['trainer_cpu_seconds']):.0f} "
+            f"| {avg(lambda r, x: r['info'].get('daemon_cpu_seconds', 0.0)):.0f} "
+            f"| {avg(lambda r, x: r['info']['wall_seconds']):.0f} "
+            f"| {avg(lambda r, x: r['info']['refresh_seconds']):.0f} "
+            f"| {avg(lambda r, x: x.get('memory_seconds', 0.0)):.0f} "
+            f"| {avg(lambda r, x: x.get('writeback_seconds', 0.0)):.0f} "
+            f"| {avg(lambda r, x: x.get('batch_seconds', 0.0)):.0f} | {lat_s} "
+            f"| {avg(lambda r, x: r['info']['mined']['triplets']) / steps:.0f} "
+            f"| {avg(lambda r, x: x.get('memory_triplets', 0)) / msteps:.0f} "
+            f"| {avg(lambda r, x: x.get('memory_refs', 0)) / msteps:.0f} |")
+    return "\n".join(lines)
+
+
+def hardness_round2(result):
+    """Class separation of the trained batches (after the warm-up): mean over steps of
+    each class centroid's distance to the nearest other class centroid in the batch."""
+    rows = per_method(result)
+    lines = ["| method | separation of its batches | of random batches, same weights |",
+             "|---|---|---|"]
+    for m, rs in rows.items():
+        sep = [r["info"].get("round2", {}).get("separation_mean") for r in rs]
+        rnd = [r["info"].get("round2", {}).get("separation_random_mean") for r in rs]
+        if any(v is None for v in sep):
+            continue
+        a = mean_se(sep)
+        b = (f"{mean_se(rnd)[0]:.3f} ± {mean_se(rnd)[1]:.3f}"
+             if all(v is not None for v in rnd) else "-")
+        lines.append(f"| {m} | {a[0]:.3f} ± {a[1]:.3f} | {b} |")
+    return "\n".join(lines)
+
+
+def bars(result, path):
+    """Final figures per method: mean over seeds, error bars one standard error."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = per_method(result)
+    keys = [R2_COLS[0], R2_COLS[1], R2_COLS[2], R2_COLS[4]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4.2))
+    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    names = list(rows)
+    for ax, (key, title) in zip(axes, keys):
+        ms = [mean_se([_figure(r, key) for r in rows[m]]) for m in names]
+        ax.bar(range(len(names)), [v[0] for v in ms], yerr=[v[1] for v in ms],
+               color=[colours[m] for m in names], capsize=3)
+        lo = min(v[0] - v[1] for v in ms)
+        hi = max(v[0] + v[1] for v in ms)
+        ax.set_ylim(max(0.0, lo - (hi - lo) * 0.6 - 0.01), min(1.0, hi + (hi - lo) * 0.3 + 0.01))
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    n = min(len(rows[m]) for m in names)
+    fig.suptitle(f"{result['benchmark']}, {result['settings']['steps']} steps: mean of "
+                 f"{n}+ seeds, bars one standard error", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def batch_picture(result, bench_images, path):
+    """The neighbour-class batch that the first likeness-batches run kept (at half of
+    its steps): a row per class, anchor class first, then its neighbours (with the
+    daemon's class distance), then the random classes."""
+    from PIL import Image, ImageDraw
+    ex = None
+    for m in NEIGHBOUR_METHODS:
+        for r in per_method(result).get(m, []):
+            ex = r["info"].get("round2", {}).get("example_batch")
+            if ex:
+                break
+        if ex:
+            break
+    if not ex:
+        return None
+    ids = np.asarray(ex["ids"])
+    y = result["_train_labels"]
+    rows = []
+    for c in ex["classes"]:
+        mine = ids[y[ids] == int(c)]
+        tiles = [bench_images[i] for i in mine]
+        rows.append(np.concatenate(tiles, axis=1) if tiles else np.zeros((28, 28), np.uint8))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]))) for r in rows]
+    grid = np.concatenate(rows)
+    scale = 2
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                       Image.Resampling.NEAREST)
+    canvas = Image.new("L", (img.width + 190, img.height), 0)
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, (c, dist) in enumerate(zip(ex["classes"], ex["class_distances"])):
+        what = ("anchor class" if k == 0 else
+                f"neighbour, d={dist:.3f}" if k <= ex["neighbours"] else "random")
+        draw.text((img.width + 6, k * 30 * scale + 22), what, fill=255)
+    canvas.save(path)
+    return ex
+
+
+def report_round2(res, stem, plots):
+    print(table_round2(res))
+    print()
+    text, _ = differences(res)
+    print(text)
+    print()
+    print(costs_round2(res))
+    print()
+    print(hardness_round2(res))
+    png = os.path.join(plots, f"experiment-{stem}.png")
+    plot(res, png)
+    bars_png = os.path.join(plots, f"experiment-{stem}-bars.png")
+    bars(res, bars_png)
+    print("\nwrote", png, bars_png)
+    if res["benchmark"] == "cjk":
+        d_args = parse_args(["--benchmark", "cjk"])
+        bench = load_benchmark(d_args)
+        res["_train_labels"] = np.asarray(bench["train_labels"])
+        bp = os.path.join(plots, f"experiment-{stem}-batch.png")
+        ex = batch_picture(res, bench["train_images"], bp)
+        if ex:
+            import cjk
+            print("wrote", bp, "(step", ex["step"], "; classes:",
+                  "".join(cjk.CHARS[int(c)] for c in ex["classes"]), "; neighbours:",
+                  ex["neighbours"], ")")
+
+
 # --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
@@ -1011,8 +1232,11 @@ def main(argv=None):
             with open(path) as fh:
                 res = json.load(fh)
             print(f"\n### {res['benchmark']} ({res['settings']['steps']} steps)\n")
-            print(table(res))
             stem = os.path.splitext(os.path.basename(path))[0]
+            if res["benchmark"] == "cjk":
+                report_round2(res, stem, args.plots)
+                continue
+            print(table(res))
             png = os.path.join(args.plots, f"experiment-{stem}.png")
             plot(res, png)
             print("\nwrote", png)
