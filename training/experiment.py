@@ -906,7 +906,11 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drift = any(r["curve"].get("drift") for r in result["runs"].values())
+    if drift:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.5))
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     runs = {}
     for r in result["runs"].values():
@@ -929,6 +933,10 @@ def plot(result, path):
         vx = curves[0]["val_step"]
         ax2.plot(vx, val.mean(0), color=colours[m], marker="o", ms=3, label=m)
         ax2.fill_between(vx, val.min(0), val.max(0), color=colours[m], alpha=0.12)
+        if drift and curves[0].get("drift"):
+            dr = np.array([c["drift"] for c in curves])
+            ax3.plot(curves[0]["drift_step"], dr.mean(0), color=colours[m], marker="o",
+                     ms=3, label=m)
     ax2.axhline(result["pixels_val_recall_at_1"], color="k", ls="--", lw=1,
                 label="raw pixels")
     n = len(next(iter(runs.values())))
@@ -938,6 +946,11 @@ def plot(result, path):
             xlabel="step", ylabel="recall@1")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
+    if drift:
+        ax3.set(title="drift of 512 fixed training images: mean distance moved since "
+                      "the previous point", xlabel="step", ylabel="L2 distance")
+        ax3.title.set_fontsize(9)
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1020,6 +1033,32 @@ def differences(result, baselines=("triplet-inbatch", "xbm")):
                 out[(m, base, key)] = (diff, se)
             lines.append(f"| {m} | {base} | " + " | ".join(cells) + " |")
     return "\n".join(lines), out
+
+
+def paired_differences(result, baselines=("triplet-inbatch", "xbm")):
+    """As differences(), but per seed (a seed gives every method the same initial
+    weights): the mean of the per-seed differences and its standard error."""
+    rows = per_method(result)
+    keys = R2_COLS[:2] + R2_COLS[4:5]
+    lines = ["| method | vs | seeds | " + " | ".join(c[1] for c in keys) + " |",
+             "|---" * 6 + "|"]
+    for base in baselines:
+        if base not in rows:
+            continue
+        b = {r["seed"]: r for r in rows[base]}
+        for m, rs in rows.items():
+            if m == base:
+                continue
+            pairs = [(r, b[r["seed"]]) for r in rs if r["seed"] in b]
+            if len(pairs) < 2:
+                continue
+            cells = []
+            for key, _ in keys:
+                diff, se = mean_se([_figure(x, key) - _figure(y, key) for x, y in pairs])
+                flag = " **" if se > 0 and abs(diff) > 2 * se else ""
+                cells.append(f"{diff:+.3f} ± {se:.3f}{flag}")
+            lines.append(f"| {m} | {base} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def costs_round2(result):
@@ -1142,6 +1181,8 @@ def report_round2(res, stem, plots):
     print()
     text, _ = differences(res)
     print(text)
+    print()
+    print(paired_differences(res))
     print()
     print(costs_round2(res))
     print()
