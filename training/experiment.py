@@ -53,9 +53,22 @@ ROOT = os.path.abspath(os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import fmnist_common as fc  # noqa: E402
 
-METHODS = ("siamese", "triplet-random", "triplet-inbatch",
-           "likeness-semihard", "likeness-margin", "likeness-dbl")
-LIKENESS_METHODS = METHODS[3:]
+ROUND1 = ("siamese", "triplet-random", "triplet-inbatch",
+          "likeness-semihard", "likeness-margin", "likeness-dbl")
+# Round two (issue 17): P x K batches with an in-batch semi-hard miner, plus a memory of
+# negatives beyond the batch kept in-process (xbm) or in the daemon's collection.
+ROUND2 = ("xbm", "likeness-batches", "likeness-memory", "likeness-batches-memory")
+METHODS = ROUND1 + ROUND2
+LIKENESS_METHODS = ("likeness-semihard", "likeness-margin", "likeness-dbl",
+                    "likeness-batches", "likeness-memory", "likeness-batches-memory")
+MEMORY_METHODS = ("xbm", "likeness-memory", "likeness-batches-memory")
+NEIGHBOUR_METHODS = ("likeness-batches", "likeness-batches-memory")
+PK_METHODS = ("triplet-inbatch",) + ROUND2
+DEFAULT_METHODS = {
+    "fmnist": ROUND1, "glyphs": ROUND1,
+    "cjk": ("triplet-inbatch", "xbm", "likeness-batches", "likeness-memory",
+            "likeness-batches-memory", "likeness-semihard"),
+}
 TRIPLET_MARGIN = 0.2
 
 # --------------------------------------------------------------------------
@@ -147,16 +160,65 @@ def glyph_benchmark(train_per_class, per_class=10):
     }
 
 
+def cjk_benchmark(train_per_class=0, per_class=5):
+    """Training: train characters in train fonts (all of them, or up to train_per_class
+    fonts each). Test: per test character (unseen), per_class enrolled and per_class
+    query glyphs from held-out fonts; validation: the same on the other unseen
+    characters (learning curves, and the verification threshold that the test uses)."""
+    import cjk
+    d = cjk.load()
+    img, lab = d["images"], d["labels"]
+    rng = np.random.default_rng(20260105)
+    tr = np.flatnonzero(d["train_mask"])
+    if train_per_class:
+        tr = np.concatenate([rng.permutation(tr[lab[tr] == c])[:train_per_class]
+                             for c in np.unique(lab[tr])])
+    tr = np.sort(tr)
+
+    def protocol(mask, seed):
+        idx = np.flatnonzero(mask)
+        enrol, query = [], []
+        for c in np.unique(lab[idx]):
+            perm = rng.permutation(idx[lab[idx] == c])
+            if len(perm) < 2 * per_class:
+                continue
+            enrol.append(np.sort(perm[:per_class]))
+            query.append(np.sort(perm[per_class:2 * per_class]))
+        enrol, query = np.concatenate(enrol), np.concatenate(query)
+        reid, _ = fc.reid_perturb(img[query], seed)
+        pairs = fc.balanced_pairs(lab[query], lab[enrol], 4000, seed + 1)
+        return {"enrol": img[enrol], "enrol_labels": lab[enrol], "query": img[query],
+                "reid": reid, "query_labels": lab[query], "pairs": pairs}
+
+    test = protocol(d["test_mask"], 20260106)
+    val = protocol(d["val_mask"], 20260108)
+    info = cjk.summary(d)
+    info.update({"train_images": int(len(tr)),
+                 "test_classes_tested": int(len(np.unique(test["query_labels"]))),
+                 "val_classes_tested": int(len(np.unique(val["query_labels"]))),
+                 "test": f"{per_class} enrol + {per_class} queries per test character, "
+                         "held-out fonts; 4000 balanced pairs; the verification "
+                         "threshold is chosen on the validation characters' pairs"})
+    return {"name": "cjk", "train_images": img[tr], "train_labels": lab[tr],
+            "val": val, "test": test, "describe": info}
+
+
 # --------------------------------------------------------------------------
 # Metrics (the model card's: fmnist_common's recall@1, best threshold, AUC)
 # --------------------------------------------------------------------------
 
 
-def protocol_metrics(embed, test):
-    """embed: uint8 [n,28,28] -> [n,d]. Clean and re-id figures."""
+def protocol_metrics(embed, test, val=None):
+    """embed: uint8 [n,28,28] -> [n,d]. Clean and re-id figures. When `val` carries
+    its own pairs (and re-id queries), the verification threshold is also chosen there
+    and applied to the test pairs ("verification_accuracy_val_threshold")."""
     e = embed(test["enrol"])
     pairs = test["pairs"]
     same = pairs[:, 2].astype(bool)
+    use_val = val is not None and "pairs" in val and "reid" in val
+    if use_val:
+        ve = embed(val["enrol"])
+        vsame = val["pairs"][:, 2].astype(bool)
     out = {}
     for kind in ("clean", "reid"):
         q = embed(test["query"] if kind == "clean" else test["reid"])
@@ -166,6 +228,12 @@ def protocol_metrics(embed, test):
                                                    test["enrol_labels"]),
                      "verification_accuracy": acc,
                      "roc_auc": fc.roc_auc(dist, same)}
+        if use_val:
+            vq = embed(val["query"] if kind == "clean" else val["reid"])
+            t, _ = fc.best_threshold(fc.pair_distances(vq, ve, val["pairs"]), vsame)
+            out[kind]["threshold"] = float(t)
+            out[kind]["verification_accuracy_val_threshold"] = float(
+                np.mean((dist <= t) == same))
     return out
 
 
@@ -279,6 +347,105 @@ def euclid(a, b):
     return ((a - b) ** 2).sum(dim=1).clamp_min(1e-12).sqrt()
 
 
+def pairwise_l2(a, b):
+    """Euclidean distances [len(a), len(b)] with a finite gradient at 0."""
+    d2 = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2.0 * a @ b.t()
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def semihard_ref_loss(emb, labels, ref_emb, ref_labels, margin=TRIPLET_MARGIN,
+                      exclude=None):
+    """Triplet loss of the batch's fresh embeddings against a set of reference vectors
+    (a cross-batch memory, or the stored vectors the daemon returned): the mean of
+    d_ap - d_an + margin over every semi-hard triplet (d_ap < d_an <= d_ap + margin)
+    whose anchor is a row of `emb` and whose positive and negative are rows of
+    `ref_emb` (detached: no gradient reaches the memory). `exclude`: an optional bool
+    [len(emb), len(ref_emb)] of pairs to leave out (an anchor's own stored copy).
+
+    The same figure as pytorch-metric-learning's TripletMarginMiner("semihard") plus
+    TripletMarginLoss with ref_emb (tested against it), but without the
+    [batch, memory, memory] triplet mask that those build: per anchor, the negatives'
+    distances are sorted once and each positive's window is two binary searches in
+    them, so a memory of 100k vectors costs one matrix product and a sort per step.
+    Returns (loss, number of semi-hard triplets)."""
+    import torch
+    import torch.nn.functional as F
+    emb = F.normalize(emb, dim=1)  # as pml's LpDistance does
+    ref = F.normalize(ref_emb.detach(), dim=1)
+    d = pairwise_l2(emb, ref)
+    same = labels[:, None] == ref_labels[None, :]
+    if exclude is not None:
+        same_pos = same & ~exclude
+        neg = ~same & ~exclude
+    else:
+        same_pos, neg = same, ~same
+    inf = torch.tensor(float("inf"), dtype=d.dtype)
+    s_neg, _ = torch.sort(torch.where(neg, d, inf), dim=1)
+    finite = torch.isfinite(s_neg)
+    csum = torch.cat([torch.zeros(len(d), 1, dtype=d.dtype),
+                      torch.cumsum(torch.where(finite, s_neg, torch.zeros_like(s_neg)), 1)], 1)
+    npos = same_pos.sum(1)
+    width = int(npos.max()) if len(npos) else 0
+    if width == 0:
+        return emb.sum() * 0.0, 0
+    order = torch.argsort(same_pos.to(torch.int8), dim=1, descending=True,
+                          stable=True)[:, :width]
+    valid = torch.arange(width)[None, :] < npos[:, None]
+    d_ap = d.gather(1, order)
+    key = s_neg.detach().contiguous()
+    lo = torch.searchsorted(key, d_ap.detach().contiguous(), right=True)
+    hi = torch.searchsorted(key, (d_ap + margin).detach().contiguous(), right=True)
+    count = (hi - lo).clamp_min(0) * valid
+    sum_an = csum.gather(1, hi) - csum.gather(1, lo)
+    total = (count * (d_ap + margin) - torch.where(valid, sum_an, torch.zeros_like(sum_an))).sum()
+    n = int(count.sum())
+    if n == 0:
+        return emb.sum() * 0.0, 0
+    return total / n, n
+
+
+class MemoryQueue:
+    """XBM's memory (Wang et al. 2020), as pytorch-metric-learning's CrossBatchMemory
+    keeps it: a ring of the last `size` detached embeddings with their labels (and
+    here their item ids, so that an anchor's own older copy can be left out)."""
+
+    def __init__(self, size, dim):
+        import torch
+        self.emb = torch.zeros(size, dim)
+        self.labels = torch.zeros(size, dtype=torch.int64)
+        self.ids = np.full(size, -1, dtype=np.int64)
+        self.size, self.ptr, self.filled = size, 0, 0
+
+    def add(self, emb, labels, ids):
+        n = len(ids)
+        pos = (self.ptr + np.arange(n)) % self.size
+        self.emb[pos] = emb.detach()
+        self.labels[pos] = labels
+        self.ids[pos] = ids
+        self.ptr = int((self.ptr + n) % self.size)
+        self.filled = min(self.size, self.filled + n)
+
+    def get(self):
+        k = self.filled
+        return self.emb[:k], self.labels[:k], self.ids[:k]
+
+
+def class_separation(e, labels):
+    """Mean over the batch's classes of the distance from a class's centroid to the
+    nearest other class's centroid (smaller: the batch's classes are harder for each
+    other)."""
+    import torch
+    with torch.no_grad():
+        cls = torch.unique(labels)
+        if len(cls) < 2:
+            return float("nan")
+        cent = torch.stack([e[labels == c].mean(0) for c in cls])
+        cent = cent / cent.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d = pairwise_l2(cent, cent)
+        d.fill_diagonal_(float("inf"))
+        return float(d.min(1).values.mean())
+
+
 # --------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------
@@ -321,6 +488,22 @@ class Run:
         self.stream_iter = None
         self.pass_no = 0
         self.mined = {"triplets": 0, "pairs": 0, "label_violations": 0}
+        # round two: warm-up before a memory is used, its age bound, the batch streams
+        self.step_no = 0
+        self.warmup = args.warmup if args.warmup >= 0 else args.steps // 5
+        self.max_age = max(1, args.memory // args.batch)
+        self.queue = MemoryQueue(args.memory, fc.EMBED_DIM) if method == "xbm" else None
+        self.cmem = None
+        self.nb_ds = self.nb_iter = None
+        self.nb_epoch = 0
+        self.r2 = {"memory_triplets": 0, "memory_refs": 0, "memory_steps": 0,
+                   "memory_seconds": 0.0, "writeback_seconds": 0.0, "batch_seconds": 0.0,
+                   "separation": [], "separation_steps": [], "separation_random": [],
+                   "neighbour_batches": 0,
+                   "example_batch": None}
+        probe_rng = np.random.default_rng(1234)
+        self.probe = np.sort(probe_rng.choice(len(self.y), min(512, len(self.y)), replace=False))
+        self.probe_prev = None
 
     # ---- images -> embeddings
     def forward(self, idx, train=True):
@@ -351,6 +534,132 @@ class Run:
             self.client.create_collection(self.collection, vectors.shape[1], "l2")
         self.client.upsert(self.collection, ids, vectors, labels=labels, generation=step,
                            batch_size=4096)
+
+    def start_memory(self):
+        """The Session behind likeness-memory: SEMI_HARD positives and negatives of the
+        batch's fresh embeddings among the stored vectors, no older than max_age steps,
+        and the batch written back every step."""
+        from likeness.torch import CollectionMemory
+        self.cmem = CollectionMemory(
+            self.client, self.collection, "semi_hard", margin=TRIPLET_MARGIN,
+            negatives_per_anchor=self.args.memory_negatives, positives_per_anchor=1,
+            min_generation=max(0, self.step_no - self.max_age), seed=self.seed)
+
+    def neighbour_batch(self):
+        """The next MineBatches batch (NeighbourClassBatches over the collection)."""
+        from likeness.torch import NeighbourClassBatches
+        t = time.perf_counter()
+        for _ in range(3):
+            if self.nb_iter is None:
+                P = min(len(self.classes), self.args.pk_classes)
+                self.nb_ds = NeighbourClassBatches(
+                    self.client.address, self.collection, classes=P,
+                    per_class=self.args.batch // P,
+                    neighbours=(self.args.neighbours if self.args.neighbours is not None
+                                else (P - 1) // 2),
+                    seed=self.seed * 1000)
+                self.nb_ds.set_epoch(self.nb_epoch)
+                self.nb_epoch += 1
+                self.nb_iter = iter(self.nb_ds)
+            try:
+                b = next(self.nb_iter)
+                break
+            except StopIteration:
+                self.nb_iter = None
+        else:
+            raise RuntimeError("MineBatches returned nothing")
+        self.r2["batch_seconds"] += time.perf_counter() - t
+        self.r2["neighbour_batches"] += 1
+        idx = np.array([int(i) for i in b.ids], dtype=np.int64)
+        names = [b.label_names[int(c)] for c in b.labels]
+        self.mined["label_violations"] += int(sum(str(int(self.y[i])) != n
+                                                  for i, n in zip(idx, names)))
+        if self.r2["example_batch"] is None and self.step_no >= self.args.steps // 2:
+            self.r2["example_batch"] = {
+                "step": self.step_no, "ids": idx.tolist(), "classes": list(b.classes),
+                "neighbours": int(b.neighbours),
+                "class_distances": [float(x) for x in b.class_distances]}
+        return idx
+
+    def pk_batch(self):
+        P = min(len(self.classes), self.args.pk_classes)
+        K = self.args.batch // P
+        cls = self.rng.choice(self.classes, P, replace=False)
+        return np.concatenate([self.rng.choice(self.by_class[int(c)], K,
+                                               replace=len(self.by_class[int(c)]) < K)
+                               for c in cls])
+
+    def round_two_loss(self):
+        """In-batch semi-hard triplet loss over a P x K batch (random classes, or
+        classes the daemon chose as neighbours), plus, after the warm-up, the same loss
+        of the batch's fresh embeddings against a memory: XBM's in-process queue, or
+        the stored vectors the daemon's Session returned."""
+        torch, m, step = self.torch, self.method, self.step_no
+        neighbours = m in NEIGHBOUR_METHODS and step >= self.warmup
+        idx = self.neighbour_batch() if neighbours else self.pk_batch()
+        e = self.forward(idx)
+        labels = torch.from_numpy(self.y[idx])
+        trip = self.miner(e, labels)
+        self.mined["triplets"] += int(len(trip[0]))
+        loss = self.triplet(e, labels, trip)
+        if step % 10 == 0:
+            self.r2["separation"].append(class_separation(e.detach(), labels))
+            self.r2["separation_steps"].append(step)
+            if neighbours:  # a random batch under the same weights, for comparison
+                with torch.no_grad():
+                    j = self.pk_batch()
+                    self.r2["separation_random"].append(class_separation(
+                        self.forward(j), torch.from_numpy(self.y[j])))
+        w = self.args.memory_weight
+        if m == "xbm":
+            t = time.perf_counter()
+            if step >= self.warmup and self.queue.filled:
+                r_e, r_y, r_id = self.queue.get()
+                excl = torch.from_numpy(idx[:, None] == r_id[None, :])
+                extra, n = semihard_ref_loss(e, labels, r_e, r_y, exclude=excl)
+                loss = loss + w * extra
+                self.r2["memory_triplets"] += n
+                self.r2["memory_refs"] += len(r_id)
+                self.r2["memory_steps"] += 1
+            self.queue.add(e.detach(), labels, idx)
+            self.r2["memory_seconds"] += time.perf_counter() - t
+        elif m in ("likeness-memory", "likeness-batches-memory") and step < self.warmup:
+            # The warm-up fills the memory by plain upserts: a Session cannot start on a
+            # collection with fewer than two labels, so it cannot fill an empty one by
+            # its own write-back.
+            t = time.perf_counter()
+            self.client.upsert(self.collection, [str(int(i)) for i in idx],
+                               e.detach().numpy(), labels=[str(int(v)) for v in self.y[idx]],
+                               generation=step)
+            self.r2["writeback_seconds"] += time.perf_counter() - t
+        elif m in ("likeness-memory", "likeness-batches-memory"):
+            t = time.perf_counter()
+            if self.cmem is None:
+                self.start_memory()
+            if step % 10 == 0:
+                self.cmem.update(min_generation=max(0, step - self.max_age))
+            names = [str(int(v)) for v in self.y[idx]]
+            r = self.cmem.step([str(int(i)) for i in idx], e, names, step)
+            if len(r):
+                ref_idx = np.array([int(i) for i in r.ref_ids], dtype=np.int64)
+                r_y = torch.from_numpy(self.y[ref_idx])
+                self.mined["label_violations"] += int(sum(
+                    r.label_names[int(c)] != str(int(self.y[i]))
+                    for c, i in zip(r.ref_labels, ref_idx)))
+                excl = torch.from_numpy(idx[:, None] == ref_idx[None, :])
+                extra, n = semihard_ref_loss(e, labels, r.ref_emb, r_y, exclude=excl)
+                loss = loss + w * extra
+                self.r2["memory_triplets"] += n
+                self.r2["memory_refs"] += len(ref_idx)
+                self.r2["memory_steps"] += 1
+            self.r2["memory_seconds"] += time.perf_counter() - t
+        elif m == "likeness-batches":  # keep the batch's items fresh between refreshes
+            t = time.perf_counter()
+            self.client.upsert(self.collection, [str(int(i)) for i in idx],
+                               e.detach().numpy(), labels=[str(int(v)) for v in self.y[idx]],
+                               generation=step)
+            self.r2["writeback_seconds"] += time.perf_counter() - t
+        return loss
 
     def _new_stream(self):
         opts = dict(batch_size=self.args.anchors, positives_per_anchor=1,
@@ -383,6 +692,8 @@ class Run:
     def step_loss(self):
         torch = self.torch
         m, rng, B = self.method, self.rng, self.args.batch
+        if m in PK_METHODS:
+            return self.round_two_loss()
         if m == "siamese":
             n = B // 2
             a = rng.integers(len(self.y), size=n)
@@ -400,18 +711,6 @@ class Run:
             r = torch.arange(n)
             labels = torch.from_numpy(self.y[np.concatenate([a, p, q])])
             return self.triplet(e, labels, (r, r + n, r + 2 * n))
-        if m == "triplet-inbatch":
-            P = min(len(self.classes), self.args.pk_classes)
-            K = B // P
-            cls = rng.choice(self.classes, P, replace=False)
-            idx = np.concatenate([rng.choice(self.by_class[int(c)], K,
-                                             replace=len(self.by_class[int(c)]) < K)
-                                  for c in cls])
-            e = self.forward(idx)
-            labels = torch.from_numpy(self.y[idx])
-            trip = self.miner(e, labels)
-            self.mined["triplets"] += int(len(trip[0]))
-            return self.triplet(e, labels, trip)
         # likeness: ids of the whole collection's mined examples
         b = self.next_mined()
         if m == "likeness-dbl":
@@ -466,12 +765,26 @@ class Run:
         cpu0 = time.process_time()
         d_cpu0 = self.daemon.cpu_seconds() if (uses_daemon and self.daemon) else None
         t = time.perf_counter()
-        if uses_daemon:
+        periodic = uses_daemon and self.method in ROUND1
+        if periodic:
             self.refresh(0)
             refresh_s += time.perf_counter() - t
+        elif uses_daemon:  # round two: the collection fills by write-back from step 0
+            self.collection = f"{self.bench['name']}-{self.method}-{self.seed}-{os.getpid()}"
+            self.client.create_collection(self.collection, fc.EMBED_DIM, "l2")
+        # Neighbour batches need every training item's vector: a full refresh at the end
+        # of the warm-up (random P x K batches until then) and every --refresh steps after.
+        nb_refresh = self.method in NEIGHBOUR_METHODS
+        curve["drift_step"], curve["drift"] = [], []
         self.model.train()
         for step in range(args.steps):
-            if uses_daemon and step > 0 and step % args.refresh == 0:
+            self.step_no = step
+            if nb_refresh and step >= self.warmup and (step - self.warmup) % args.refresh == 0:
+                t_r = time.perf_counter()
+                self.refresh(step)
+                self.nb_iter = None  # batches from here on see the refreshed vectors
+                refresh_s += time.perf_counter() - t_r
+            if periodic and step > 0 and step % args.refresh == 0:
                 t_r = time.perf_counter()
                 self.refresh(step)
                 refresh_s += time.perf_counter() - t_r
@@ -490,15 +803,38 @@ class Run:
                 wall += t_e - t
                 curve["val_step"].append(step + 1)
                 curve["val_recall_at_1"].append(self.val_recall())
+                pe = self.embed_u8(self.x_u8[self.probe])
+                if self.probe_prev is not None:
+                    curve["drift_step"].append(step + 1)
+                    curve["drift"].append(float(np.linalg.norm(pe - self.probe_prev,
+                                                               axis=1).mean()))
+                self.probe_prev = pe
                 t = time.perf_counter()
                 eval_s += t - t_e
+        latency = None
+        if self.cmem is not None:
+            latency = self.cmem.latency_summary()
+            self.cmem.close()
         wall += time.perf_counter() - t
         if uses_daemon and self.stream_iter is not None:
             self.stream.cancel()
+        self.nb_iter = None  # ends the MineBatches stream (its generator closes it)
         cpu = time.process_time() - cpu0
         info = {"wall_seconds": wall, "refresh_seconds": refresh_s,
                 "val_eval_seconds": eval_s, "trainer_cpu_seconds": cpu,
                 "mined": dict(self.mined)}
+        if self.method in PK_METHODS:
+            r2 = dict(self.r2)
+            sep = np.asarray(r2.pop("separation"), dtype=np.float64)
+            sep_steps = np.asarray(r2.pop("separation_steps"))
+            after = sep[sep_steps >= self.warmup]
+            r2["separation_mean"] = float(np.nanmean(after)) if len(after) else None
+            rnd = r2.pop("separation_random")
+            r2["separation_random_mean"] = float(np.nanmean(rnd)) if rnd else None
+            curve["separation"] = [round(float(v), 4) for v in sep]
+            r2["warmup"], r2["max_age_steps"] = self.warmup, self.max_age
+            r2["memory_latency"] = latency
+            info["round2"] = r2
         if d_cpu0 is not None:
             info["daemon_cpu_seconds"] = self.daemon.cpu_seconds() - d_cpu0
         if self.dbl is not None:
@@ -508,7 +844,7 @@ class Run:
         return curve, info
 
     def evaluate(self):
-        return protocol_metrics(self.embed_u8, self.bench["test"])
+        return protocol_metrics(self.embed_u8, self.bench["test"], self.bench.get("val"))
 
 
 # --------------------------------------------------------------------------
@@ -570,7 +906,11 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drift = any(r["curve"].get("drift") for r in result["runs"].values())
+    if drift:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.5))
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     runs = {}
     for r in result["runs"].values():
@@ -593,6 +933,10 @@ def plot(result, path):
         vx = curves[0]["val_step"]
         ax2.plot(vx, val.mean(0), color=colours[m], marker="o", ms=3, label=m)
         ax2.fill_between(vx, val.min(0), val.max(0), color=colours[m], alpha=0.12)
+        if drift and curves[0].get("drift"):
+            dr = np.array([c["drift"] for c in curves])
+            ax3.plot(curves[0]["drift_step"], dr.mean(0), color=colours[m], marker="o",
+                     ms=3, label=m)
     ax2.axhline(result["pixels_val_recall_at_1"], color="k", ls="--", lw=1,
                 label="raw pixels")
     n = len(next(iter(runs.values())))
@@ -602,9 +946,263 @@ def plot(result, path):
             xlabel="step", ylabel="recall@1")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
+    if drift:
+        ax3.set(title="drift of 512 fixed training images: mean distance moved since "
+                      "the previous point", xlabel="step", ylabel="L2 distance")
+        ax3.title.set_fontsize(9)
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# Round two's report: mean ± standard error, differences against the baselines
+R2_COLS = [("recall_at_1_clean", "R@1 clean"), ("recall_at_1_reid", "R@1 re-id"),
+           ("verification_accuracy_val_threshold_clean", "verif. clean (val thr.)"),
+           ("verification_accuracy_val_threshold_reid", "verif. re-id (val thr.)"),
+           ("roc_auc_clean", "AUC clean"), ("roc_auc_reid", "AUC re-id")]
+
+
+def _figure(r, key):
+    metric, kind = key.rsplit("_", 1)
+    if metric == "val_recall_at_1_last":
+        return r["curve"]["val_recall_at_1"][-1]
+    return r["test"][kind][metric]
+
+
+def per_method(result):
+    rows = {}
+    for r in result["runs"].values():
+        rows.setdefault(r["method"], []).append(r)
+    return {m: sorted(rows[m], key=lambda r: r["seed"]) for m in METHODS if m in rows}
+
+
+def mean_se(values):
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)
+
+
+def table_round2(result):
+    """Mean ± standard error over seeds, with costs."""
+    rows = per_method(result)
+    lines = ["| method | " + " | ".join(c[1] for c in R2_COLS)
+             + " | wall s/run (refresh) | CPU s/run, trainer + daemon |",
+             "|---" * (len(R2_COLS) + 3) + "|"]
+    for m, rs in rows.items():
+        cells = []
+        for key, _ in R2_COLS:
+            mu, se = mean_se([_figure(r, key) for r in rs])
+            cells.append(f"{mu:.3f} ± {se:.3f}")
+        w = mean_se([r["info"]["wall_seconds"] for r in rs])
+        ref = np.mean([r["info"]["refresh_seconds"] for r in rs])
+        tc = np.mean([r["info"]["trainer_cpu_seconds"] for r in rs])
+        dc = np.mean([r["info"].get("daemon_cpu_seconds", 0.0) for r in rs])
+        extra = f" ({ref:.0f})" if ref > 0 else ""
+        lines.append(f"| {m} (n={len(rs)}) | " + " | ".join(cells)
+                     + f" | {w[0]:.0f} ± {w[1]:.0f}{extra} | {tc:.0f} + {dc:.0f} |")
+    px = result["pixels"]
+    cells = []
+    for key, _ in R2_COLS:
+        metric, kind = key.rsplit("_", 1)
+        cells.append(f"{px[kind][metric]:.3f}")
+    lines.append("| raw pixels, cosine | " + " | ".join(cells) + " | - | - |")
+    return "\n".join(lines)
+
+
+def differences(result, baselines=("triplet-inbatch", "xbm")):
+    """Per method and baseline: the difference of the means and its standard error
+    (sqrt(se1^2 + se2^2), the seeds being independent runs), and whether it exceeds
+    two standard errors."""
+    rows = per_method(result)
+    lines = ["| method | vs | " + " | ".join(c[1] for c in R2_COLS[:2] + R2_COLS[4:5])
+             + " |", "|---" * 5 + "|"]
+    out = {}
+    for base in baselines:
+        if base not in rows:
+            continue
+        for m, rs in rows.items():
+            if m == base:
+                continue
+            cells = []
+            for key, _ in R2_COLS[:2] + R2_COLS[4:5]:
+                a = mean_se([_figure(r, key) for r in rs])
+                b = mean_se([_figure(r, key) for r in rows[base]])
+                diff, se = a[0] - b[0], float(np.hypot(a[1], b[1]))
+                flag = " **" if se > 0 and abs(diff) > 2 * se else ""
+                cells.append(f"{diff:+.3f} ± {se:.3f}{flag}")
+                out[(m, base, key)] = (diff, se)
+            lines.append(f"| {m} | {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), out
+
+
+def paired_differences(result, baselines=("triplet-inbatch", "xbm")):
+    """As differences(), but per seed (a seed gives every method the same initial
+    weights): the mean of the per-seed differences and its standard error."""
+    rows = per_method(result)
+    keys = R2_COLS[:2] + R2_COLS[4:5]
+    lines = ["| method | vs | seeds | " + " | ".join(c[1] for c in keys) + " |",
+             "|---" * 6 + "|"]
+    for base in baselines:
+        if base not in rows:
+            continue
+        b = {r["seed"]: r for r in rows[base]}
+        for m, rs in rows.items():
+            if m == base:
+                continue
+            pairs = [(r, b[r["seed"]]) for r in rs if r["seed"] in b]
+            if len(pairs) < 2:
+                continue
+            cells = []
+            for key, _ in keys:
+                diff, se = mean_se([_figure(x, key) - _figure(y, key) for x, y in pairs])
+                flag = " **" if se > 0 and abs(diff) > 2 * se else ""
+                cells.append(f"{diff:+.3f} ± {se:.3f}{flag}")
+            lines.append(f"| {m} | {base} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def costs_round2(result):
+    """Where the time goes, per method: mean seconds per run and per step."""
+    rows = per_method(result)
+    steps = result["settings"]["steps"]
+    lines = ["| method | trainer CPU s | daemon CPU s | wall s | refresh s | memory term s "
+             "| write-back s | batch stream s | Session p50 / p99 ms | in-batch triplets "
+             "/ step | memory triplets / step | refs / step |", "|---" * 12 + "|"]
+    for m, rs in rows.items():
+        r2 = [r["info"].get("round2", {}) for r in rs]
+
+        def avg(f):
+            return float(np.mean([f(r, x) for r, x in zip(rs, r2)]))
+        lat = [x.get("memory_latency") for x in r2 if x.get("memory_latency")]
+        lat_s = (f"{np.mean([v['p50_ms'] for v in lat]):.0f} / "
+                 f"{np.mean([v['p99_ms'] for v in lat]):.0f}") if lat else "-"
+        msteps = avg(lambda r, x: max(1, x.get("memory_steps", 0)))
+        lines.append(
+            f"| {m} | {avg(lambda r, x: r['info']['trainer_cpu_seconds']):.0f} "
+            f"| {avg(lambda r, x: r['info'].get('daemon_cpu_seconds', 0.0)):.0f} "
+            f"| {avg(lambda r, x: r['info']['wall_seconds']):.0f} "
+            f"| {avg(lambda r, x: r['info']['refresh_seconds']):.0f} "
+            f"| {avg(lambda r, x: x.get('memory_seconds', 0.0)):.0f} "
+            f"| {avg(lambda r, x: x.get('writeback_seconds', 0.0)):.0f} "
+            f"| {avg(lambda r, x: x.get('batch_seconds', 0.0)):.0f} | {lat_s} "
+            f"| {avg(lambda r, x: r['info']['mined']['triplets']) / steps:.0f} "
+            f"| {avg(lambda r, x: x.get('memory_triplets', 0)) / msteps:.0f} "
+            f"| {avg(lambda r, x: x.get('memory_refs', 0)) / msteps:.0f} |")
+    return "\n".join(lines)
+
+
+def hardness_round2(result):
+    """Class separation of the trained batches (after the warm-up): mean over steps of
+    each class centroid's distance to the nearest other class centroid in the batch."""
+    rows = per_method(result)
+    lines = ["| method | separation of its batches | of random batches, same weights |",
+             "|---|---|---|"]
+    for m, rs in rows.items():
+        sep = [r["info"].get("round2", {}).get("separation_mean") for r in rs]
+        rnd = [r["info"].get("round2", {}).get("separation_random_mean") for r in rs]
+        if any(v is None for v in sep):
+            continue
+        a = mean_se(sep)
+        b = (f"{mean_se(rnd)[0]:.3f} ± {mean_se(rnd)[1]:.3f}"
+             if all(v is not None for v in rnd) else "-")
+        lines.append(f"| {m} | {a[0]:.3f} ± {a[1]:.3f} | {b} |")
+    return "\n".join(lines)
+
+
+def bars(result, path):
+    """Final figures per method: mean over seeds, error bars one standard error."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = per_method(result)
+    keys = [R2_COLS[0], R2_COLS[1], R2_COLS[2], R2_COLS[4]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4.2))
+    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    names = list(rows)
+    for ax, (key, title) in zip(axes, keys):
+        ms = [mean_se([_figure(r, key) for r in rows[m]]) for m in names]
+        ax.bar(range(len(names)), [v[0] for v in ms], yerr=[v[1] for v in ms],
+               color=[colours[m] for m in names], capsize=3)
+        lo = min(v[0] - v[1] for v in ms)
+        hi = max(v[0] + v[1] for v in ms)
+        ax.set_ylim(max(0.0, lo - (hi - lo) * 0.6 - 0.01), min(1.0, hi + (hi - lo) * 0.3 + 0.01))
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    n = min(len(rows[m]) for m in names)
+    fig.suptitle(f"{result['benchmark']}, {result['settings']['steps']} steps: mean of "
+                 f"{n}+ seeds, bars one standard error", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def batch_picture(result, bench_images, path):
+    """The neighbour-class batch that the first likeness-batches run kept (at half of
+    its steps): a row per class, anchor class first, then its neighbours (with the
+    daemon's class distance), then the random classes."""
+    from PIL import Image, ImageDraw
+    ex = None
+    for m in NEIGHBOUR_METHODS:
+        for r in per_method(result).get(m, []):
+            ex = r["info"].get("round2", {}).get("example_batch")
+            if ex:
+                break
+        if ex:
+            break
+    if not ex:
+        return None
+    ids = np.asarray(ex["ids"])
+    y = result["_train_labels"]
+    rows = []
+    for c in ex["classes"]:
+        mine = ids[y[ids] == int(c)]
+        tiles = [bench_images[i] for i in mine]
+        rows.append(np.concatenate(tiles, axis=1) if tiles else np.zeros((28, 28), np.uint8))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]))) for r in rows]
+    grid = np.concatenate(rows)
+    scale = 2
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                       Image.Resampling.NEAREST)
+    canvas = Image.new("L", (img.width + 190, img.height), 0)
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, (c, dist) in enumerate(zip(ex["classes"], ex["class_distances"])):
+        what = ("anchor class" if k == 0 else
+                f"neighbour, d={dist:.3f}" if k <= ex["neighbours"] else "random")
+        draw.text((img.width + 6, k * 30 * scale + 22), what, fill=255)
+    canvas.save(path)
+    return ex
+
+
+def report_round2(res, stem, plots):
+    print(table_round2(res))
+    print()
+    text, _ = differences(res)
+    print(text)
+    print()
+    print(paired_differences(res))
+    print()
+    print(costs_round2(res))
+    print()
+    print(hardness_round2(res))
+    png = os.path.join(plots, f"experiment-{stem}.png")
+    plot(res, png)
+    bars_png = os.path.join(plots, f"experiment-{stem}-bars.png")
+    bars(res, bars_png)
+    print("\nwrote", png, bars_png)
+    if res["benchmark"] == "cjk":
+        d_args = parse_args(["--benchmark", "cjk"])
+        bench = load_benchmark(d_args)
+        res["_train_labels"] = np.asarray(bench["train_labels"])
+        bp = os.path.join(plots, f"experiment-{stem}-batch.png")
+        ex = batch_picture(res, bench["train_images"], bp)
+        if ex:
+            import cjk
+            print("wrote", bp, "(step", ex["step"], "; classes:",
+                  "".join(cjk.CHARS[int(c)] for c in ex["classes"]), "; neighbours:",
+                  ex["neighbours"], ")")
 
 
 # --------------------------------------------------------------------------
@@ -615,9 +1213,11 @@ def plot(result, path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", choices=["fmnist", "glyphs"], default="fmnist")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--benchmark", choices=["fmnist", "glyphs", "cjk"], default="fmnist")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, from: " + ", ".join(METHODS)
+                   + " (default: the benchmark's round: " + "; ".join(
+                       f"{b}: {','.join(m)}" for b, m in DEFAULT_METHODS.items()) + ")")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=96, help="images per step (about)")
@@ -630,6 +1230,18 @@ def parse_args(argv=None):
     p.add_argument("--train-per-class", type=int, default=None,
                    help="training images per class (fmnist default 600; glyphs: fonts "
                         "per character, default 50)")
+    p.add_argument("--memory", type=int, default=16384,
+                   help="xbm: the queue's size; likeness-memory: its age bound, "
+                        "memory / batch steps (min_generation = step - that)")
+    p.add_argument("--memory-weight", type=float, default=1.0,
+                   help="weight of the memory term beside the in-batch loss")
+    p.add_argument("--memory-negatives", type=int, default=8,
+                   help="likeness-memory: SEMI_HARD negatives the daemon returns per anchor")
+    p.add_argument("--warmup", type=int, default=-1,
+                   help="steps before a memory is used (-1: steps / 5)")
+    p.add_argument("--neighbours", type=int, default=None,
+                   help="likeness-batches: classes of a batch chosen as the anchor "
+                        "class's neighbours (default: half of the others)")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--aug-prob", type=float, default=0.5)
@@ -644,6 +1256,9 @@ def parse_args(argv=None):
 
 
 def load_benchmark(args):
+    if args.benchmark == "cjk":
+        args.train_per_class = args.train_per_class or 0
+        return cjk_benchmark(args.train_per_class)
     if args.benchmark == "fmnist":
         args.train_per_class = args.train_per_class or 600
         return fmnist_benchmark(args.train_per_class)
@@ -658,8 +1273,11 @@ def main(argv=None):
             with open(path) as fh:
                 res = json.load(fh)
             print(f"\n### {res['benchmark']} ({res['settings']['steps']} steps)\n")
-            print(table(res))
             stem = os.path.splitext(os.path.basename(path))[0]
+            if res["benchmark"] == "cjk":
+                report_round2(res, stem, args.plots)
+                continue
+            print(table(res))
             png = os.path.join(args.plots, f"experiment-{stem}.png")
             plot(res, png)
             print("\nwrote", png)
@@ -669,6 +1287,10 @@ def main(argv=None):
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
     torch.set_num_threads(args.threads)
+    if args.methods is None:
+        args.methods = ",".join(DEFAULT_METHODS[args.benchmark])
+    if args.neighbours is None:
+        args.neighbours = (args.pk_classes - 1) // 2
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
@@ -684,12 +1306,15 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in (
         "steps", "batch", "anchors", "pk_classes", "refresh", "train_per_class", "width",
         "lr", "aug_prob", "eval_every", "threads")}
+    if args.benchmark == "cjk":
+        settings.update({k: getattr(args, k) for k in (
+            "memory", "memory_weight", "memory_negatives", "warmup", "neighbours")})
     if result.get("settings", settings) != settings:
         raise SystemExit(f"{args.out} holds runs with other settings: {result['settings']}")
     result["settings"] = settings
     result["describe"] = bench["describe"]
     test, val = bench["test"], bench["val"]
-    result["pixels"] = protocol_metrics(pixels, test)
+    result["pixels"] = protocol_metrics(pixels, test, val)
     result["pixels_val_recall_at_1"] = fc.recall_at_1(
         pixels(val["query"]), val["query_labels"], pixels(val["enrol"]), val["enrol_labels"])
     result["environment"] = {"python": platform.python_version(), "torch": torch.__version__,

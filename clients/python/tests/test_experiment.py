@@ -1,4 +1,4 @@
-"""Smoke test of training/experiment.py's likeness methods (issue 9): a few steps of
+"""Smoke tests of training/experiment.py's likeness methods (issues 9 and 17): a few steps of
 triplet loss on SEMI_HARD triplets and of the distance-based logistic loss on mined
 pairs, against the test daemon, on the 400 committed Fashion-MNIST fixture images
 (tests/fixtures/fmnist), so it needs no dataset package. Skipped without torch and
@@ -72,3 +72,57 @@ def test_mined_training_steps(client, method):
         assert 0.0 <= figures[kind]["recall_at_1"] <= 1.0
     # the run deletes its collection
     assert run.collection not in [c.name for c in client.list_collections()]
+
+
+def test_semihard_ref_loss_matches_pml():
+    """Round two's memory term (issue 17): the sorted-window semi-hard triplet loss
+    against reference vectors gives pytorch-metric-learning's figure (TripletMarginMiner
+    semihard + TripletMarginLoss with ref_emb), triplet count included."""
+    import torch
+    from pytorch_metric_learning import losses, miners
+
+    ex = load_experiment()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        e = torch.nn.functional.normalize(torch.randn(24, 8, generator=gen), dim=1)
+        y = torch.randint(0, 5, (24,), generator=gen)
+        r = torch.nn.functional.normalize(torch.randn(60, 8, generator=gen), dim=1)
+        ry = torch.randint(0, 5, (60,), generator=gen)
+        e.requires_grad_(True)
+        trip = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")(e, y, r, ry)
+        want = losses.TripletMarginLoss(margin=0.2)(e, y, trip, r, ry)
+        got, n = ex.semihard_ref_loss(e, y, r, ry, margin=0.2)
+        assert n == len(trip[0]) > 0
+        assert abs(float(got.detach()) - float(want.detach())) < 1e-5
+        g_want = torch.autograd.grad(want, e)[0]
+        g_got = torch.autograd.grad(got, e)[0]
+        assert torch.allclose(g_got, g_want, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["xbm", "likeness-memory", "likeness-batches",
+                                    "likeness-batches-memory"])
+def test_round_two_training_steps(client, method):
+    """A few steps of each round-two method on the fixture images: P x K batches with
+    an in-batch miner, plus an in-process queue (xbm), the daemon's Session memory, or
+    MineBatches' neighbour-class batches; labels always agree with the data."""
+    import torch
+
+    torch.set_num_threads(1)
+    ex = load_experiment()
+    args = ex.parse_args(["--steps", "8", "--warmup", "3", "--refresh", "3",
+                          "--eval-every", "4", "--batch", "24", "--pk-classes", "4",
+                          "--memory", "96", "--memory-negatives", "2"])
+    run = ex.Run(tiny_benchmark(), method, 0, args, client=client)
+    curve, info = run.train()
+    assert len(curve["loss"]) == 8
+    assert all(math.isfinite(v) for v in curve["loss"])
+    assert info["mined"]["label_violations"] == 0
+    r2 = info["round2"]
+    if method in ex.MEMORY_METHODS:
+        assert r2["memory_steps"] == 5 and r2["memory_refs"] > 0
+    if method in ex.NEIGHBOUR_METHODS:
+        assert r2["neighbour_batches"] == 5 and info["refresh_seconds"] > 0
+    figures = run.evaluate()
+    assert 0.0 <= figures["clean"]["recall_at_1"] <= 1.0
+    if method != "xbm":
+        assert run.collection not in [c.name for c in client.list_collections()]
