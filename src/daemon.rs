@@ -237,7 +237,7 @@ fn spawn_trimmer(db: &Arc<Registry>) -> tokio::task::JoinHandle<()> {
     let db = Arc::downgrade(db);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let (mut last, mut dirty) = (0, false);
+        let (mut last, mut dirty, mut unswept) = (0, false, false);
         loop {
             tick.tick().await;
             let Some(now) = db.upgrade().map(|db| db.flushes()) else {
@@ -245,12 +245,21 @@ fn spawn_trimmer(db: &Arc<Registry>) -> tokio::task::JoinHandle<()> {
             };
             if now != last {
                 (last, dirty) = (now, true);
-            } else if dirty {
+                continue;
+            }
+            if dirty {
                 dirty = false;
+                unswept = true;
                 let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
-                if let Some(db) = db.upgrade() {
-                    let _ = tokio::task::spawn_blocking(move || db.sweep_due()).await;
-                }
+            }
+            // Checked on every quiet tick while any index holds unswept keys: a sweep
+            // that was running, or a catch-up not yet due, when writes went quiet must
+            // still come (a single check at the first quiet tick left the tail of an
+            // ingest unswept for good).
+            if unswept && let Some(db) = db.upgrade() {
+                unswept = tokio::task::spawn_blocking(move || db.sweep_due())
+                    .await
+                    .unwrap_or(false);
             }
         }
     })

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::app::App;
+use crate::collections::WritePhase;
 use crate::embed::EmbedHandle;
 use crate::metrics::{Registry, header, histogram, sample};
 
@@ -178,6 +179,22 @@ pub fn render(app: &App) -> String {
         );
     }
 
+    header(
+        &mut out,
+        "likeness_write_phase_seconds",
+        "histogram",
+        "Where each write's time went, by phase: writer (waiting for the collection's writer), store (the batch written, not yet durable), commit (the group commit; plain writes), index (HNSW insertion), turn (waiting for earlier batches to publish), catalogue (waiting for the catalogue's write lock).",
+    );
+    for c in &colls {
+        for phase in WritePhase::ALL {
+            histogram(
+                &mut out,
+                "likeness_write_phase_seconds",
+                &[("collection", c.name()), ("phase", phase.name())],
+                c.write_stats().phase(phase),
+            );
+        }
+    }
     header(
         &mut out,
         "likeness_mine_knn_queries_total",

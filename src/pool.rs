@@ -1,4 +1,4 @@
-//! A fixed pool of threads for CPU-bound reads (searches), with bounded queues.
+//! A fixed pool of threads for CPU-bound reads (searches, mining), with bounded queues.
 //!
 //! Searches are pure CPU work. On tokio's blocking pool every concurrent request gets its
 //! own thread, and sixteen threads fighting over two cores spend their time switching;
@@ -6,12 +6,16 @@
 //! caller gets RESOURCE_EXHAUSTED at once instead of waiting behind unbounded work. A job
 //! whose caller has gone away is skipped.
 //!
-//! Two priorities share the threads: foreground jobs (a client waits on each: Search,
-//! Classify, Verify) and background jobs (mining streams, throughput work that a trainer
-//! consumes in bulk). A free thread takes the oldest foreground job first, so a mining
-//! stream cannot queue ahead of a search; but after [`FOREGROUND_RUN`] foreground jobs in
-//! a row with background work waiting it takes one background job, so mining keeps at
-//! least a share of the pool under a saturating search load instead of starving.
+//! Two priorities, each with threads of its own: foreground jobs (a client waits on each:
+//! Search, Classify, Verify) and background jobs (mining, throughput work that a trainer
+//! consumes in bulk). The background threads run at a lower CPU priority (nice
+//! [`BACKGROUND_NICE`]), so the kernel gives a core to searches, writes (tokio's blocking
+//! threads) and embedding first whenever they want one, and mining takes the rest: all
+//! of the cores on an otherwise idle machine, about a tenth of them under a saturating
+//! load (a nice-10 thread weighs 110 against 1024). A queue order alone could not do
+//! this: the writes that starved under the full load test (1,000 streams) waited for the
+//! collection's writer lock, whose holders the mining threads kept off the cores, not
+//! for a place in this pool (docs/benchmarks.md, "Load").
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -21,21 +25,27 @@ use crate::error::{Error, Result};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Foreground jobs a thread may take in a row while background jobs wait.
-pub const FOREGROUND_RUN: u32 = 8;
+/// The nice value of the background threads (0 is the daemon's own; 19 the lowest).
+pub const BACKGROUND_NICE: i32 = 10;
 
 #[derive(Default)]
-struct Queues {
-    foreground: VecDeque<Job>,
-    background: VecDeque<Job>,
-    /// Foreground jobs taken in a row while background work waited.
-    streak: u32,
+struct Queue {
+    jobs: VecDeque<Job>,
     stopped: bool,
 }
 
 struct Shared {
-    queues: Mutex<Queues>,
-    ready: Condvar,
+    foreground: (Mutex<Queue>, Condvar),
+    background: (Mutex<Queue>, Condvar),
+}
+
+impl Shared {
+    fn queue(&self, priority: Priority) -> &(Mutex<Queue>, Condvar) {
+        match priority {
+            Priority::Foreground => &self.foreground,
+            Priority::Background => &self.background,
+        }
+    }
 }
 
 pub struct WorkPool {
@@ -44,7 +54,7 @@ pub struct WorkPool {
     threads: usize,
 }
 
-/// Which queue a job waits in.
+/// Which queue, and so which threads, a job runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     Foreground,
@@ -52,18 +62,29 @@ pub enum Priority {
 }
 
 impl WorkPool {
-    /// `threads` workers; each queue holds at most `capacity` waiting jobs.
+    /// `threads` workers per priority; each queue holds at most `capacity` waiting jobs.
     pub fn new(name: &str, threads: usize, capacity: usize) -> Self {
         let shared = Arc::new(Shared {
-            queues: Mutex::new(Queues::default()),
-            ready: Condvar::new(),
+            foreground: Default::default(),
+            background: Default::default(),
         });
-        for i in 0..threads.max(1) {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
-                .spawn(move || worker(&shared))
-                .expect("spawn pool thread");
+        for priority in [Priority::Foreground, Priority::Background] {
+            for i in 0..threads.max(1) {
+                let shared = shared.clone();
+                let name = match priority {
+                    Priority::Foreground => format!("{name}-{i}"),
+                    Priority::Background => format!("{name}-bg-{i}"),
+                };
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || {
+                        if priority == Priority::Background {
+                            lower_priority(BACKGROUND_NICE);
+                        }
+                        worker(shared.queue(priority))
+                    })
+                    .expect("spawn pool thread");
+            }
         }
         WorkPool {
             shared,
@@ -72,7 +93,7 @@ impl WorkPool {
         }
     }
 
-    /// How many jobs run at once.
+    /// How many jobs of one priority run at once.
     pub fn threads(&self) -> usize {
         self.threads
     }
@@ -101,24 +122,21 @@ impl WorkPool {
             let _enter = span.enter();
             let _ = done.send(f());
         });
+        let (queue, ready) = self.shared.queue(priority);
         let refused = {
-            let mut q = self.shared.queues.lock().expect("pool queue lock");
-            let queue = match priority {
-                Priority::Foreground => &mut q.foreground,
-                Priority::Background => &mut q.background,
-            };
-            if queue.len() >= self.capacity {
+            let mut q = queue.lock().expect("pool queue lock");
+            if q.jobs.len() >= self.capacity {
                 Some(Error::ResourceExhausted(format!(
                     "search queue is full ({} waiting); retry later",
                     self.capacity
                 )))
             } else {
-                queue.push_back(job);
+                q.jobs.push_back(job);
                 None
             }
         };
         if refused.is_none() {
-            self.shared.ready.notify_one();
+            ready.notify_one();
         }
         async move {
             if let Some(e) = refused {
@@ -133,45 +151,72 @@ impl WorkPool {
 
 impl Drop for WorkPool {
     fn drop(&mut self) {
-        self.shared.queues.lock().expect("pool queue lock").stopped = true;
-        self.shared.ready.notify_all();
+        for (queue, ready) in [&self.shared.foreground, &self.shared.background] {
+            queue.lock().expect("pool queue lock").stopped = true;
+            ready.notify_all();
+        }
     }
 }
 
-/// The next job: foreground first, but a background job after a streak of
-/// [`FOREGROUND_RUN`] foreground ones while background work waits.
-fn next(q: &mut Queues) -> Option<Job> {
-    let take_background =
-        !q.background.is_empty() && (q.foreground.is_empty() || q.streak >= FOREGROUND_RUN);
-    if take_background {
-        q.streak = 0;
-        return q.background.pop_front();
-    }
-    let job = q.foreground.pop_front()?;
-    if q.background.is_empty() {
-        q.streak = 0;
-    } else {
-        q.streak += 1;
-    }
-    Some(job)
-}
-
-fn worker(shared: &Shared) {
+fn worker((queue, ready): &(Mutex<Queue>, Condvar)) {
     loop {
         let job = {
-            let mut q = shared.queues.lock().expect("pool queue lock");
+            let mut q = queue.lock().expect("pool queue lock");
             loop {
-                if let Some(job) = next(&mut q) {
+                if let Some(job) = q.jobs.pop_front() {
                     break job;
                 }
                 if q.stopped {
                     return;
                 }
-                q = shared.ready.wait(q).expect("pool queue lock");
+                q = ready.wait(q).expect("pool queue lock");
             }
         };
         job();
     }
+}
+
+/// Raises the calling thread's nice value by `by` (a lower CPU priority; always allowed,
+/// unlike the way back). Linux keeps a nice value per thread; elsewhere this does
+/// nothing.
+fn lower_priority(by: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = current_tid();
+        // SAFETY: getpriority/setpriority read and set one thread's nice value.
+        unsafe {
+            let now = getpriority(PRIO_PROCESS, tid);
+            if setpriority(PRIO_PROCESS, tid, (now + by).min(19)) != 0 {
+                tracing::warn!("could not lower the background threads' priority");
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = by;
+}
+
+#[cfg(target_os = "linux")]
+const PRIO_PROCESS: i32 = 0;
+
+#[cfg(target_os = "linux")]
+unsafe extern "C" {
+    fn getpriority(which: i32, who: u32) -> i32;
+    fn setpriority(which: i32, who: u32, prio: i32) -> i32;
+    fn gettid() -> i32;
+}
+
+/// The calling thread's kernel id.
+#[cfg(target_os = "linux")]
+fn current_tid() -> u32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { gettid() as u32 }
+}
+
+/// The calling thread's nice value (tests and the pool's own check).
+#[cfg(target_os = "linux")]
+pub fn current_nice() -> i32 {
+    // SAFETY: see lower_priority.
+    unsafe { getpriority(PRIO_PROCESS, current_tid()) }
 }
 
 /// Runs blocking work (disk, HNSW, a write's fsync) on tokio's blocking threads, off
@@ -209,45 +254,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn foreground_goes_first_and_background_keeps_a_share() {
-        let pool = WorkPool::new("t", 1, 64);
+    async fn background_work_runs_on_threads_of_its_own_at_a_lower_priority() {
+        let pool = WorkPool::new("t", 2, 64);
+        // Every background thread held: foreground jobs still run at once.
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
-        let blocker = tokio::spawn(pool.run(move || {
-            let _ = held_tx.send(());
-            release_rx.recv().ok();
-            Ok(())
-        }));
-        // The only worker is taken once the blocker says so, not after a guessed pause.
-        held_rx.await.unwrap();
-        // Queued while the only worker is busy: 2 background, then 20 foreground.
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut pending = Vec::new();
-        for i in 0..2 {
-            let order = order.clone();
-            pending.push(tokio::spawn(pool.run_at(Priority::Background, move || {
-                order.lock().unwrap().push(format!("b{i}"));
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        let mut held = Vec::new();
+        let mut blockers = Vec::new();
+        for _ in 0..2 {
+            let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+            let release_rx = release_rx.clone();
+            blockers.push(tokio::spawn(pool.run_at(Priority::Background, move || {
+                let _ = held_tx.send(());
+                release_rx.lock().unwrap().recv().ok();
                 Ok(())
             })));
+            held.push(held_rx);
         }
-        for i in 0..20 {
-            let order = order.clone();
-            pending.push(tokio::spawn(pool.run(move || {
-                order.lock().unwrap().push(format!("f{i}"));
-                Ok(())
-            })));
+        for h in held {
+            h.await.unwrap();
         }
-        release_tx.send(()).unwrap();
-        blocker.await.unwrap().unwrap();
-        for p in pending {
-            p.await.unwrap().unwrap();
+        let queued = tokio::spawn(pool.run_at(Priority::Background, || Ok(current_nice())));
+        for _ in 0..10 {
+            pool.run(|| Ok(())).await.unwrap();
         }
-        let order = order.lock().unwrap().clone();
-        let pos = |s: &str| order.iter().position(|o| o == s).unwrap();
-        let run = FOREGROUND_RUN as usize;
-        // FOREGROUND_RUN searches go first, then one mining job, and so on.
-        assert_eq!(pos("b0"), run, "{order:?}");
-        assert_eq!(pos("b1"), 2 * run + 1, "{order:?}");
-        assert_eq!(order.len(), 22);
+        assert!(!queued.is_finished());
+        let foreground_nice = pool.run(|| Ok(current_nice())).await.unwrap();
+        for _ in 0..2 {
+            release_tx.send(()).unwrap();
+        }
+        for b in blockers {
+            b.await.unwrap().unwrap();
+        }
+        let background_nice = queued.await.unwrap().unwrap();
+        // The foreground runs at the process's own priority, the background lower.
+        assert_eq!(foreground_nice, current_nice());
+        assert_eq!(
+            background_nice,
+            (foreground_nice + BACKGROUND_NICE).min(19),
+            "{background_nice} vs {foreground_nice}"
+        );
     }
 }

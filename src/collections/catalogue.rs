@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::types::Filter;
 
@@ -37,68 +38,111 @@ pub struct Tag {
     pub generation: u64,
 }
 
-/// [`Tag`]s indexed by key - `base`. ANN keys are handed out in increasing order, so the
-/// array is dense from the oldest live key to the newest; when more than half of it is
-/// dead keys at the front (items replaced since), the front is cut off. Memory: 16 bytes
-/// per key between the oldest live key and the newest.
+/// Keys per chunk of the tag array: 48 KiB of atomics a chunk.
+const CHUNK_BITS: u32 = 12;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+/// One chunk of [`Tag`]s: `CHUNK` consecutive keys.
+struct TagChunk {
+    /// The label + 1, 0 for no tag: stored after the generation, read before it.
+    labels: Box<[AtomicU32]>,
+    generations: Box<[AtomicU64]>,
+}
+
+impl TagChunk {
+    fn new() -> Self {
+        TagChunk {
+            labels: (0..CHUNK).map(|_| AtomicU32::new(0)).collect(),
+            generations: (0..CHUNK).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+/// The chunks by `key >> CHUNK_BITS` (None where no live key is).
+type TagDir = Arc<Vec<Option<Arc<TagChunk>>>>;
+
+/// [`Tag`]s by key, in chunks of atomics, so that they can also be read without the
+/// catalogue's lock ([`TagView`]): a filtered HNSW walk checks a tag for every node it
+/// visits, and holding the catalogue's read lock for a whole walk kept writes waiting
+/// to publish (a mining thread, preempted mid-walk, held it for milliseconds). Keys are
+/// handed out in increasing order, so the live ones sit in a few chunks; a chunk whose
+/// keys are all dead (items replaced or deleted since) is dropped. Memory: 12 bytes per
+/// key in chunks that hold a live key.
 #[derive(Default)]
 struct Tags {
-    base: u64,
-    slots: Vec<Option<Tag>>,
-    /// Dead slots at the front of `slots`.
-    dead_front: usize,
+    dir: TagDir,
+    /// Live tags per chunk.
+    live: Vec<u32>,
 }
 
 impl Tags {
     #[inline]
     fn get(&self, key: u64) -> Option<Tag> {
-        let i = key.checked_sub(self.base)? as usize;
-        self.slots.get(i).copied().flatten()
+        read_tag(&self.dir, key)
     }
 
     fn set(&mut self, key: u64, tag: Tag) {
-        if self.slots.is_empty() {
-            self.base = key;
-            self.dead_front = 0;
-        }
-        if key < self.base {
-            // Keys grow as writes come, but a catalogue loaded from a snapshot or the
-            // store comes in any order: the front grows geometrically, so that loading
-            // stays linear.
-            let shift = ((self.base - key) as usize).max(self.slots.len());
-            let shift = shift.min(self.base as usize);
-            self.slots.splice(0..0, std::iter::repeat_n(None, shift));
-            self.base -= shift as u64;
-            self.dead_front = 0;
-            while self.slots.get(self.dead_front).is_some_and(Option::is_none) {
-                self.dead_front += 1;
+        let ci = (key >> CHUNK_BITS) as usize;
+        if self.dir.get(ci).is_none_or(Option::is_none) {
+            let dir = Arc::make_mut(&mut self.dir);
+            if dir.len() <= ci {
+                dir.resize(ci + 1, None);
+                self.live.resize(ci + 1, 0);
             }
+            dir[ci] = Some(Arc::new(TagChunk::new()));
         }
-        let i = (key - self.base) as usize;
-        if i >= self.slots.len() {
-            self.slots.resize(i + 1, None);
+        let chunk = self.dir[ci].as_ref().expect("chunk just made");
+        let i = key as usize & (CHUNK - 1);
+        if chunk.labels[i].load(Ordering::Relaxed) == 0 {
+            self.live[ci] += 1;
         }
-        self.slots[i] = Some(tag);
+        chunk.generations[i].store(tag.generation, Ordering::Relaxed);
+        chunk.labels[i].store(tag.label + 1, Ordering::Release);
     }
 
     fn clear(&mut self, key: u64) {
-        let Some(i) = key.checked_sub(self.base).map(|i| i as usize) else {
+        let ci = (key >> CHUNK_BITS) as usize;
+        let Some(Some(chunk)) = self.dir.get(ci) else {
             return;
         };
-        if let Some(slot) = self.slots.get_mut(i) {
-            *slot = None;
+        let i = key as usize & (CHUNK - 1);
+        if chunk.labels[i].swap(0, Ordering::Release) == 0 {
+            return;
         }
-        while self.slots.get(self.dead_front).is_some_and(Option::is_none) {
-            self.dead_front += 1;
+        self.live[ci] -= 1;
+        if self.live[ci] == 0 {
+            Arc::make_mut(&mut self.dir)[ci] = None;
         }
-        if self.dead_front == self.slots.len() {
-            self.slots.clear();
-            self.dead_front = 0;
-        } else if self.dead_front > 1024 && self.dead_front * 2 > self.slots.len() {
-            self.slots.drain(..self.dead_front);
-            self.base += self.dead_front as u64;
-            self.dead_front = 0;
-        }
+    }
+
+    /// Chunks held now (tests).
+    #[cfg(test)]
+    fn chunks(&self) -> usize {
+        self.dir.iter().flatten().count()
+    }
+}
+
+#[inline]
+fn read_tag(dir: &TagDir, key: u64) -> Option<Tag> {
+    let chunk = dir.get((key >> CHUNK_BITS) as usize)?.as_ref()?;
+    let i = key as usize & (CHUNK - 1);
+    let label = chunk.labels[i].load(Ordering::Acquire).checked_sub(1)?;
+    Some(Tag {
+        label,
+        generation: chunk.generations[i].load(Ordering::Relaxed),
+    })
+}
+
+/// The tags as of a moment, read without the catalogue's lock: what a filtered walk
+/// checks for every candidate. Keys published after the view was taken may be missed
+/// (a newer chunk); a key removed since reads as absent.
+#[derive(Clone, Default)]
+pub struct TagView(TagDir);
+
+impl TagView {
+    #[inline]
+    pub fn get(&self, key: u64) -> Option<Tag> {
+        read_tag(&self.0, key)
     }
 }
 
@@ -208,6 +252,11 @@ impl Catalogue {
     #[inline]
     pub fn tag(&self, key: u64) -> Option<Tag> {
         self.tags.get(key)
+    }
+
+    /// The tag array as it is now, to read without this catalogue's lock.
+    pub fn tag_view(&self) -> TagView {
+        TagView(self.tags.dir.clone())
     }
 
     /// The key an id has now.
@@ -479,14 +528,17 @@ mod tests {
         assert!(c.tag(100).is_none() && c.tag(5099).is_none());
         let z = c.label_id("z").unwrap();
         assert_eq!(c.tag(10_100).map(|t| (t.label, t.generation)), Some((z, 3)));
-        assert!(
-            c.tags.base >= 5100,
-            "the dead front was kept: base {}",
-            c.tags.base
-        );
-        assert_eq!(c.tags.slots.iter().flatten().count(), c.len());
+        // Keys 100..5100 filled chunks 0 and 1 (4096 keys each); all dead now.
+        assert_eq!(c.tags.chunks(), 2, "the dead chunks were kept");
+        assert!(c.tags.dir[..2].iter().all(Option::is_none));
+        // A view taken now reads the live tags without the lock, and still reads what
+        // it saw after the catalogue changes (a key removed reads as absent).
+        let view = c.tag_view();
+        assert_eq!(view.get(10_100), c.tag(10_100));
+        assert!(view.get(100).is_none());
         c.remove("i100");
         assert!(c.tag(10_100).is_none());
+        assert!(view.get(10_100).is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::write::{Turns, Writer};
 use super::{CollectionInfo, validate};
 use crate::error::{Error, Field, Result};
 use crate::index::{AnnIndex, snapshot};
+use crate::metrics::Histogram;
 use crate::store::codec::decode_input;
 use crate::store::{ItemsTree, TreeState};
 use crate::types::{
@@ -32,6 +33,7 @@ pub struct Collection {
     /// Threads for HNSW insertion per batch.
     pub(super) threads: usize,
     pub(super) stats: SearchStats,
+    pub(super) writes: WriteStats,
     /// Set when a new generation replaced this collection (Activate): a write that
     /// finds it set is retried against the collection now under this name.
     pub(super) superseded: std::sync::atomic::AtomicBool,
@@ -53,6 +55,62 @@ pub struct SearchStats {
     /// whose nearest neighbours mostly share the anchor's label), and probes the plain
     /// one now and then to notice when that changes.
     pub(super) knn_shortfall: std::sync::atomic::AtomicU32,
+}
+
+/// Where a write's time goes, phase by phase (see [`WritePhase`]): what a write waited
+/// for under load.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    phases: [Histogram; WritePhase::ALL.len()],
+}
+
+/// The steps of a write, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritePhase {
+    /// Waiting for the collection's writer (writers go one at a time to the store).
+    Writer,
+    /// Writing the batch to the store (not yet durable).
+    Store,
+    /// Waiting for the group commit to make it durable (plain writes only).
+    Commit,
+    /// Inserting into the HNSW index.
+    Index,
+    /// Waiting for the batches before it to publish (store order).
+    Turn,
+    /// Waiting for the catalogue's write lock (readers: searches and mining walks).
+    Catalogue,
+}
+
+impl WritePhase {
+    pub const ALL: [WritePhase; 6] = [
+        WritePhase::Writer,
+        WritePhase::Store,
+        WritePhase::Commit,
+        WritePhase::Index,
+        WritePhase::Turn,
+        WritePhase::Catalogue,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WritePhase::Writer => "writer",
+            WritePhase::Store => "store",
+            WritePhase::Commit => "commit",
+            WritePhase::Index => "index",
+            WritePhase::Turn => "turn",
+            WritePhase::Catalogue => "catalogue",
+        }
+    }
+}
+
+impl WriteStats {
+    pub fn observe(&self, phase: WritePhase, since: std::time::Instant) {
+        self.phases[phase as usize].observe_duration(since.elapsed());
+    }
+
+    pub fn phase(&self, phase: WritePhase) -> &Histogram {
+        &self.phases[phase as usize]
+    }
 }
 
 /// Whether the ANN index holds exactly the keys the store holds.
@@ -145,6 +203,7 @@ impl Collection {
             limits,
             threads,
             stats: SearchStats::default(),
+            writes: WriteStats::default(),
             superseded: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -242,6 +301,10 @@ impl Collection {
 
     pub fn search_stats(&self) -> &SearchStats {
         &self.stats
+    }
+
+    pub fn write_stats(&self) -> &WriteStats {
+        &self.writes
     }
 
     /// What the index's reachability checks found: nodes search could not reach, and

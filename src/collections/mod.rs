@@ -37,8 +37,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use backup::BackupInfo;
-pub use catalogue::{Catalogue, LabelId};
-pub use collection::{Collection, IndexAudit, SearchStats};
+pub use catalogue::{Catalogue, LabelId, TagView};
+pub use collection::{Collection, IndexAudit, SearchStats, WritePhase, WriteStats};
 pub use search::{KnnOptions, KnnQuery, KnnResult, Neighbour, knn_parallel};
 pub use spec::CreateCollection;
 pub use storage::STORAGE_PROBE;
@@ -329,7 +329,9 @@ impl Registry {
             return Ok(0);
         };
         // Durable first: a batch whose commit fails is dropped here unpublished.
+        let t = Instant::now();
         self.store.commit()?;
+        coll.writes.observe(WritePhase::Commit, t);
         written.publish()
     }
 
@@ -340,7 +342,9 @@ impl Registry {
         let Some(written) = coll.write_upsert(items, None, true)? else {
             return Ok(0);
         };
+        let t = Instant::now();
         self.store.commit()?;
+        coll.writes.observe(WritePhase::Commit, t);
         written.publish()
     }
 
@@ -395,17 +399,18 @@ impl Registry {
         Ok(())
     }
 
-    /// Rolls back open streams, saves every index snapshot and flushes the store (clean
-    /// shutdown).
     /// Sweeps each collection whose index is due (see `AnnIndex::sweep_due`): the HNSW
     /// nodes that search cannot reach are found and repaired. The daemon calls it when
-    /// writes go quiet. Blocking.
-    pub fn sweep_due(&self) {
+    /// writes go quiet, and again while this returns true: some index still holds keys
+    /// no finished sweep has checked. Blocking.
+    pub fn sweep_due(&self) -> bool {
         if !self.is_ready() {
-            return; // still recovering
+            return true; // still recovering: ask again
         }
+        let mut unswept = false;
         for coll in self.all() {
             if !coll.sweep_due() {
+                unswept |= coll.unswept() > 0;
                 continue;
             }
             let started = Instant::now();
@@ -423,9 +428,13 @@ impl Registry {
                     tracing::warn!(collection = %coll.name(), error = %e, "index sweep failed")
                 }
             }
+            unswept |= coll.unswept() > 0; // keys added while it ran
         }
+        unswept
     }
 
+    /// Rolls back open streams, saves every index snapshot and flushes the store (clean
+    /// shutdown).
     pub fn shutdown(&self) -> Result<()> {
         let undone = self
             .txns

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::catalogue::{Catalogue, LabelId};
+use super::catalogue::{Catalogue, LabelId, Tag};
 use super::collection::Collection;
 use super::validate;
 use crate::error::{Field, Result};
@@ -287,15 +287,20 @@ impl Collection {
                 short += 1;
             }
             filtered += 1;
-            let c = self.catalogue();
-            let keep = |key: u64| keep_key(&c, q, opts, key);
-            // How many keys could pass at most: the label index makes this cheap.
-            let mut labels: Vec<LabelId> = opts.exclude_labels.clone();
-            labels.extend(q.exclude_label);
-            labels.sort_unstable();
-            labels.dedup();
-            let excluded: usize = labels.iter().map(|l| c.members(*l).len()).sum();
-            let eligible = c.len().saturating_sub(excluded);
+            // The walk reads tags without the catalogue's lock: a writer waiting to
+            // publish would otherwise wait for the whole walk (and every reader behind
+            // the writer with it).
+            let (tags, eligible) = {
+                let c = self.catalogue();
+                // How many keys could pass at most: the label index makes this cheap.
+                let mut labels: Vec<LabelId> = opts.exclude_labels.clone();
+                labels.extend(q.exclude_label);
+                labels.sort_unstable();
+                labels.dedup();
+                let excluded: usize = labels.iter().map(|l| c.members(*l).len()).sum();
+                (c.tag_view(), c.len().saturating_sub(excluded))
+            };
+            let keep = |key: u64| keep_tag(tags.get(key), q, opts, key);
             let mut count = base;
             let mut found;
             let mut round = 0;
@@ -326,7 +331,7 @@ impl Collection {
                 found
                     .into_iter()
                     .filter_map(|(key, distance)| {
-                        c.tag(key).map(|t| Neighbour {
+                        tags.get(key).map(|t| Neighbour {
                             key,
                             label: t.label,
                             distance,
@@ -370,8 +375,14 @@ fn knn_slack(k: usize) -> usize {
 /// not excluded by key or label, fresh enough. Reads the dense tag array only.
 #[inline]
 fn keep_key(c: &Catalogue, q: &KnnQuery, opts: &KnnOptions, key: u64) -> bool {
+    keep_tag(c.tag(key), q, opts, key)
+}
+
+/// [`keep_key`] on a key's tag, however it was read.
+#[inline]
+fn keep_tag(tag: Option<Tag>, q: &KnnQuery, opts: &KnnOptions, key: u64) -> bool {
     Some(key) != q.exclude_key
-        && c.tag(key).is_some_and(|t| {
+        && tag.is_some_and(|t| {
             Some(t.label) != q.exclude_label
                 && t.generation >= opts.min_generation
                 && !opts.exclude_labels.contains(&t.label)

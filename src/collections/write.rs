@@ -15,11 +15,12 @@
 //! down while it is open. The undo lives here, in the core, not in a handler that a
 //! cancelled future never finishes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
-use super::collection::Collection;
+use super::collection::{Collection, WritePhase};
 use crate::error::{Error, Result};
 use crate::store::{Mutation, Store, TreeState};
 use crate::types::ItemData;
@@ -51,40 +52,198 @@ impl Writer {
 }
 
 /// Publication order: batch n publishes to the catalogue after batch n - 1.
+///
+/// A batch whose index insertion is done hands its catalogue change in ([`Turn::hand_in`])
+/// and waits. Whichever thread finds the next batch in order ready publishes it and
+/// every ready batch after it at once, under one catalogue lock, then wakes the waiters.
+/// (Each batch publishing its own change, in turn, made publication a chain of thread
+/// hand-offs: under a full load each link waited for a core, and writes queued for
+/// 0.8 s behind it; docs/benchmarks.md, "Load".)
 #[derive(Default)]
 pub(super) struct Turns {
-    next: Mutex<u64>,
+    state: Mutex<TurnState>,
     cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct TurnState {
+    /// The next ticket to publish: every ticket below it has published.
+    next: u64,
+    /// Handed-in changes waiting for the tickets before them.
+    ready: BTreeMap<u64, Ready>,
+    /// Set while a thread publishes a run of ready changes.
+    publishing: bool,
+    /// Errors met while publishing another thread's change, for it to take.
+    failed: HashMap<u64, Error>,
+}
+
+/// A batch's catalogue change, owned, as handed in for publication.
+enum Ready {
+    /// A batch that failed before publishing: it passes its turn on.
+    Skip,
+    Upsert {
+        seq: u64,
+        entries: Vec<ReadyItem>,
+        /// Keys of the items these replaced, to leave the index once published.
+        replaced: Vec<u64>,
+    },
+    Delete {
+        seq: u64,
+        ids: Vec<String>,
+        keys: Vec<u64>,
+    },
+}
+
+struct ReadyItem {
+    key: u64,
+    id: String,
+    label: String,
+    generation: u64,
+    metadata: BTreeMap<String, String>,
 }
 
 impl Turns {
     /// Blocks until every ticket below `until` has published.
     pub(super) fn wait_all(&self, until: u64) {
-        let mut next = self.next.lock().expect("turn lock");
-        while *next < until {
-            next = self.cv.wait(next).expect("turn lock");
+        let mut st = self.state.lock().expect("turn lock");
+        while st.next < until {
+            st = self.cv.wait(st).expect("turn lock");
         }
     }
 }
 
-/// One batch's place in the publication order; passes the turn on when dropped, on the
-/// error path too, so a failed batch never blocks the ones after it.
+/// One batch's place in the publication order. Dropped without handing a change in (a
+/// failed batch), it hands in a skip, so it never blocks the batches after it.
 struct Turn<'a> {
     turns: &'a Turns,
     ticket: u64,
+    handed: bool,
 }
 
 impl Turn<'_> {
-    fn wait(&self) {
-        self.turns.wait_all(self.ticket);
+    /// Hands this batch's change in and returns once it is published (by this thread
+    /// or another), with the error its publication met, if any.
+    fn hand_in(mut self, coll: &Collection, change: Ready) -> Result<()> {
+        self.handed = true;
+        let turns = self.turns;
+        let mut st = turns.state.lock().expect("turn lock");
+        st.ready.insert(self.ticket, change);
+        loop {
+            if st.next > self.ticket {
+                return st.failed.remove(&self.ticket).map_or(Ok(()), Err);
+            }
+            if !st.publishing && st.ready.contains_key(&st.next) {
+                // Take the run of consecutive ready changes and publish it unlocked.
+                let first = st.next;
+                let mut run = Vec::new();
+                while let Some(r) = st.ready.remove(&(first + run.len() as u64)) {
+                    run.push(r);
+                }
+                st.publishing = true;
+                drop(st);
+                let done = Published {
+                    turns,
+                    upto: first + run.len() as u64,
+                    failed: Vec::new(),
+                };
+                st = done.publish(coll, first, run);
+                continue;
+            }
+            st = turns.cv.wait(st).expect("turn lock");
+        }
     }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.wait();
-        let mut next = self.turns.next.lock().expect("turn lock");
-        *next = self.ticket + 1;
+        if self.handed {
+            return;
+        }
+        let mut st = self.turns.state.lock().expect("turn lock");
+        st.ready.insert(self.ticket, Ready::Skip);
+        // If the skip is next in line and nobody publishes, move the order past it and
+        // any ready run behind it is published by the next thread to hand in or by a
+        // waiter woken here.
+        if !st.publishing && st.next == self.ticket {
+            st.ready.remove(&self.ticket);
+            st.next += 1;
+        }
+        self.turns.cv.notify_all();
+    }
+}
+
+/// A run being published: ends the run (the order moved past it, waiters woken) when
+/// dropped, so that a panic while publishing cannot stop every later write.
+struct Published<'a> {
+    turns: &'a Turns,
+    upto: u64,
+    failed: Vec<(u64, Error)>,
+}
+
+impl<'a> Published<'a> {
+    /// Applies a run of changes (tickets `first..`) to the catalogue under one lock,
+    /// then removes replaced and deleted keys from the index; returns the turn state
+    /// with the run ended.
+    fn publish(
+        mut self,
+        coll: &Collection,
+        first: u64,
+        run: Vec<Ready>,
+    ) -> MutexGuard<'a, TurnState> {
+        {
+            let t = Instant::now();
+            let mut c = coll.catalogue.write().expect("catalogue lock");
+            coll.writes.observe(WritePhase::Catalogue, t);
+            for change in &run {
+                match change {
+                    Ready::Skip => {}
+                    Ready::Upsert { seq, entries, .. } => {
+                        for e in entries {
+                            c.insert(e.key, &e.id, &e.label, e.generation, e.metadata.clone());
+                        }
+                        c.set_seq(*seq);
+                    }
+                    Ready::Delete { seq, ids, .. } => {
+                        for id in ids {
+                            c.remove(id);
+                        }
+                        c.set_seq(*seq);
+                    }
+                }
+            }
+        }
+        for (i, change) in run.into_iter().enumerate() {
+            let keys = match change {
+                Ready::Skip => continue,
+                Ready::Upsert { replaced, .. } => replaced,
+                Ready::Delete { keys, .. } => keys,
+            };
+            if let Err(e) = coll.index.remove_many(&keys) {
+                self.failed.push((first + i as u64, e));
+            }
+        }
+        let turns = self.turns;
+        drop(self);
+        turns.state.lock().expect("turn lock")
+    }
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        let mut st = self
+            .turns
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        st.next = self.upto;
+        st.publishing = false;
+        st.failed.extend(self.failed.drain(..));
+        // A skip handed in while this run was published may now be next.
+        while let Some(Ready::Skip) = st.ready.get(&st.next) {
+            let next = st.next;
+            st.ready.remove(&next);
+            st.next += 1;
+        }
         self.turns.cv.notify_all();
     }
 }
@@ -128,7 +287,7 @@ impl Written<'_> {
     /// Index, then catalogue, in the store's order. Returns how many items it touched.
     pub(super) fn publish(self) -> Result<usize> {
         let coll = self.coll;
-        match self.change {
+        let (n, change) = match self.change {
             Change::Upsert {
                 items,
                 keys,
@@ -139,38 +298,44 @@ impl Written<'_> {
                     .zip(items)
                     .map(|(k, it)| (*k, it.vector.as_slice()))
                     .collect();
+                let t = Instant::now();
+                // On an error the turn is dropped here: it hands in a skip.
                 coll.index.add_many(&entries, coll.threads)?;
-                self.turn.wait();
-                {
-                    let mut c = coll.catalogue.write().expect("catalogue lock");
-                    for (key, item) in keys.iter().zip(items) {
-                        c.insert(
-                            *key,
-                            &item.id,
-                            &item.label,
-                            item.generation,
-                            item.metadata.clone(),
-                        );
-                    }
-                    c.set_seq(self.seq);
-                }
-                coll.index.remove_many(&replaced)?;
-                Ok(items.len())
+                coll.writes.observe(WritePhase::Index, t);
+                let entries = keys
+                    .iter()
+                    .zip(items)
+                    .map(|(key, item)| ReadyItem {
+                        key: *key,
+                        id: item.id.clone(),
+                        label: item.label.clone(),
+                        generation: item.generation,
+                        metadata: item.metadata.clone(),
+                    })
+                    .collect();
+                let seq = self.seq;
+                (
+                    items.len(),
+                    Ready::Upsert {
+                        seq,
+                        entries,
+                        replaced,
+                    },
+                )
             }
-            Change::Delete { found } => {
-                self.turn.wait();
-                {
-                    let mut c = coll.catalogue.write().expect("catalogue lock");
-                    for (id, _) in &found {
-                        c.remove(id);
-                    }
-                    c.set_seq(self.seq);
-                }
-                let keys: Vec<u64> = found.iter().map(|(_, k)| *k).collect();
-                coll.index.remove_many(&keys)?;
-                Ok(found.len())
-            }
-        }
+            Change::Delete { found } => (
+                found.len(),
+                Ready::Delete {
+                    seq: self.seq,
+                    ids: found.iter().map(|(id, _)| id.to_string()).collect(),
+                    keys: found.iter().map(|(_, k)| *k).collect(),
+                },
+            ),
+        };
+        let t = Instant::now();
+        self.turn.hand_in(coll, change)?;
+        coll.writes.observe(WritePhase::Turn, t);
+        Ok(n)
     }
 }
 
@@ -203,7 +368,10 @@ impl Collection {
         }
         let mut keys = Vec::with_capacity(items.len());
         let mut replaced = Vec::new();
+        let t = Instant::now();
         let mut w = self.lock_writer()?;
+        self.writes.observe(WritePhase::Writer, t);
+        let t = Instant::now();
         self.items.check_writable()?;
         let mut state = w.state;
         let mut m = Mutation::default();
@@ -247,7 +415,9 @@ impl Collection {
             keys,
             replaced,
         };
-        self.write(&mut w, m, state, change).map(Some)
+        let written = self.write(&mut w, m, state, change);
+        self.writes.observe(WritePhase::Store, t);
+        written.map(Some)
     }
 
     /// Applies `m` with the next state (the mutation counter bumped) and takes the
@@ -267,6 +437,7 @@ impl Collection {
             turn: Turn {
                 turns: &self.turns,
                 ticket: w.take_ticket(),
+                handed: false,
             },
             seq: state.seq,
             change,

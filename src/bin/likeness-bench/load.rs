@@ -331,6 +331,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
         unary_channels.push(d.channel().await?);
     }
     let rss_before = d.memory_kib()?;
+    let phases_before = write_phases(&d).await?;
     let start = Instant::now();
     let sh = Arc::new(Shared {
         items: data.items.to_vec(),
@@ -377,6 +378,7 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
     sampler.abort();
     let mem = d.memory_kib()?;
     let peak_seen = *peak.lock().expect("peak");
+    let phases_after = write_phases(&d).await?;
     d.stop().await?;
 
     println!(
@@ -437,5 +439,39 @@ pub async fn run(ctx: &Ctx) -> Result<(), String> {
         cpu.daemon / elapsed,
         cpu.client / elapsed,
     );
+    print_write_phases(&phases_before, &phases_after);
     Ok(())
+}
+
+/// The daemon's write phases (likeness_write_phase_seconds): per phase, the sum of
+/// seconds and the count, for the bench's collection.
+async fn write_phases(d: &Daemon) -> Result<Vec<(&'static str, f64, f64)>, String> {
+    let mut out = Vec::new();
+    for phase in likeness::collections::WritePhase::ALL {
+        let name = phase.name();
+        let labels = format!("{{collection=\"{COLLECTION}\",phase=\"{name}\"}}");
+        let sum = d
+            .metric(&format!("likeness_write_phase_seconds_sum{labels}"))
+            .await?;
+        let count = d
+            .metric(&format!("likeness_write_phase_seconds_count{labels}"))
+            .await?;
+        out.push((name, sum.unwrap_or(0.0), count.unwrap_or(0.0)));
+    }
+    Ok(out)
+}
+
+/// Where the writes during the load spent their time, phase by phase (the difference
+/// of the daemon's write-phase histograms across the load).
+fn print_write_phases(before: &[(&'static str, f64, f64)], after: &[(&'static str, f64, f64)]) {
+    println!(
+        "\nWhere the writes during the load spent their time (likeness_write_phase_seconds, all writes: Upsert, stream messages, write-backs):\n"
+    );
+    println!("| phase | writes | mean, ms | total, s |");
+    println!("|---|---|---|---|");
+    for ((name, s0, c0), (_, s1, c1)) in before.iter().zip(after) {
+        let (sum, count) = (s1 - s0, c1 - c0);
+        let mean = if count > 0.0 { sum / count * 1e3 } else { 0.0 };
+        println!("| {name} | {count:.0} | {mean:.2} | {sum:.1} |");
+    }
 }
