@@ -35,3 +35,91 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+/// A seeded permutation of `0..n`, computed one position at a time, so that a pass over
+/// a whole collection in a shuffled order costs no table (a mining stream held 16 bytes
+/// per anchor for its order: 1.6 MB per stream at 100k). A four-round Feistel network
+/// over the smallest even power of two that holds `n`, cycle-walked back into `0..n`
+/// (at most four times the domain, so two steps or so on average).
+pub struct Permutation {
+    n: u64,
+    half: u32,
+    keys: [u64; 4],
+}
+
+impl Permutation {
+    pub fn new(n: usize, seed: u64) -> Self {
+        let bits = 64 - (n.max(2) as u64 - 1).leading_zeros();
+        let mut rng = Rng::new(seed);
+        Permutation {
+            n: n as u64,
+            half: bits.div_ceil(2),
+            keys: std::array::from_fn(|_| rng.next_u64()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.n as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The position that `i` (< len) moves to.
+    pub fn at(&self, i: usize) -> usize {
+        debug_assert!((i as u64) < self.n);
+        let mut x = i as u64;
+        loop {
+            x = self.round(x);
+            if x < self.n {
+                return x as usize;
+            }
+        }
+    }
+
+    fn round(&self, x: u64) -> u64 {
+        let mask = (1u64 << self.half) - 1;
+        let (mut l, mut r) = (x >> self.half, x & mask);
+        for k in self.keys {
+            let f = mix(r ^ k) & mask;
+            (l, r) = (r, l ^ f);
+        }
+        (l << self.half) | r
+    }
+}
+
+/// The splitmix64 finaliser: every input bit reaches every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permutation_visits_every_position_once_and_the_seed_decides_the_order() {
+        for n in [0, 1, 2, 3, 5, 17, 64, 1000, 4097] {
+            let p = Permutation::new(n, 7);
+            let mut seen = vec![false; n];
+            for i in 0..n {
+                let j = p.at(i);
+                assert!(!seen[j], "n = {n}: {j} twice");
+                seen[j] = true;
+            }
+        }
+        let order = |seed| {
+            let p = Permutation::new(1000, seed);
+            (0..1000).map(|i| p.at(i)).collect::<Vec<_>>()
+        };
+        assert_eq!(order(3), order(3));
+        assert_ne!(order(3), order(4));
+        // Shuffled, not a shift: few positions keep their neighbour.
+        let o = order(3);
+        let adjacent = o.windows(2).filter(|w| w[1] == w[0] + 1).count();
+        assert!(adjacent < 20, "{adjacent} of 999 steps are +1");
+    }
+}

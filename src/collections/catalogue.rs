@@ -9,8 +9,8 @@
 //! of the store's history: [`Catalogue::seq`] says which.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::types::Filter;
 
@@ -29,6 +29,9 @@ pub struct Catalogue {
     tags: Tags,
     /// The store's mutation counter as of the last write published here.
     seq: u64,
+    /// Every id, sorted, while some mining pass holds it (see [`Catalogue::sorted_ids`]);
+    /// dropped when an id comes or goes.
+    sorted: Mutex<Weak<Vec<Arc<str>>>>,
 }
 
 /// What the kNN filters need of a key, 16 bytes, kept densely by key.
@@ -177,10 +180,21 @@ impl Catalogue {
         generation: u64,
         metadata: BTreeMap<String, String>,
     ) {
-        if let Some(old) = self.by_id.get(id).copied() {
-            self.drop_key(old);
-        }
-        let id: Arc<str> = Arc::from(id);
+        // A re-written id keeps its shared string (mining passes hold it).
+        let id: Arc<str> = match self.by_id.get_key_value(id) {
+            Some((shared, &old)) => {
+                let shared = shared.clone();
+                self.drop_key(old);
+                shared
+            }
+            None => {
+                *self
+                    .sorted
+                    .get_mut()
+                    .unwrap_or_else(PoisonError::into_inner) = Weak::new();
+                Arc::from(id)
+            }
+        };
         let label = self.labels.intern(label);
         let members = &mut self.labels.members[label as usize];
         let slot = members.len() as u32;
@@ -205,6 +219,10 @@ impl Catalogue {
     /// Removes an id; returns the key it had.
     pub fn remove(&mut self, id: &str) -> Option<u64> {
         let key = self.by_id.remove(id)?;
+        *self
+            .sorted
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = Weak::new();
         self.drop_key(key);
         Some(key)
     }
@@ -229,6 +247,20 @@ impl Catalogue {
                 .expect("key is catalogued")
                 .all_slot = e.all_slot;
         }
+    }
+
+    /// Every id, sorted: one copy shared by every mining pass that asks while no id
+    /// came or went (1,000 streams over a 100k collection held 1.6 MB each before).
+    pub fn sorted_ids(&self) -> Arc<Vec<Arc<str>>> {
+        let mut cached = self.sorted.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(ids) = cached.upgrade() {
+            return ids;
+        }
+        let mut ids: Vec<Arc<str>> = self.by_id.keys().cloned().collect();
+        ids.sort_unstable();
+        let ids = Arc::new(ids);
+        *cached = Arc::downgrade(&ids);
+        ids
     }
 
     pub fn len(&self) -> usize {

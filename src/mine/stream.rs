@@ -6,11 +6,11 @@
 //! that goes away stops it: the job watches the channel while a batch is being mined and
 //! raises a flag that every chunk checks between anchors.
 //!
-//! Order: the anchors' ids sorted, then shuffled by the seed; each anchor draws from its
+//! Order: the anchors' ids sorted, then permuted by the seed; each anchor draws from its
 //! own generator (seed and id), so a seed gives the same stream on the same data
 //! however the batch was split among threads.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,10 +20,10 @@ use tokio::sync::mpsc;
 use super::batches::{ClassBatch, Passes, RawBatchSpec};
 use super::job::{self, AnchorIn, ChunkOut, MinedItem, Mode, Pair, Rules, Stats, Triplet};
 use super::spec::{Anchors, MineSpec, RawSpec};
-use crate::collections::{Collection, Registry, validate};
+use crate::collections::{Catalogue, Collection, Registry, validate};
 use crate::error::{Error, Field, Result};
 use crate::pool::{Priority, WorkPool};
-use crate::rng::Rng;
+use crate::rng::Permutation;
 use crate::types::ItemData;
 
 /// Batches a job may run ahead of its reader.
@@ -166,16 +166,16 @@ impl Miner {
             .registry
             .collection(&spec.collection)
             .map_err(|e| e.under(&Field::name("collection")))?;
-        let (prepared, ids) = tokio::task::spawn_blocking(move || {
-            let prepared = prepare(coll, spec, &Field::default())?;
-            let ids = anchor_ids(&prepared)?;
-            Ok::<_, Error>((prepared, ids))
+        let (prepared, pass) = tokio::task::spawn_blocking(move || {
+            let prepared = prepare(coll, spec, &Field::default(), false)?;
+            let pass = AnchorPass::new(&prepared)?;
+            Ok::<_, Error>((prepared, pass))
         })
         .await
         .map_err(|e| Error::Worker(format!("mining set-up: {e}")))??;
         let (pool, counters) = (self.pool.clone(), self.counters.clone());
         Ok(self.spawn_stream(move |tx| async move {
-            run(prepared, ids, mode, pool, &counters, tx).await
+            run(prepared, pass, mode, pool, &counters, tx).await
         }))
     }
 
@@ -280,9 +280,11 @@ impl Miner {
     }
 }
 
-/// Resolves the collection-dependent parts of a request: the collection must have two
-/// labels at least; excluded ids become keys.
-fn prepare(coll: Arc<Collection>, spec: MineSpec, root: &Field) -> Result<Prepared> {
+/// Resolves the collection-dependent parts of a request: a stream's collection must
+/// have two labels at least (a Session's may start empty: a cross-batch memory fills it
+/// by write-back, and a step with nothing to mine against answers with no triplets);
+/// excluded ids become keys.
+fn prepare(coll: Arc<Collection>, spec: MineSpec, root: &Field, session: bool) -> Result<Prepared> {
     let c = coll.catalogue();
     let unlabelled = c.label_id("");
     let labels = c
@@ -290,7 +292,7 @@ fn prepare(coll: Arc<Collection>, spec: MineSpec, root: &Field) -> Result<Prepar
         .filter(|l| Some(*l) != unlabelled)
         .take(2)
         .count();
-    if labels < 2 {
+    if labels < 2 && !session {
         return Err(Error::invalid(
             Field::name("collection").under(root),
             format!(
@@ -313,72 +315,104 @@ fn prepare(coll: Arc<Collection>, spec: MineSpec, root: &Field) -> Result<Prepar
     })
 }
 
-/// The anchors' ids for a whole pass: labelled, not excluded, fresh enough, in the
-/// shard; sorted, then shuffled by the seed.
-fn anchor_ids(p: &Prepared) -> Result<Vec<Arc<str>>> {
+/// Whether `key` may be an anchor: labelled, not excluded, fresh enough, in the shard.
+fn usable(p: &Prepared, c: &Catalogue, key: u64) -> bool {
     let spec = &p.spec;
-    let c = p.coll.catalogue();
-    let usable = |key: u64| {
-        c.get(key).is_some_and(|e| {
-            Some(e.label) != p.unlabelled
-                && e.generation >= spec.min_generation
-                && !p.exclude.contains(&key)
-                && spec.shard.contains(&e.id)
+    c.get(key).is_some_and(|e| {
+        Some(e.label) != p.unlabelled
+            && e.generation >= spec.min_generation
+            && !p.exclude.contains(&key)
+            && spec.shard.contains(&e.id)
+    })
+}
+
+/// The anchors of a whole pass, in the seed's order, taken a batch at a time.
+///
+/// The ids are sorted and visited through a seeded [`Permutation`] of their positions,
+/// and each is checked when its batch is taken, so a pass holds no table of its own: a
+/// whole-collection pass shares the catalogue's sorted ids with every other pass begun
+/// while no id came or went (an idle MineTriplets stream held 1.8 MB at 100k items when
+/// each pass kept its own shuffled copy).
+struct AnchorPass {
+    ids: Arc<Vec<Arc<str>>>,
+    order: Permutation,
+    next: usize,
+}
+
+impl AnchorPass {
+    /// Resolves the request's anchor set. Ids and labels are checked (and filtered) at
+    /// once, so that an unknown one is an error before any message.
+    fn new(p: &Prepared) -> Result<Self> {
+        let spec = &p.spec;
+        let c = p.coll.catalogue();
+        let ids: Arc<Vec<Arc<str>>> = match &spec.anchors {
+            Anchors::All => c.sorted_ids(),
+            Anchors::Ids(given) => {
+                let mut out = Vec::with_capacity(given.len());
+                for (i, id) in given.iter().enumerate() {
+                    let Some(key) = c.key_of(id) else {
+                        return Err(Error::invalid(
+                            Field::name("anchors").field("ids").at(i),
+                            format!("no item {id:?} in collection {:?}", spec.collection),
+                        ));
+                    };
+                    if usable(p, &c, key) {
+                        out.push(c.get(key).expect("catalogued").id.clone());
+                    }
+                }
+                Arc::new(sorted(out))
+            }
+            Anchors::Labels(labels) => {
+                let mut out = Vec::new();
+                for (i, name) in labels.iter().enumerate() {
+                    let members = c.label_id(name).map(|l| c.members(l)).unwrap_or_default();
+                    if members.is_empty() {
+                        return Err(Error::invalid(
+                            Field::name("anchors").field("labels").at(i),
+                            format!(
+                                "no item has label {name:?} in collection {:?}",
+                                spec.collection
+                            ),
+                        ));
+                    }
+                    out.extend(
+                        members
+                            .iter()
+                            .filter(|k| usable(p, &c, **k))
+                            .filter_map(|k| c.get(*k).map(|e| e.id.clone())),
+                    );
+                }
+                Arc::new(sorted(out))
+            }
+        };
+        let order = Permutation::new(ids.len(), spec.seed);
+        Ok(AnchorPass {
+            ids,
+            order,
+            next: 0,
         })
-    };
-    let mut ids: Vec<Arc<str>> = match &spec.anchors {
-        Anchors::All => c
-            .all_keys()
-            .iter()
-            .filter(|k| usable(**k))
-            .filter_map(|k| c.get(*k).map(|e| e.id.clone()))
-            .collect(),
-        Anchors::Ids(given) => {
-            let mut out = Vec::with_capacity(given.len());
-            for (i, id) in given.iter().enumerate() {
-                let Some(key) = c.key_of(id) else {
-                    return Err(Error::invalid(
-                        Field::name("anchors").field("ids").at(i),
-                        format!("no item {id:?} in collection {:?}", spec.collection),
-                    ));
-                };
-                if usable(key) {
-                    out.push(c.get(key).expect("catalogued").id.clone());
-                }
+    }
+
+    /// The next `size` anchors of the pass that are usable now (fewer at its end; none
+    /// once it is over). An id deleted since the pass began is skipped.
+    fn take(&mut self, p: &Prepared, size: usize) -> Vec<Arc<str>> {
+        let c = p.coll.catalogue();
+        let mut out = Vec::with_capacity(size);
+        while out.len() < size && self.next < self.ids.len() {
+            let id = &self.ids[self.order.at(self.next)];
+            self.next += 1;
+            if c.key_of(id).is_some_and(|key| usable(p, &c, key)) {
+                out.push(id.clone());
             }
-            out
         }
-        Anchors::Labels(labels) => {
-            let mut out = Vec::new();
-            for (i, name) in labels.iter().enumerate() {
-                let members = c.label_id(name).map(|l| c.members(l)).unwrap_or_default();
-                if members.is_empty() {
-                    return Err(Error::invalid(
-                        Field::name("anchors").field("labels").at(i),
-                        format!(
-                            "no item has label {name:?} in collection {:?}",
-                            spec.collection
-                        ),
-                    ));
-                }
-                out.extend(
-                    members
-                        .iter()
-                        .filter(|k| usable(**k))
-                        .filter_map(|k| c.get(*k).map(|e| e.id.clone())),
-                );
-            }
-            out
-        }
-    };
-    drop(c);
+        out
+    }
+}
+
+fn sorted(mut ids: Vec<Arc<str>>) -> Vec<Arc<str>> {
     ids.sort_unstable();
     ids.dedup();
-    let mut rng = Rng::new(spec.seed);
-    for i in (1..ids.len()).rev() {
-        ids.swap(i, rng.below(i + 1));
-    }
-    Ok(ids)
+    ids
 }
 
 /// The stored anchors of `ids` as they are now (an id deleted meanwhile is skipped).
@@ -518,7 +552,7 @@ pub(super) fn submit<T: Send + 'static>(
 /// A whole pass: batches until the anchors or `max_triplets` run out, then the stats.
 async fn run(
     p: Prepared,
-    ids: Vec<Arc<str>>,
+    mut pass: AnchorPass,
     mode: Mode,
     pool: Arc<WorkPool>,
     counters: &Counters,
@@ -528,7 +562,7 @@ async fn run(
     let mut stats = Stats::default();
     let limit = p.spec.max_triplets;
     let mut emitted = 0u64;
-    for chunk in ids.chunks(p.spec.batch_size) {
+    loop {
         // Wait for a free slot before mining: the reader sets the pace. (This job is
         // the channel's only sender, so a full channel now stays full until a read.)
         let full = tx.capacity() == 0;
@@ -543,7 +577,11 @@ async fn run(
             return;
         };
         drop(permit);
-        let Some(r) = mine_batch(&p, mode, Source::Ids(chunk.to_vec()), &pool, &tx).await else {
+        let chunk = pass.take(&p, p.spec.batch_size);
+        if chunk.is_empty() {
+            break;
+        }
+        let Some(r) = mine_batch(&p, mode, Source::Ids(chunk), &pool, &tx).await else {
             return;
         };
         let mut out = match r {
@@ -616,7 +654,7 @@ async fn session_step(
             .map_err(|e| e.under(&Field::name("collection").under(&request)))?;
         let req = request.clone();
         *current = Some(
-            tokio::task::spawn_blocking(move || prepare(coll, spec, &req))
+            tokio::task::spawn_blocking(move || prepare(coll, spec, &req, true))
                 .await
                 .map_err(|e| Error::Worker(format!("session set-up: {e}")))??,
         );
@@ -690,12 +728,21 @@ type WriteBack = (u64, Arc<Collection>, Vec<ItemData>);
 
 /// The items a write-back step writes: each anchor that carries a vector, with its
 /// label (or the stored one), the step as generation, and its stored metadata
-/// (stored inputs are kept by the write itself).
+/// (stored inputs are kept by the write itself). An id sent twice in a step (a sampler
+/// that draws with replacement) is written once, with its last vector.
 fn write_back_items(coll: &Collection, anchors: &[StepAnchor], step: u64) -> Vec<ItemData> {
     let c = coll.catalogue();
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(anchors.len());
+    for (i, a) in anchors.iter().enumerate() {
+        if !a.vector.is_empty() {
+            last.insert(&a.id, i);
+        }
+    }
     anchors
         .iter()
-        .filter(|a| !a.vector.is_empty())
+        .enumerate()
+        .filter(|(i, a)| last.get(a.id.as_str()) == Some(i))
+        .map(|(_, a)| a)
         .map(|a| {
             let stored = c.key_of(&a.id).and_then(|k| c.get(k));
             let label = if a.label.is_empty() {

@@ -109,8 +109,21 @@ async fn expansion_searches_less_below_the_default_and_more_above_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_searches_at_different_ef_do_not_affect_each_other() {
-    let (server, _dir) = TestServer::light().await;
+    let (mut server, _dir) = TestServer::light().await;
     let queries = hard_collection(&server).await;
+    // The reachability sweep that follows the ingest may re-link nodes (it changes the
+    // graph): let it finish first, so that only the ef differs between the runs.
+    let app = server.app().await;
+    let coll = app.registry().collection("hard").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while coll.reach_counts().sweeps == 0 || coll.unswept() > 0 || coll.sweep_due() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sweep after the ingest"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop((coll, app));
     let efs = [10u32, 512];
     // Alone: what each ef answers (a graph search is deterministic for a given graph).
     let mut alone = Vec::new();

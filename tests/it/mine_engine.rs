@@ -520,3 +520,94 @@ async fn a_memory_step_returns_stored_vectors_and_writes_the_fresh_ones_back() {
     let old = get_one(&mut items, "i30").await.unwrap();
     assert!(max_diff(&old.vector, &c.vectors[30]) < 1e-6);
 }
+
+/// A cross-batch memory starts empty: a Session on a collection with no items answers
+/// its first step with no triplets and writes the step back; the next step mines against
+/// it. An id sent twice in one step (a sampler drawing with replacement) is written
+/// once, with its last vector, instead of failing the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_session_starts_on_an_empty_collection_and_writes_a_repeated_id_once() {
+    let (server, _dir) = TestServer::light().await;
+    let mut colls = server.collections().await;
+    create(&mut colls, "m", 4, pb::Metric::Cosine).await;
+    let mut items = server.items().await;
+    let mut m = miner(&server).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = m
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let anchor = |id: &str, label: &str, v: [f32; 4]| pb::StepAnchor {
+        id: id.into(),
+        label: label.into(),
+        vector: v.to_vec(),
+    };
+    let step = |n: u64, anchors: Vec<pb::StepAnchor>| pb::MineStep {
+        step: n,
+        request: (n == 1).then(|| pb::MineRequest {
+            collection: "m".into(),
+            strategy: pb::Strategy::Hard as i32,
+            negatives_per_anchor: 1,
+            ..Default::default()
+        }),
+        anchors,
+        write_back: true,
+    };
+    tx.send(step(
+        1,
+        vec![
+            anchor("a1", "a", [1.0, 0.1, 0.0, 0.0]),
+            anchor("a2", "a", [1.0, 0.0, 0.1, 0.0]),
+            anchor("b1", "b", [0.0, 1.0, 0.1, 0.0]),
+            anchor("b2", "b", [0.1, 1.0, 0.0, 0.0]),
+            // a1 again: the last vector is the one written.
+            anchor("a1", "a", [1.0, 0.0, 0.0, 0.1]),
+        ],
+    ))
+    .await
+    .unwrap();
+    let first = answers
+        .next()
+        .await
+        .unwrap()
+        .expect("a first step on an empty collection");
+    assert!(
+        first.triplets.is_empty(),
+        "nothing stored to mine against yet"
+    );
+    tx.send(step(
+        2,
+        vec![
+            anchor("a3", "a", [1.0, 0.05, 0.05, 0.0]),
+            anchor("b3", "b", [0.05, 1.0, 0.05, 0.0]),
+        ],
+    ))
+    .await
+    .unwrap();
+    let second = answers.next().await.unwrap().expect("a second step");
+    assert_eq!(second.written_step, Some(1));
+    assert_eq!(
+        second.stats.as_ref().unwrap().written,
+        4,
+        "a1 once, b1, a2, b2"
+    );
+    assert_eq!(
+        second.triplets.len(),
+        2,
+        "each anchor has a stored positive and negative"
+    );
+    for t in &second.triplets {
+        assert_eq!(t.anchor_id.chars().next(), t.positive_id.chars().next());
+        assert_ne!(t.anchor_id.chars().next(), t.negative_ids[0].chars().next());
+    }
+    let a1 = get_one(&mut items, "a1")
+        .await
+        .expect("a1 was written back");
+    assert!(
+        max_diff(&a1.vector, &[1.0, 0.0, 0.0, 0.1]) < 1e-6,
+        "{:?}",
+        a1.vector
+    );
+    drop(tx);
+}

@@ -475,3 +475,189 @@ fn print_write_phases(before: &[(&'static str, f64, f64)], after: &[(&'static st
         println!("| {name} | {count:.0} | {mean:.2} | {sum:.1} |");
     }
 }
+
+/// Idle streams: per kind, `--load-streams` streams are opened over the connections,
+/// each sends its first message (or reads its first answer) and then holds still; the
+/// daemon's RSS with them open, less its RSS before, over their count, is what one idle
+/// open stream costs. Then they close and the RSS is read again.
+pub async fn idle(ctx: &Ctx) -> Result<(), String> {
+    let args = &ctx.args;
+    let data = &ctx.data;
+    let d = Daemon::start(&ctx.spec).await?;
+    eprintln!("streams: loading {} items", data.n());
+    d.ingest(data, args.batch, args.writers).await?;
+    let sh = Arc::new(Shared {
+        items: data.items.to_vec(),
+        images: crate::embed::png_inputs(&args.embed_images)?,
+        model: crate::embed::model_name(&args.embed_model)?,
+        until: Instant::now(),
+        interval: Duration::from_millis(1),
+    });
+    let (n, conns) = (args.load_streams.max(1), args.load_connections.max(1));
+    let mut channels = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        channels.push(d.channel().await?);
+    }
+    // The heap settles (the daemon trims it once writes are quiet) before each reading.
+    let settle = || tokio::time::sleep(Duration::from_secs(3));
+    settle().await;
+    println!(
+        "## Idle open streams: {n} of each kind over {conns} HTTP/2 connections, each after its first message ({} x {}-d in the collection; loopback)\n",
+        data.n(),
+        data.dim
+    );
+    println!(
+        "| kind | VmRSS before, MiB | with the second round open, MiB | per stream, first round, KiB | per stream, second round, KiB | after they close, MiB |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (kind, name) in KINDS.iter().enumerate() {
+        if !args.load_kinds.is_empty() && !args.load_kinds.iter().any(|k| k == name) {
+            continue;
+        }
+        // Twice: the first round also grows what the daemon keeps for a load of this
+        // size once seen (the embedder's arena for a batch of n images, the runtime's
+        // buffers), the second is what the streams themselves hold.
+        let first = hold_many(&d, &channels, kind, n, &sh).await?;
+        let second = hold_many(&d, &channels, kind, n, &sh).await?;
+        let per = |(before, open, _): (u64, u64, u64)| (open as f64 - before as f64) / n as f64;
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            first.0 as f64 / 1024.0,
+            second.1 as f64 / 1024.0,
+            per(first),
+            per(second),
+            second.2 as f64 / 1024.0,
+        );
+    }
+    println!();
+    d.stop().await
+}
+
+/// Opens `n` streams of `kind`, each past its first message, reads the daemon's RSS,
+/// closes them: RSS before, with them open, and after (KiB).
+async fn hold_many(
+    d: &Daemon,
+    channels: &[Channel],
+    kind: usize,
+    n: usize,
+    sh: &Arc<Shared>,
+) -> Result<(u64, u64, u64), String> {
+    let settle = || tokio::time::sleep(Duration::from_secs(3));
+    let conns = channels.len();
+    {
+        let before = d.memory_kib()?.0;
+        let (close_tx, close_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(n);
+        for i in 0..n {
+            let (ch, sh) = (channels[i % conns].clone(), sh.clone());
+            let (open_tx, mut close_rx) = (open_tx.clone(), close_rx.clone());
+            tasks.spawn(async move {
+                let held = hold_one(ch, kind, i, &sh).await;
+                let _ = open_tx
+                    .send(held.as_ref().map(|_| ()).map_err(|e| e.to_string()))
+                    .await;
+                let _ = close_rx.wait_for(|c| *c).await;
+                drop(held);
+            });
+        }
+        for _ in 0..n {
+            open_rx.recv().await.ok_or("a stream task ended")??;
+        }
+        settle().await;
+        let open = d.memory_kib()?.0;
+        close_tx.send(true).map_err(|e| e.to_string())?;
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(|e| e.to_string())?;
+        }
+        settle().await;
+        let after = d.memory_kib()?.0;
+        Ok((before, open, after))
+    }
+}
+
+/// What keeps one idle stream open: its request sender and its answer stream.
+type Held = (Box<dyn std::any::Any + Send>, Box<dyn std::any::Any + Send>);
+
+/// Opens a stream of `kind`, sends its first message or reads its first answer.
+async fn hold_one(ch: Channel, kind: usize, n: usize, sh: &Shared) -> Result<Held, tonic::Status> {
+    let mut t = Tally::default();
+    let name = KINDS[kind];
+    match name {
+        "EmbedStream" => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut out = EmbedderClient::new(ch)
+                .embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let req = pb::EmbedRequest {
+                model: sh.model.clone(),
+                inputs: vec![sh.images[n % sh.images.len()].clone()],
+            };
+            round_trip(&tx, &mut out, req, name, &mut t).await?;
+            Ok((Box::new(tx), Box::new(out)))
+        }
+        "Session" => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut out = MinerClient::new(ch)
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let anchors = (0..2)
+                .map(|j| {
+                    let it = &sh.items[(n * 31 + j) % sh.items.len()];
+                    pb::StepAnchor {
+                        id: it.id.clone(),
+                        label: it.label.clone(),
+                        vector: it.vector.clone(),
+                    }
+                })
+                .collect();
+            let msg = pb::MineStep {
+                step: 0,
+                request: Some(mine_request(n as u64)),
+                anchors,
+                write_back: false,
+            };
+            round_trip(&tx, &mut out, msg, name, &mut t).await?;
+            Ok((Box::new(tx), Box::new(out)))
+        }
+        "MineTriplets" => {
+            let mut out = MinerClient::new(ch)
+                .mine_triplets(mine_request(1000 + n as u64))
+                .await?
+                .into_inner();
+            match out.next().await {
+                Some(r) => r.map(|_| ())?,
+                None => return Err(tonic::Status::aborted("MineTriplets ended early")),
+            }
+            Ok((Box::new(()), Box::new(out)))
+        }
+        _ => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let mut client = ItemsClient::new(ch);
+            let call = tokio::spawn(async move {
+                client
+                    .upsert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
+            let msg = pb::UpsertRequest {
+                collection: COLLECTION.into(),
+                items: vec![sh.items[(n * 7) % sh.items.len()].clone()],
+            };
+            tx.send(msg)
+                .await
+                .map_err(|_| tonic::Status::aborted("UpsertStream ended early"))?;
+            // Dropping the sender ends the stream (committed); the call is aborted with it.
+            Ok((Box::new(tx), Box::new(AbortOnDrop(call))))
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -41,13 +41,13 @@ use clap::Parser;
 use crate::daemon::{Daemon, Spec};
 use crate::data::Data;
 
-const PARTS: [&str; 13] = [
+const PARTS: [&str; 14] = [
     "ingest", "search", "embed", "mixed", "memory", "restart", "curve", "mine", "session", "load",
-    "sizing", "activate", "reach",
+    "streams", "sizing", "activate", "reach",
 ];
 /// Parts that run only when `--only` names them (long, or with data sets of their own).
-const ON_REQUEST: [&str; 7] = [
-    "curve", "mine", "session", "load", "sizing", "activate", "reach",
+const ON_REQUEST: [&str; 8] = [
+    "curve", "mine", "session", "load", "streams", "sizing", "activate", "reach",
 ];
 
 #[derive(Debug, Clone, Parser)]
@@ -216,15 +216,15 @@ pub struct Args {
     /// smaller ef and pool is the main knob on a step's cost.
     #[arg(long, default_value_t = 0)]
     pub session_expansion: u32,
-    /// load: concurrent streams held open (EmbedStream, Session, MineTriplets and
+    /// load, streams: concurrent streams held open (EmbedStream, Session, MineTriplets and
     /// UpsertStream in turn).
     #[arg(long, default_value_t = 1000)]
     pub load_streams: usize,
-    /// load: only these stream kinds (EmbedStream, Session, MineTriplets, UpsertStream);
+    /// load, streams: only these stream kinds (EmbedStream, Session, MineTriplets, UpsertStream);
     /// default all four in turn.
     #[arg(long, value_delimiter = ',')]
     pub load_kinds: Vec<String>,
-    /// load: HTTP/2 connections the streams share.
+    /// load, streams: HTTP/2 connections the streams share.
     #[arg(long, default_value_t = 50)]
     pub load_connections: usize,
     /// load: each stream sends (or reads) one message per this many ms.
@@ -249,7 +249,7 @@ pub struct Args {
     #[arg(long, default_value_t = 20_000)]
     pub activate_n: usize,
     /// Only run these parts (ingest, search, embed, mixed, memory, restart, curve, mine,
-    /// session, load, sizing, activate, reach); default all but the last seven.
+    /// session, load, streams, sizing, activate, reach); default all but the last eight.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// The data sets of the curve part, each with its own daemon and in-process index
@@ -530,6 +530,9 @@ async fn run(args: Args) -> Result<(), String> {
     }
     if want("load") {
         load::run(&ctx).await?;
+    }
+    if want("streams") {
+        load::idle(&ctx).await?;
     }
     if want("sizing") {
         sizing::run(&ctx).await?;
