@@ -545,3 +545,16 @@ pub async fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Waits until `coll`'s index has been swept for unreachable nodes since its last write
+/// (the daemon sweeps once writes go quiet), so that a test sees the graph settled.
+pub async fn wait_for_sweep(coll: &likeness::collections::Collection, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while coll.reach_counts().sweeps == 0 || coll.unswept() > 0 || coll.sweep_due() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sweep after the ingest"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

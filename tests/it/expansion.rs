@@ -115,14 +115,7 @@ async fn concurrent_searches_at_different_ef_do_not_affect_each_other() {
     // graph): let it finish first, so that only the ef differs between the runs.
     let app = server.app().await;
     let coll = app.registry().collection("hard").unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while coll.reach_counts().sweeps == 0 || coll.unswept() > 0 || coll.sweep_due() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no sweep after the ingest"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_sweep(&coll, std::time::Duration::from_secs(120)).await;
     drop((coll, app));
     let efs = [10u32, 512];
     // Alone: what each ef answers (a graph search is deterministic for a given graph).

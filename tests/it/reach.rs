@@ -117,14 +117,7 @@ async fn every_item_of_a_concurrent_100k_ingest_finds_itself_at_k_1() {
     // after it are then swept once the catch-up delay has passed, a minute or so.)
     let app = server.app().await;
     let coll = app.registry().collection("reach").unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while coll.reach_counts().sweeps == 0 || coll.unswept() > 0 || coll.sweep_due() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no sweep after the ingest"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_sweep(&coll, std::time::Duration::from_secs(300)).await;
     let reach = coll.reach_counts();
     println!("after the ingest and its sweep: {reach:?}");
     let missed = not_found_first(&server, &vectors).await;
