@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use backup::BackupInfo;
-pub use catalogue::{Catalogue, LabelId, TagView};
+pub use catalogue::{Catalogue, ClassLayout, LabelId, TagView};
 pub use collection::{Collection, IndexAudit, SearchStats, WritePhase, WriteStats};
 pub use search::{KnnOptions, KnnQuery, KnnResult, Neighbour, knn_parallel};
 pub use spec::CreateCollection;

@@ -5,14 +5,15 @@
 //! the classes it is confused with. Here each batch is an anchor class, then the labels
 //! of its items' nearest negatives (the index knows them), then random classes.
 //!
-//! A pass: every class keeps its items of the shard in a shuffled queue and hands out
-//! the next K each time it is put in a batch (reshuffled when it runs out). Anchor
-//! classes are drawn from the classes whose queue has not yet run out once; the pass
-//! ends when none is left, so every item of the shard comes at least once per pass,
-//! and a pass is about N / (P K) batches. Items written after a pass began join at the
-//! next pass; items deleted meanwhile are skipped.
+//! A pass: every class hands out its next K items of the shard each time it is put in
+//! a batch, in an order the seed decides per class and round (a new order when a round
+//! ends). Anchor classes are drawn from the classes whose first round has not ended;
+//! the pass ends when none is left, so every item of the shard comes at least once per
+//! pass, and a pass is about N / (P K) batches. Items written after a pass began join
+//! at the next pass; items deleted meanwhile are skipped. The classes' keys are the
+//! catalogue's shared [`ClassLayout`], so an open stream costs a cursor per class.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,9 +21,9 @@ use tokio::sync::mpsc;
 
 use super::job::{MinedItem, Stats};
 use super::spec::Shard;
-use crate::collections::{Collection, KnnOptions, KnnQuery, LabelId};
+use crate::collections::{Catalogue, ClassLayout, Collection, KnnOptions, KnnQuery, LabelId};
 use crate::error::{Error, Field, Result};
-use crate::rng::Rng;
+use crate::rng::{Permutation, Rng};
 
 /// Classes per batch when the request leaves it at 0.
 pub const DEFAULT_CLASSES: usize = 8;
@@ -158,23 +159,31 @@ pub struct ClassBatch {
     pub last: bool,
 }
 
-/// One class's items of the shard, handed out K at a time.
-struct Queue {
-    label: LabelId,
-    name: Arc<str>,
-    keys: Vec<u64>,
-    cursor: usize,
+/// Where a pass stands in one class of the layout. The class's keys are visited in the
+/// order of a seeded permutation per round (no copy of them is kept), skipping those
+/// that are not in this stream's shard, too old, or gone since the layout was made.
+#[derive(Clone, Copy, Default)]
+struct ClassCursor {
+    /// Items of the class that this stream may hand out, as counted at lay-out.
+    eligible: u32,
+    /// Position in this round's order.
+    cursor: u32,
+    /// Rounds begun: each has its own order.
+    round: u32,
 }
 
-/// The state of a stream between batches.
+/// The state of a stream between batches: a shared [`ClassLayout`] and a cursor per
+/// class, about 16 bytes per class.
 pub struct Passes {
     coll: Arc<Collection>,
     spec: BatchSpec,
     rng: Rng,
-    queues: Vec<Queue>,
-    by_label: HashMap<LabelId, usize>,
-    /// Classes whose queue has not run out yet this pass (indices into `queues`).
-    remaining: Vec<usize>,
+    layout: Arc<ClassLayout>,
+    cursors: Vec<ClassCursor>,
+    /// Classes with an eligible item (indices into the layout's classes).
+    live: Vec<u32>,
+    /// Classes whose items have not all come once yet this pass.
+    remaining: Vec<u32>,
     pass: u64,
     batch: u64,
     unlabelled: Option<LabelId>,
@@ -188,8 +197,9 @@ impl Passes {
             rng: Rng::new(spec.seed ^ 0x6261_7463_6865_7321),
             coll,
             spec,
-            queues: Vec::new(),
-            by_label: HashMap::new(),
+            layout: Arc::new(ClassLayout::default()),
+            cursors: Vec::new(),
+            live: Vec::new(),
             remaining: Vec::new(),
             pass: 0,
             batch: 0,
@@ -199,81 +209,82 @@ impl Passes {
         Ok(p)
     }
 
-    /// The queues of a new pass, from the collection as it stands: every labelled,
-    /// fresh-enough item of the shard, class by class (sorted by label, then id, then
-    /// shuffled by the seed, so a seed gives the same stream on the same data).
+    /// A new pass over the collection as it stands: every labelled, fresh-enough item
+    /// of the shard, class by class (classes by label, items by id, then in an order
+    /// the seed decides, so a seed gives the same stream on the same data).
     fn lay_out(&mut self) -> Result<()> {
         let spec = &self.spec;
-        // Label name -> (label, its (id, key) members in the shard).
-        type Members = (LabelId, Vec<(Arc<str>, u64)>);
-        let mut classes: BTreeMap<Arc<str>, Members> = BTreeMap::new();
         {
             let c = self.coll.catalogue();
-            for label in c.labels() {
-                if Some(label) == self.unlabelled {
-                    continue;
-                }
-                let members: Vec<(Arc<str>, u64)> = c
-                    .members(label)
-                    .iter()
-                    .filter_map(|&k| {
-                        let e = c.get(k)?;
-                        (e.generation >= spec.min_generation && spec.shard.contains(&e.id))
-                            .then(|| (e.id.clone(), k))
-                    })
-                    .collect();
-                if !members.is_empty() {
-                    classes.insert(Arc::from(c.label_name(label)), (label, members));
-                }
-            }
+            self.layout = c.class_layout(self.unlabelled);
+            self.cursors = self
+                .layout
+                .classes
+                .iter()
+                .enumerate()
+                .map(|(i, _)| ClassCursor {
+                    eligible: self
+                        .layout
+                        .keys_of(i)
+                        .iter()
+                        .filter(|&&k| eligible(&c, spec, k))
+                        .count() as u32,
+                    ..ClassCursor::default()
+                })
+                .collect();
         }
-        if classes.len() < 2 {
+        self.live = (0..self.cursors.len() as u32)
+            .filter(|&i| self.cursors[i as usize].eligible > 0)
+            .collect();
+        if self.live.len() < 2 {
             return Err(Error::invalid(
                 "collection",
                 format!(
                     "collection {:?} has {} labelled classes in this shard; a batch needs two at least",
                     spec.collection,
-                    classes.len()
+                    self.live.len()
                 ),
             ));
         }
-        self.queues.clear();
-        self.by_label.clear();
-        for (name, (label, mut members)) in classes {
-            members.sort_unstable();
-            let mut keys: Vec<u64> = members.into_iter().map(|(_, k)| k).collect();
-            shuffle(&mut self.rng, &mut keys);
-            self.by_label.insert(label, self.queues.len());
-            self.queues.push(Queue {
-                label,
-                name,
-                keys,
-                cursor: 0,
-            });
-        }
-        self.remaining = (0..self.queues.len()).collect();
+        self.remaining = self.live.clone();
         Ok(())
     }
 
-    /// The next K (or all, for a smaller class) distinct items of class `q`; a queue
-    /// that runs out is reshuffled and its class leaves `remaining`.
-    fn take(&mut self, q: usize) -> Vec<u64> {
-        let k = self.spec.per_class;
-        let queue = &mut self.queues[q];
-        let want = k.min(queue.keys.len());
+    /// The order of class `q`'s keys in its current round.
+    fn order(&self, q: usize) -> Permutation {
+        let round = u64::from(self.cursors[q].round);
+        let seed = self.spec.seed
+            ^ (q as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ round.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+            ^ self.pass.wrapping_mul(0x1656_67B1_9E37_79F9);
+        Permutation::new(self.layout.classes[q].len(), seed)
+    }
+
+    /// The next K (or all, for a smaller class) distinct eligible items of class `q`;
+    /// a class whose round comes to its end begins the next in a new order and leaves
+    /// `remaining`.
+    fn take(&mut self, c: &Catalogue, q: usize) -> Vec<u64> {
+        let want = self.spec.per_class.min(self.cursors[q].eligible as usize);
+        let keys = self.layout.keys_of(q);
+        let n = keys.len();
+        let mut order = self.order(q);
         let mut out = Vec::with_capacity(want);
-        while out.len() < want {
-            if queue.cursor == queue.keys.len() {
-                shuffle(&mut self.rng, &mut queue.keys);
-                queue.cursor = 0;
+        // Items may have gone since the lay-out: two rounds at most.
+        let mut budget = 2 * n;
+        while out.len() < want && budget > 0 {
+            budget -= 1;
+            if self.cursors[q].cursor as usize == n {
+                self.cursors[q].cursor = 0;
+                self.cursors[q].round += 1;
+                order = self.order(q);
             }
-            let key = queue.keys[queue.cursor];
-            queue.cursor += 1;
-            if !out.contains(&key) {
+            let key = keys[order.at(self.cursors[q].cursor as usize)];
+            self.cursors[q].cursor += 1;
+            if eligible(c, &self.spec, key) && !out.contains(&key) {
                 out.push(key);
             }
-            if queue.cursor == queue.keys.len()
-                && let Some(pos) = self.remaining.iter().position(|&r| r == q)
+            if self.cursors[q].cursor as usize == n
+                && let Some(pos) = self.remaining.iter().position(|&r| r as usize == q)
             {
                 self.remaining.swap_remove(pos);
             }
@@ -295,9 +306,13 @@ impl Passes {
             self.pass += 1;
             self.lay_out()?;
         }
-        let anchor = self.remaining[self.rng.below(self.remaining.len())];
-        let anchor_keys = self.take(anchor);
-        let p = spec.classes.min(self.queues.len());
+        let anchor = self.remaining[self.rng.below(self.remaining.len())] as usize;
+        let anchor_keys = {
+            let coll = self.coll.clone();
+            let c = coll.catalogue();
+            self.take(&c, anchor)
+        };
+        let p = spec.classes.min(self.live.len());
         let mut chosen: Vec<(usize, f32)> = vec![(anchor, 0.0)];
 
         // Neighbours: the labels of the anchor-class items' nearest negatives, nearest
@@ -311,7 +326,7 @@ impl Passes {
                     queries.push(KnnQuery {
                         vector,
                         exclude_key: Some(key),
-                        exclude_label: Some(self.queues[anchor].label),
+                        exclude_label: Some(self.layout.classes[anchor].label),
                         min_distance: None,
                     });
                 }
@@ -358,8 +373,8 @@ impl Passes {
                 .collect();
             let mut ranked: Vec<(usize, f32)> = nearest
                 .into_iter()
-                .filter_map(|(l, d)| self.by_label.get(&l).map(|&q| (q, d)))
-                .filter(|(q, _)| *q != anchor)
+                .filter_map(|(l, d)| self.layout.class_of(l).map(|q| (q, d)))
+                .filter(|(q, _)| *q != anchor && self.cursors[*q].eligible > 0)
                 .collect();
             ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
             for (q, d) in ranked.into_iter().take(want_neighbours) {
@@ -373,9 +388,9 @@ impl Passes {
         while chosen.len() < p && tries > 0 {
             tries -= 1;
             let q = if !self.remaining.is_empty() && tries > 32 * p {
-                self.remaining[self.rng.below(self.remaining.len())]
+                self.remaining[self.rng.below(self.remaining.len())] as usize
             } else {
-                self.rng.below(self.queues.len())
+                self.live[self.rng.below(self.live.len())] as usize
             };
             if !chosen.iter().any(|(c, _)| *c == q) {
                 chosen.push((q, f32::NAN));
@@ -385,13 +400,17 @@ impl Passes {
 
         // K items of each class, then resolved.
         let mut keys_of: Vec<Vec<u64>> = vec![anchor_keys];
-        for &(q, _) in &chosen[1..] {
-            keys_of.push(self.take(q));
+        {
+            let coll = self.coll.clone();
+            let c = coll.catalogue();
+            for &(q, _) in &chosen[1..] {
+                keys_of.push(self.take(&c, q));
+            }
         }
         let mut out = ClassBatch {
             classes: chosen
                 .iter()
-                .map(|(q, _)| self.queues[*q].name.clone())
+                .map(|(q, _)| self.layout.classes[*q].name.clone())
                 .collect(),
             neighbours: neighbours as u32,
             class_distances: chosen.iter().map(|(_, d)| *d).collect(),
@@ -409,7 +428,7 @@ impl Passes {
                         used.push((
                             key,
                             e.id.clone(),
-                            self.queues[*q].name.clone(),
+                            self.layout.classes[*q].name.clone(),
                             e.generation,
                         ));
                     }
@@ -451,11 +470,10 @@ impl Passes {
     }
 }
 
-/// A Fisher-Yates shuffle.
-fn shuffle<T>(rng: &mut Rng, v: &mut [T]) {
-    for i in (1..v.len()).rev() {
-        v.swap(i, rng.below(i + 1));
-    }
+/// Whether this stream hands out `key`: still catalogued, fresh enough, in the shard.
+fn eligible(c: &Catalogue, spec: &BatchSpec, key: u64) -> bool {
+    c.get(key)
+        .is_some_and(|e| e.generation >= spec.min_generation && spec.shard.contains(&e.id))
 }
 
 /// Runs a MineBatches stream: one batch at a time on the search pool as background

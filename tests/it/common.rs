@@ -2,6 +2,9 @@
 //! gracefully on `stop` (or abruptly when dropped), and data generators.
 #![allow(dead_code)]
 
+pub mod corpus;
+pub mod store;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

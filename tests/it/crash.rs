@@ -220,7 +220,7 @@ async fn verify(url: &str, ledger: &Ledger) {
 /// itself, so no scan of the store can answer for a lost entry. That the audit sees a
 /// lost entry is tested in `engine::the_audit_sees_a_lost_index_entry`.
 fn audit(dir: &std::path::Path, from_snapshot: bool) {
-    let (db, report) = crate::recovery::open(dir);
+    let (db, report) = crate::common::store::open(dir);
     assert_eq!(report[0].from_snapshot, from_snapshot);
     let audit = db.collection("crash").unwrap().audit_index().unwrap();
     assert!(

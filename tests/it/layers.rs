@@ -215,6 +215,37 @@ fn every_module_uses_only_lower_layers() {
     assert!(bad.is_empty(), "layering broken:\n{}", bad.join("\n"));
 }
 
+/// The integration tests share helpers through `common` only: a test module that
+/// imports another's helpers ties the two together (issue 20).
+#[test]
+fn test_modules_share_helpers_through_common_only() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it");
+    let mut files = Vec::new();
+    sources(&dir, &mut files);
+    let mut bad = Vec::new();
+    let mut seen_common = false;
+    for file in files {
+        let rel = file.strip_prefix(&dir).unwrap().display().to_string();
+        let code = code_only(&std::fs::read_to_string(&file).unwrap());
+        // The rank check does not apply here: every name counts.
+        let mut rest = code.as_str();
+        while let Some(i) = rest.find("crate::") {
+            rest = &rest[i + "crate::".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name == "common" {
+                seen_common = true;
+            } else if !rel.starts_with("common") {
+                bad.push(format!("{rel} uses crate::{name}"));
+            }
+        }
+    }
+    assert!(seen_common, "the check found no use of common at all");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
 #[test]
 fn the_check_sees_a_circle_and_the_forms_of_a_path() {
     let path = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -10,8 +10,8 @@ use likeness::grpc::pb;
 use likeness::types::Metric;
 use tokio_stream::StreamExt;
 
+use crate::common::corpus::{Corpus, ids_anchors, mine_all, miner, request};
 use crate::common::*;
-use crate::mine::{Corpus, ids_anchors, mine_all, miner, request};
 
 /// One item with its vector, if it exists.
 async fn get_one(

@@ -3,18 +3,10 @@
 
 use std::sync::{Arc, Barrier};
 
-use crate::common::clustered;
-use likeness::collections::{CreateCollection, Recovered, Registry, Settings};
+use crate::common::store::{create, items, open};
+use likeness::collections::Registry;
 use likeness::error::Field;
-use likeness::types::{ItemData, Metric, QueryTarget, SearchParams};
-
-pub fn open(dir: &std::path::Path) -> (Registry, Vec<Recovered>) {
-    let mut settings = Settings::new(dir);
-    settings.cache_bytes = 32 << 20;
-    let db = Registry::open(settings).unwrap();
-    let report = db.recover().unwrap();
-    (db, report)
-}
+use likeness::types::{ItemData, QueryTarget, SearchParams};
 
 fn upsert(db: &Registry, name: &str, items: Vec<ItemData>) {
     db.upsert(&db.collection(name).unwrap(), &items).unwrap();
@@ -29,31 +21,6 @@ fn search(db: &Registry, name: &str, q: QueryTarget, p: SearchParams) -> Vec<lik
         .unwrap()
         .search(&Field::name("query"), &q, &p)
         .unwrap()
-}
-
-pub fn items(from: usize, n: usize, dim: usize) -> Vec<ItemData> {
-    let (vectors, labels) = clustered(n, dim, 10, 0.2, from as u64 + 1);
-    vectors
-        .into_iter()
-        .zip(labels)
-        .enumerate()
-        .map(|(i, (vector, l))| ItemData {
-            id: format!("i{}", from + i),
-            label: format!("L{l}"),
-            vector,
-            ..Default::default()
-        })
-        .collect()
-}
-
-pub fn create(db: &Registry, name: &str, dim: u32) {
-    db.create(CreateCollection {
-        name: name.into(),
-        dimension: dim,
-        metric: Some(Metric::Cosine),
-        ..Default::default()
-    })
-    .unwrap();
 }
 
 #[test]

@@ -12,7 +12,7 @@ use likeness::grpc::pb::items_client::ItemsClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::backup::{Tmpfs, full_item, vector_of};
+use crate::common::store::{Tmpfs, full_item, vector_of};
 use crate::common::*;
 
 const DIM: u32 = 8;

@@ -31,6 +31,14 @@ use crate::Ctx;
 use crate::daemon::{COLLECTION, Daemon, search_request};
 
 const KINDS: [&str; 4] = ["EmbedStream", "Session", "MineTriplets", "UpsertStream"];
+/// The kinds `--only streams` holds idle: the load's four, and the class-batch stream.
+const IDLE_KINDS: [&str; 5] = [
+    "EmbedStream",
+    "Session",
+    "MineTriplets",
+    "UpsertStream",
+    "MineBatches",
+];
 const UNARY: [&str; 3] = ["Search", "Upsert", "Embed"];
 
 /// What every caller records: latencies and statuses per call kind.
@@ -510,15 +518,15 @@ pub async fn idle(ctx: &Ctx) -> Result<(), String> {
         "| kind | VmRSS before, MiB | with the second round open, MiB | per stream, first round, KiB | per stream, second round, KiB | after they close, MiB |"
     );
     println!("|---|---|---|---|---|---|");
-    for (kind, name) in KINDS.iter().enumerate() {
+    for name in IDLE_KINDS {
         if !args.load_kinds.is_empty() && !args.load_kinds.iter().any(|k| k == name) {
             continue;
         }
         // Twice: the first round also grows what the daemon keeps for a load of this
         // size once seen (the embedder's arena for a batch of n images, the runtime's
         // buffers), the second is what the streams themselves hold.
-        let first = hold_many(&d, &channels, kind, n, &sh).await?;
-        let second = hold_many(&d, &channels, kind, n, &sh).await?;
+        let first = hold_many(&d, &channels, name, n, &sh).await?;
+        let second = hold_many(&d, &channels, name, n, &sh).await?;
         let per = |(before, open, _): (u64, u64, u64)| (open as f64 - before as f64) / n as f64;
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
@@ -538,7 +546,7 @@ pub async fn idle(ctx: &Ctx) -> Result<(), String> {
 async fn hold_many(
     d: &Daemon,
     channels: &[Channel],
-    kind: usize,
+    kind: &'static str,
     n: usize,
     sh: &Arc<Shared>,
 ) -> Result<(u64, u64, u64), String> {
@@ -580,9 +588,13 @@ async fn hold_many(
 type Held = (Box<dyn std::any::Any + Send>, Box<dyn std::any::Any + Send>);
 
 /// Opens a stream of `kind`, sends its first message or reads its first answer.
-async fn hold_one(ch: Channel, kind: usize, n: usize, sh: &Shared) -> Result<Held, tonic::Status> {
+async fn hold_one(
+    ch: Channel,
+    name: &'static str,
+    n: usize,
+    sh: &Shared,
+) -> Result<Held, tonic::Status> {
     let mut t = Tally::default();
-    let name = KINDS[kind];
     match name {
         "EmbedStream" => {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -630,6 +642,19 @@ async fn hold_one(ch: Channel, kind: usize, n: usize, sh: &Shared) -> Result<Hel
             match out.next().await {
                 Some(r) => r.map(|_| ())?,
                 None => return Err(tonic::Status::aborted("MineTriplets ended early")),
+            }
+            Ok((Box::new(()), Box::new(out)))
+        }
+        "MineBatches" => {
+            let req = pb::BatchRequest {
+                collection: COLLECTION.into(),
+                seed: n as u64,
+                ..Default::default()
+            };
+            let mut out = MinerClient::new(ch).mine_batches(req).await?.into_inner();
+            match out.next().await {
+                Some(r) => r.map(|_| ())?,
+                None => return Err(tonic::Status::aborted("MineBatches ended early")),
             }
             Ok((Box::new(()), Box::new(out)))
         }

@@ -220,8 +220,8 @@ pub struct Args {
     /// UpsertStream in turn).
     #[arg(long, default_value_t = 1000)]
     pub load_streams: usize,
-    /// load, streams: only these stream kinds (EmbedStream, Session, MineTriplets, UpsertStream);
-    /// default all four in turn.
+    /// load, streams: only these stream kinds (EmbedStream, Session, MineTriplets,
+    /// UpsertStream; streams also MineBatches); default all in turn.
     #[arg(long, value_delimiter = ',')]
     pub load_kinds: Vec<String>,
     /// load, streams: HTTP/2 connections the streams share.
