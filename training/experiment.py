@@ -57,17 +57,24 @@ ROUND1 = ("siamese", "triplet-random", "triplet-inbatch",
           "likeness-semihard", "likeness-margin", "likeness-dbl")
 # Round two (issue 17): P x K batches with an in-batch semi-hard miner, plus a memory of
 # negatives beyond the batch kept in-process (xbm) or in the daemon's collection.
-ROUND2 = ("xbm", "likeness-batches", "likeness-memory", "likeness-batches-memory")
+# likeness-batches-activate: likeness-batches' batches and loss, but the daemon keeps the
+# collection's vectors: the trainer publishes each version of its network (ONNX) and
+# activates it on the collection of training images, and trains on while the daemon
+# re-embeds them.
+ROUND2 = ("xbm", "likeness-batches", "likeness-memory", "likeness-batches-memory",
+          "likeness-batches-activate")
 METHODS = ROUND1 + ROUND2
 LIKENESS_METHODS = ("likeness-semihard", "likeness-margin", "likeness-dbl",
-                    "likeness-batches", "likeness-memory", "likeness-batches-memory")
+                    "likeness-batches", "likeness-memory", "likeness-batches-memory",
+                    "likeness-batches-activate")
 MEMORY_METHODS = ("xbm", "likeness-memory", "likeness-batches-memory")
-NEIGHBOUR_METHODS = ("likeness-batches", "likeness-batches-memory")
+NEIGHBOUR_METHODS = ("likeness-batches", "likeness-batches-memory", "likeness-batches-activate")
+ACTIVATE_METHODS = ("likeness-batches-activate",)
 PK_METHODS = ("triplet-inbatch",) + ROUND2
 DEFAULT_METHODS = {
     "fmnist": ROUND1, "glyphs": ROUND1,
     "cjk": ("triplet-inbatch", "xbm", "likeness-batches", "likeness-memory",
-            "likeness-batches-memory", "likeness-semihard"),
+            "likeness-batches-memory", "likeness-semihard", "likeness-batches-activate"),
 }
 TRIPLET_MARGIN = 0.2
 
@@ -504,6 +511,9 @@ class Run:
         probe_rng = np.random.default_rng(1234)
         self.probe = np.sort(probe_rng.choice(len(self.y), min(512, len(self.y)), replace=False))
         self.probe_prev = None
+        # likeness-batches-activate: the daemon re-embeds the collection (see start_model)
+        self.act = None
+        self.eval_s = 0.0
 
     # ---- images -> embeddings
     def forward(self, idx, train=True):
@@ -581,6 +591,158 @@ class Run:
                 "class_distances": [float(x) for x in b.class_distances]}
         return idx
 
+    # ---- likeness-batches-activate: the daemon keeps the collection's vectors
+    def start_model(self):
+        """Publishes the untrained network as version 0, creates the training collection
+        bound to it (ids and labels as the other likeness methods') and enrols the
+        training images as PNG inputs, in a background thread: the daemon embeds them on
+        ingest while the warm-up trains on random P x K batches."""
+        from concurrent.futures import ThreadPoolExecutor
+        import onnx_release
+        name = f"{self.bench['name']}-{self.method}-{self.seed}-{os.getpid()}"
+        self.collection = name
+        self.act = {"model": name, "dir": tempfile.mkdtemp(prefix="likeness-act-"),
+                    "next_version": 0, "pending": None, "activated": 0, "last_poll": 0.0,
+                    "pool": ThreadPoolExecutor(1), "enrol": None, "check_model": None,
+                    "log": {"export_seconds": 0.0, "publish_seconds": 0.0,
+                            "activate_call_seconds": 0.0, "wait_seconds": 0.0,
+                            "poll_seconds": 0.0, "polls": 0, "enrol_seconds": None,
+                            "enrol_wait_seconds": 0.0, "activations": [],
+                            "first_neighbour_step": None, "check_max_abs_diff": None}}
+        self.publish_version()
+        self.client.create_collection(name, model=f"{name}@0")
+        ids = [str(i) for i in range(len(self.y))]
+        labels = [str(int(v)) for v in self.y]
+
+        def enrol():
+            t = time.perf_counter()
+            inputs = [onnx_release.png(a) for a in self.x_u8]
+            self.client.upsert(name, ids, inputs=inputs, labels=labels, batch_size=500)
+            return time.perf_counter() - t
+
+        self.act["enrol"] = self.act["pool"].submit(enrol)
+
+    def publish_version(self):
+        """Exports the network as it is (eval mode) to ONNX + model.toml and publishes
+        it as the model's next version; returns the version."""
+        import onnx_release
+        a, log = self.act, self.act["log"]
+        version = str(a["next_version"])
+        t = time.perf_counter()
+        manifest = onnx_release.export(self.model, a["dir"], a["model"], version,
+                                       self.mean, self.std)
+        t1 = time.perf_counter()
+        self.client.publish(a["model"], manifest)
+        log["publish_seconds"] += time.perf_counter() - t1
+        log["export_seconds"] += t1 - t
+        if version == "1":  # checked once against the daemon's vectors (poll_activation)
+            import copy
+            a["check_model"] = copy.deepcopy(self.model).eval()
+        a["next_version"] += 1
+        return version
+
+    def start_activation(self, step):
+        """At the end of the warm-up and every --refresh steps: publish the network and
+        activate it on the training collection. Returns at once; the daemon re-embeds
+        the stored images while training goes on (poll_activation). A previous
+        activation still running, or the enrolment, is waited for first."""
+        a, log = self.act, self.act["log"]
+        if a["enrol"] is not None:
+            t = time.perf_counter()
+            log["enrol_seconds"] = a["enrol"].result()  # re-raises the thread's error
+            log["enrol_wait_seconds"] = time.perf_counter() - t
+            a["enrol"] = None
+        if a["pending"] is not None:
+            t = time.perf_counter()
+            self.poll_activation(step, block=True)
+            log["wait_seconds"] += time.perf_counter() - t
+        version = self.publish_version()
+        t = time.perf_counter()
+        self.client.activate(self.collection, a["model"], version)
+        now = time.perf_counter()
+        log["activate_call_seconds"] += now - t
+        a["pending"] = {"version": version, "step": step, "t0": t, "eval0": self.eval_s}
+        a["last_poll"] = now
+
+    def poll_activation(self, step, block=False):
+        """Whether the pending activation is done (at most every 0.25 s unless `block`,
+        which waits for it). When it is, the batch stream is reopened, so that the
+        batches from here on are mined from the new version's vectors."""
+        a, log = self.act, self.act["log"]
+        p = a["pending"]
+        now = time.perf_counter()
+        if p is None or (not block and now - a["last_poll"] < 0.25):
+            return
+        a["last_poll"] = now
+        if block:
+            info = self.client.wait_activation(self.collection, timeout=3600, poll=0.05)
+        else:
+            info = self.client.get_collection(self.collection)
+            log["polls"] += 1
+            log["poll_seconds"] += time.perf_counter() - now
+        act = info.activation
+        if act is None or act.version != p["version"]:
+            raise RuntimeError(f"{self.collection}: activation {act} is not version "
+                               f"{p['version']}'s")
+        if act.state == "failed":
+            raise RuntimeError(f"{self.collection}: activation failed: {act.error}")
+        if act.state != "done":
+            return
+        done = time.perf_counter()
+        log["activations"].append({
+            "version": p["version"], "step": p["step"], "done_step": step,
+            "steps_during": step - p["step"], "wall_seconds": done - p["t0"],
+            "eval_seconds_during": self.eval_s - p["eval0"], "blocked": block,
+            "items": int(act.total), "daemon_rate": float(act.rate), "finished": True})
+        a["pending"] = None
+        a["activated"] += 1
+        if log["first_neighbour_step"] is None and step >= self.warmup:
+            log["first_neighbour_step"] = step
+        if a["check_model"] is not None and act.version == "1":
+            log["check_max_abs_diff"] = self.check_vectors(a["check_model"])
+            a["check_model"] = None
+        if self.nb_iter is not None:  # batches of the new vectors from the next one on
+            getattr(self.nb_iter, "close", lambda: None)()
+            self.nb_iter = None
+
+    def check_vectors(self, model):
+        """Largest difference between the daemon's stored vectors of 16 training images
+        and what the published network (`model`, a copy in eval mode) makes of them."""
+        torch = self.torch
+        idx = self.probe[:16]
+        got = self.client.get(self.collection, [str(int(i)) for i in idx],
+                              with_vectors=True).vectors
+        with torch.no_grad():
+            want = model((self.x[torch.as_tensor(idx)] - self.mean) / self.std).numpy()
+        return float(np.abs(np.asarray(got) - want).max())
+
+    def end_model(self):
+        """After the last step: an activation still running is left unfinished (its
+        progress recorded); the export folder goes."""
+        a, log = self.act, self.act["log"]
+        p = a["pending"]
+        if p is not None:
+            info = self.client.get_collection(self.collection)
+            act = info.activation
+            log["activations"].append({
+                "version": p["version"], "step": p["step"], "done_step": None,
+                "steps_during": self.args.steps - p["step"],
+                "wall_seconds": time.perf_counter() - p["t0"],
+                "eval_seconds_during": self.eval_s - p["eval0"], "blocked": False,
+                "items": int(act.total) if act else None,
+                "items_done": int(act.done) if act else None,
+                "daemon_rate": float(act.rate) if act else None, "finished": False})
+            a["pending"] = None
+        if a["enrol"] is not None:
+            log["enrol_seconds"] = a["enrol"].result()
+        a["pool"].shutdown()
+        shutil.rmtree(a["dir"], ignore_errors=True)
+        acts = log["activations"]
+        log["versions"] = a["next_version"]
+        log["steps_during_activations"] = int(sum(x["steps_during"] for x in acts))
+        log["activation_seconds"] = float(sum(x["wall_seconds"] for x in acts))
+        return log
+
     def pk_batch(self):
         P = min(len(self.classes), self.args.pk_classes)
         K = self.args.batch // P
@@ -596,6 +758,8 @@ class Run:
         the stored vectors the daemon's Session returned."""
         torch, m, step = self.torch, self.method, self.step_no
         neighbours = m in NEIGHBOUR_METHODS and step >= self.warmup
+        if m in ACTIVATE_METHODS:  # random batches until the first activation is done
+            neighbours = neighbours and self.act["activated"] > 0
         idx = self.neighbour_batch() if neighbours else self.pk_batch()
         e = self.forward(idx)
         labels = torch.from_numpy(self.y[idx])
@@ -758,23 +922,45 @@ class Run:
         return fc.recall_at_1(q, v["query_labels"], e, v["enrol_labels"])
 
     def train(self):
+        try:
+            return self._train()
+        except BaseException:
+            # An open MineBatches iterator left to the interpreter's exit can hang it
+            # (seen after the daemon stopped); likeness-batches-activate's thread and
+            # export folder go too.
+            if self.nb_iter is not None:
+                getattr(self.nb_iter, "close", lambda: None)()
+                self.nb_iter = None
+            if self.act is not None:
+                self.act["pool"].shutdown(wait=False, cancel_futures=True)
+                shutil.rmtree(self.act["dir"], ignore_errors=True)
+            raise
+
+    def _train(self):
         torch, args = self.torch, self.args
         uses_daemon = self.method in LIKENESS_METHODS
         curve = {"step": [], "loss": [], "val_step": [], "val_recall_at_1": []}
-        wall = refresh_s = eval_s = 0.0
+        wall = refresh_s = 0.0
+        self.eval_s = 0.0
         cpu0 = time.process_time()
         d_cpu0 = self.daemon.cpu_seconds() if (uses_daemon and self.daemon) else None
         t = time.perf_counter()
         periodic = uses_daemon and self.method in ROUND1
+        activate = self.method in ACTIVATE_METHODS
         if periodic:
             self.refresh(0)
+            refresh_s += time.perf_counter() - t
+        elif activate:  # version 0 published, the images enrolled while the warm-up runs
+            self.start_model()
             refresh_s += time.perf_counter() - t
         elif uses_daemon:  # round two: the collection fills by write-back from step 0
             self.collection = f"{self.bench['name']}-{self.method}-{self.seed}-{os.getpid()}"
             self.client.create_collection(self.collection, fc.EMBED_DIM, "l2")
         # Neighbour batches need every training item's vector: a full refresh at the end
         # of the warm-up (random P x K batches until then) and every --refresh steps after.
-        nb_refresh = self.method in NEIGHBOUR_METHODS
+        # likeness-batches-activate: at the same steps the daemon re-embeds the stored
+        # images with the published network, while the trainer goes on training.
+        nb_refresh = self.method in NEIGHBOUR_METHODS and not activate
         curve["drift_step"], curve["drift"] = [], []
         self.model.train()
         for step in range(args.steps):
@@ -787,6 +973,13 @@ class Run:
             if periodic and step > 0 and step % args.refresh == 0:
                 t_r = time.perf_counter()
                 self.refresh(step)
+                refresh_s += time.perf_counter() - t_r
+            if activate:
+                t_r = time.perf_counter()
+                if step >= self.warmup and (step - self.warmup) % args.refresh == 0:
+                    self.start_activation(step)
+                else:
+                    self.poll_activation(step)
                 refresh_s += time.perf_counter() - t_r
             loss = self.step_loss()
             self.opt.zero_grad(set_to_none=True)
@@ -810,24 +1003,31 @@ class Run:
                                                                axis=1).mean()))
                 self.probe_prev = pe
                 t = time.perf_counter()
-                eval_s += t - t_e
+                self.eval_s += t - t_e
         latency = None
         if self.cmem is not None:
             latency = self.cmem.latency_summary()
             self.cmem.close()
+        act_log = self.end_model() if activate else None
         wall += time.perf_counter() - t
         if uses_daemon and self.stream_iter is not None:
             self.stream.cancel()
         self.nb_iter = None  # ends the MineBatches stream (its generator closes it)
         cpu = time.process_time() - cpu0
         info = {"wall_seconds": wall, "refresh_seconds": refresh_s,
-                "val_eval_seconds": eval_s, "trainer_cpu_seconds": cpu,
+                "val_eval_seconds": self.eval_s, "trainer_cpu_seconds": cpu,
                 "mined": dict(self.mined)}
+        if act_log is not None:
+            info["activate"] = act_log
         if self.method in PK_METHODS:
             r2 = dict(self.r2)
             sep = np.asarray(r2.pop("separation"), dtype=np.float64)
             sep_steps = np.asarray(r2.pop("separation_steps"))
-            after = sep[sep_steps >= self.warmup]
+            first_nb = self.warmup
+            if activate:  # random batches until the first activation was done
+                first_nb = act_log["first_neighbour_step"]
+                first_nb = args.steps if first_nb is None else first_nb
+            after = sep[sep_steps >= first_nb]
             r2["separation_mean"] = float(np.nanmean(after)) if len(after) else None
             rnd = r2.pop("separation_random")
             r2["separation_random_mean"] = float(np.nanmean(rnd)) if rnd else None
@@ -899,6 +1099,13 @@ def table(result):
     return "\n".join(lines)
 
 
+def method_colours(plt):
+    """A colour per method, the same in every report: matplotlib's default cycle (ten
+    colours) in METHODS' order, then others for the methods beyond ten."""
+    cycle = list(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    return dict(zip(METHODS, cycle + ["#000080", "#b8860b", "#2f4f4f"]))
+
+
 def plot(result, path):
     """Per method, the mean over seeds (band: min to max) of the smoothed training loss
     (divided by its first value, since the losses differ in scale) and of the
@@ -911,7 +1118,7 @@ def plot(result, path):
         fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.5))
     else:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = method_colours(plt)
     runs = {}
     for r in result["runs"].values():
         runs.setdefault(r["method"], []).append(r["curve"])
@@ -1009,10 +1216,10 @@ def table_round2(result):
     return "\n".join(lines)
 
 
-def differences(result, baselines=("triplet-inbatch", "xbm")):
-    """Per method and baseline: the difference of the means and its standard error
-    (sqrt(se1^2 + se2^2), the seeds being independent runs), and whether it exceeds
-    two standard errors."""
+def differences(result, baselines=("triplet-inbatch", "xbm"), methods=None):
+    """Per method (all, or those in `methods`) and baseline: the difference of the
+    means and its standard error (sqrt(se1^2 + se2^2), the seeds being independent
+    runs), and whether it exceeds two standard errors."""
     rows = per_method(result)
     lines = ["| method | vs | " + " | ".join(c[1] for c in R2_COLS[:2] + R2_COLS[4:5])
              + " |", "|---" * 5 + "|"]
@@ -1021,7 +1228,7 @@ def differences(result, baselines=("triplet-inbatch", "xbm")):
         if base not in rows:
             continue
         for m, rs in rows.items():
-            if m == base:
+            if m == base or (methods is not None and m not in methods):
                 continue
             cells = []
             for key, _ in R2_COLS[:2] + R2_COLS[4:5]:
@@ -1035,7 +1242,7 @@ def differences(result, baselines=("triplet-inbatch", "xbm")):
     return "\n".join(lines), out
 
 
-def paired_differences(result, baselines=("triplet-inbatch", "xbm")):
+def paired_differences(result, baselines=("triplet-inbatch", "xbm"), methods=None):
     """As differences(), but per seed (a seed gives every method the same initial
     weights): the mean of the per-seed differences and its standard error."""
     rows = per_method(result)
@@ -1047,7 +1254,7 @@ def paired_differences(result, baselines=("triplet-inbatch", "xbm")):
             continue
         b = {r["seed"]: r for r in rows[base]}
         for m, rs in rows.items():
-            if m == base:
+            if m == base or (methods is not None and m not in methods):
                 continue
             pairs = [(r, b[r["seed"]]) for r in rs if r["seed"] in b]
             if len(pairs) < 2:
@@ -1091,6 +1298,46 @@ def costs_round2(result):
     return "\n".join(lines)
 
 
+def activations_round2(result):
+    """likeness-batches-activate: the versions it published and what their activations
+    took (the daemon re-embedding the training images while the trainer went on with
+    the previous version's batch stream). Means per run, or per activation where said;
+    the last activation may still be running when training ends ("finished")."""
+    rows = per_method(result)
+    lines = ["| method | versions / run | export + publish s / version | activations "
+             "finished / started | wall s / activation | daemon items/s | steps trained "
+             "during an activation | steps trained during activations / run | trainer "
+             "blocked s / run (enrolment wait, activation wait) | enrolment s "
+             "(background) | first neighbour-batch step | daemon's vectors vs the "
+             "network's, max abs diff |", "|---" * 13 + "|"]
+    for m, rs in rows.items():
+        logs = [r["info"].get("activate") for r in rs]
+        if not all(logs):
+            continue
+        done = [x for lg in logs for x in lg["activations"] if x["finished"]]
+        started = np.mean([len(lg["activations"]) for lg in logs])
+        check = [lg["check_max_abs_diff"] for lg in logs
+                 if lg["check_max_abs_diff"] is not None]
+
+        def avg(f, of=logs):
+            return float(np.mean([f(x) for x in of])) if of else float("nan")
+        lines.append(
+            f"| {m} | {avg(lambda lg: lg['versions']):.0f} "
+            f"| {avg(lambda lg: (lg['export_seconds'] + lg['publish_seconds']) / lg['versions']):.2f} "
+            f"| {len(done) / len(logs):.1f} / {started:.1f} "
+            f"| {avg(lambda x: x['wall_seconds'], done):.1f} "
+            f"| {avg(lambda x: x['daemon_rate'], done):.0f} "
+            f"| {avg(lambda x: x['steps_during'], done):.0f} "
+            f"| {avg(lambda lg: lg['steps_during_activations']):.0f} "
+            f"| {np.mean([r['info']['refresh_seconds'] for r in rs]):.1f} "
+            f"({avg(lambda lg: lg['enrol_wait_seconds']):.1f}, "
+            f"{avg(lambda lg: lg['wait_seconds']):.1f}) "
+            f"| {avg(lambda lg: lg['enrol_seconds'] or 0.0):.1f} "
+            f"| {avg(lambda lg: lg['first_neighbour_step'] if lg['first_neighbour_step'] is not None else float('nan')):.0f} "
+            f"| {max(check) if check else float('nan'):.1e} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def hardness_round2(result):
     """Class separation of the trained batches (after the warm-up): mean over steps of
     each class centroid's distance to the nearest other class centroid in the batch."""
@@ -1117,7 +1364,7 @@ def bars(result, path):
     rows = per_method(result)
     keys = [R2_COLS[0], R2_COLS[1], R2_COLS[2], R2_COLS[4]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4.2))
-    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = method_colours(plt)
     names = list(rows)
     for ax, (key, title) in zip(axes, keys):
         ms = [mean_se([_figure(r, key) for r in rows[m]]) for m in names]
@@ -1184,7 +1431,18 @@ def report_round2(res, stem, plots):
     print()
     print(paired_differences(res))
     print()
+    if any(m in per_method(res) for m in ACTIVATE_METHODS) and "likeness-batches" in per_method(res):
+        text, _ = differences(res, ("likeness-batches",), methods=ACTIVATE_METHODS)
+        print(text)
+        print()
+        print(paired_differences(res, ("likeness-batches",), methods=ACTIVATE_METHODS))
+        print()
     print(costs_round2(res))
+    print()
+    acts = activations_round2(res)
+    if acts:
+        print(acts)
+        print()
     print()
     print(hardness_round2(res))
     png = os.path.join(plots, f"experiment-{stem}.png")

@@ -126,3 +126,41 @@ def test_round_two_training_steps(client, method):
     assert 0.0 <= figures["clean"]["recall_at_1"] <= 1.0
     if method != "xbm":
         assert run.collection not in [c.name for c in client.list_collections()]
+
+
+def test_activate_training_steps(client):
+    """likeness-batches-activate (issue 17, equal trainer compute): the trainer never
+    embeds the training set; it publishes version 0 and creates the collection with it
+    (the images as PNG inputs), then at the end of the warm-up and every --refresh
+    steps publishes its network and activates it, training on while the daemon
+    re-embeds. Neighbour batches start once the first activation is done (at the next
+    refresh at the latest, which waits for it), the stored vectors are the published
+    network's, and labels always agree with the data. Needs onnx for the export."""
+    import torch
+
+    torch.set_num_threads(1)
+    ex = load_experiment()
+    args = ex.parse_args(["--steps", "16", "--warmup", "3", "--refresh", "6",
+                          "--eval-every", "8", "--batch", "24", "--pk-classes", "4"])
+    run = ex.Run(tiny_benchmark(), "likeness-batches-activate", 0, args, client=client)
+    curve, info = run.train()
+    assert len(curve["loss"]) == 16
+    assert all(math.isfinite(v) for v in curve["loss"])
+    assert info["mined"]["label_violations"] == 0
+    act = info["activate"]
+    # versions 0 (the collection's first) and 1-3, activated at steps 3, 9 and 15
+    assert act["versions"] == 4
+    assert [a["step"] for a in act["activations"]] == [3, 9, 15]
+    assert [a["version"] for a in act["activations"]] == ["1", "2", "3"]
+    assert all(a["finished"] for a in act["activations"][:2])
+    assert all(a["items"] == len(run.y) for a in act["activations"][:2])
+    first = act["first_neighbour_step"]
+    assert 4 <= first <= 9
+    assert info["round2"]["neighbour_batches"] == 16 - first
+    assert act["steps_during_activations"] >= first - 3
+    # the daemon's vectors of version 1 are the trainer's network's outputs
+    assert act["check_max_abs_diff"] < 1e-4
+    assert act["enrol_seconds"] > 0 and info["refresh_seconds"] > 0
+    figures = run.evaluate()
+    assert 0.0 <= figures["clean"]["recall_at_1"] <= 1.0
+    assert run.collection not in [c.name for c in client.list_collections()]
