@@ -117,6 +117,42 @@ async fn tick(next: &mut Instant, sh: &Shared) -> bool {
 
 /// One message out on a bidirectional stream and its answer back, timed into `t`;
 /// false when the call's request side has closed.
+/// Stream `n`'s EmbedStream request number `i`: one image.
+fn embed_request(sh: &Shared, i: usize) -> pb::EmbedRequest {
+    pb::EmbedRequest {
+        model: sh.model.clone(),
+        inputs: vec![sh.images[i % sh.images.len()].clone()],
+    }
+}
+
+/// Session `n`'s step `step`: two anchors, the mining request on the first step.
+fn session_step(sh: &Shared, n: usize, step: u64) -> pb::MineStep {
+    let anchors = (0..2)
+        .map(|j| {
+            let it = &sh.items[(n * 31 + step as usize * 2 + j) % sh.items.len()];
+            pb::StepAnchor {
+                id: it.id.clone(),
+                label: it.label.clone(),
+                vector: it.vector.clone(),
+            }
+        })
+        .collect();
+    pb::MineStep {
+        step,
+        request: (step == 0).then(|| mine_request(n as u64)),
+        anchors,
+        write_back: false,
+    }
+}
+
+/// An UpsertStream message: item number `i` of the data set.
+fn upsert_request(sh: &Shared, i: usize) -> pb::UpsertRequest {
+    pb::UpsertRequest {
+        collection: COLLECTION.into(),
+        items: vec![sh.items[i % sh.items.len()].clone()],
+    }
+}
+
 async fn round_trip<Req, Resp>(
     tx: &tokio::sync::mpsc::Sender<Req>,
     out: &mut tonic::Streaming<Resp>,
@@ -156,10 +192,7 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
                     .into_inner();
                 let mut i = n;
                 loop {
-                    let req = pb::EmbedRequest {
-                        model: sh.model.clone(),
-                        inputs: vec![sh.images[i % sh.images.len()].clone()],
-                    };
+                    let req = embed_request(&sh, i);
                     i += 1;
                     if !round_trip(&tx, &mut out, req, name, &mut t).await? {
                         break;
@@ -178,22 +211,7 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
                     .into_inner();
                 let mut step = 0u64;
                 loop {
-                    let anchors = (0..2)
-                        .map(|j| {
-                            let it = &sh.items[(n * 31 + step as usize * 2 + j) % sh.items.len()];
-                            pb::StepAnchor {
-                                id: it.id.clone(),
-                                label: it.label.clone(),
-                                vector: it.vector.clone(),
-                            }
-                        })
-                        .collect();
-                    let msg = pb::MineStep {
-                        step,
-                        request: (step == 0).then(|| mine_request(n as u64)),
-                        anchors,
-                        write_back: false,
-                    };
+                    let msg = session_step(&sh, n, step);
                     step += 1;
                     if !round_trip(&tx, &mut out, msg, name, &mut t).await? {
                         break;
@@ -235,12 +253,8 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
                 });
                 let mut i = n * 7;
                 loop {
-                    let it = sh.items[i % sh.items.len()].clone();
+                    let msg = upsert_request(&sh, i);
                     i += 1;
-                    let msg = pb::UpsertRequest {
-                        collection: COLLECTION.into(),
-                        items: vec![it],
-                    };
                     if tx.send(msg).await.is_err() {
                         break;
                     }
@@ -602,11 +616,7 @@ async fn hold_one(
                 .embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await?
                 .into_inner();
-            let req = pb::EmbedRequest {
-                model: sh.model.clone(),
-                inputs: vec![sh.images[n % sh.images.len()].clone()],
-            };
-            round_trip(&tx, &mut out, req, name, &mut t).await?;
+            round_trip(&tx, &mut out, embed_request(sh, n), name, &mut t).await?;
             Ok((Box::new(tx), Box::new(out)))
         }
         "Session" => {
@@ -615,23 +625,7 @@ async fn hold_one(
                 .session(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await?
                 .into_inner();
-            let anchors = (0..2)
-                .map(|j| {
-                    let it = &sh.items[(n * 31 + j) % sh.items.len()];
-                    pb::StepAnchor {
-                        id: it.id.clone(),
-                        label: it.label.clone(),
-                        vector: it.vector.clone(),
-                    }
-                })
-                .collect();
-            let msg = pb::MineStep {
-                step: 0,
-                request: Some(mine_request(n as u64)),
-                anchors,
-                write_back: false,
-            };
-            round_trip(&tx, &mut out, msg, name, &mut t).await?;
+            round_trip(&tx, &mut out, session_step(sh, n, 0), name, &mut t).await?;
             Ok((Box::new(tx), Box::new(out)))
         }
         "MineTriplets" => {
@@ -666,11 +660,7 @@ async fn hold_one(
                     .upsert_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                     .await
             });
-            let msg = pb::UpsertRequest {
-                collection: COLLECTION.into(),
-                items: vec![sh.items[(n * 7) % sh.items.len()].clone()],
-            };
-            tx.send(msg)
+            tx.send(upsert_request(sh, n * 7))
                 .await
                 .map_err(|_| tonic::Status::aborted("UpsertStream ended early"))?;
             // Dropping the sender ends the stream (committed); the call is aborted with it.
