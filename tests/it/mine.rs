@@ -520,14 +520,8 @@ async fn a_slow_reader_holds_the_job_and_cancelling_stops_it() {
 async fn a_session_step_sees_the_vectors_upserted_before_it() {
     let (server, _dir) = TestServer::light().await;
     let c = small(&server, 1000, 10).await;
-    let mut m = miner(&server).await;
     let mut items = server.items().await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut answers = m
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = session(&server).await;
     let anchor = "i3".to_string();
     let a = c.at(&anchor);
     let step =

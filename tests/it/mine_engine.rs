@@ -10,7 +10,7 @@ use likeness::grpc::pb;
 use likeness::types::Metric;
 use tokio_stream::StreamExt;
 
-use crate::common::corpus::{Corpus, ids_anchors, mine_all, miner, request};
+use crate::common::corpus::{Corpus, ids_anchors, mine_all, miner, request, session};
 use crate::common::*;
 
 /// One item with its vector, if it exists.
@@ -397,13 +397,7 @@ async fn a_memory_step_returns_stored_vectors_and_writes_the_fresh_ones_back() {
         }],
     )
     .await;
-    let mut m = miner(&server).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut answers = m
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = session(&server).await;
     let fresh = |i: usize| -> Vec<f32> { c.vectors[i].iter().map(|x| x + 0.05).collect() };
     let anchors = |ids: &[usize]| -> Vec<pb::StepAnchor> {
         ids.iter()
@@ -531,13 +525,7 @@ async fn a_memory_session_starts_on_an_empty_collection_and_writes_a_repeated_id
     let mut colls = server.collections().await;
     create(&mut colls, "m", 4, pb::Metric::Cosine).await;
     let mut items = server.items().await;
-    let mut m = miner(&server).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut answers = m
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = session(&server).await;
     let anchor = |id: &str, label: &str, v: [f32; 4]| pb::StepAnchor {
         id: id.into(),
         label: label.into(),

@@ -153,6 +153,30 @@ fn upsert_request(sh: &Shared, i: usize) -> pb::UpsertRequest {
     }
 }
 
+/// A bidirectional stream as the bench holds it: the sender of its requests and the
+/// stream of its answers.
+type Bidi<Req, Resp> = (tokio::sync::mpsc::Sender<Req>, tonic::Streaming<Resp>);
+
+async fn open_embed_stream(
+    ch: Channel,
+) -> Result<Bidi<pb::EmbedRequest, pb::EmbedResponse>, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let out = EmbedderClient::new(ch)
+        .embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, out))
+}
+
+async fn open_session(ch: Channel) -> Result<Bidi<pb::MineStep, pb::MinedBatch>, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let out = MinerClient::new(ch)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, out))
+}
+
 async fn round_trip<Req, Resp>(
     tx: &tokio::sync::mpsc::Sender<Req>,
     out: &mut tonic::Streaming<Resp>,
@@ -185,11 +209,7 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
     let result: Result<(), tonic::Status> = async {
         match name {
             "EmbedStream" => {
-                let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let mut out = EmbedderClient::new(ch)
-                    .embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
+                let (tx, mut out) = open_embed_stream(ch).await?;
                 let mut i = n;
                 loop {
                     let req = embed_request(&sh, i);
@@ -204,11 +224,7 @@ async fn stream(ch: Channel, kind: usize, n: usize, sh: Arc<Shared>) -> Tally {
                 }
             }
             "Session" => {
-                let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let mut out = MinerClient::new(ch)
-                    .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await?
-                    .into_inner();
+                let (tx, mut out) = open_session(ch).await?;
                 let mut step = 0u64;
                 loop {
                     let msg = session_step(&sh, n, step);
@@ -611,20 +627,12 @@ async fn hold_one(
     let mut t = Tally::default();
     match name {
         "EmbedStream" => {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let mut out = EmbedderClient::new(ch)
-                .embed_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?
-                .into_inner();
+            let (tx, mut out) = open_embed_stream(ch).await?;
             round_trip(&tx, &mut out, embed_request(sh, n), name, &mut t).await?;
             Ok((Box::new(tx), Box::new(out)))
         }
         "Session" => {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let mut out = MinerClient::new(ch)
-                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await?
-                .into_inner();
+            let (tx, mut out) = open_session(ch).await?;
             round_trip(&tx, &mut out, session_step(sh, n, 0), name, &mut t).await?;
             Ok((Box::new(tx), Box::new(out)))
         }

@@ -165,6 +165,23 @@ impl Corpus {
     }
 }
 
+/// An open Session: the sender of its steps and the stream of its answers.
+pub async fn session(
+    server: &TestServer,
+) -> (
+    tokio::sync::mpsc::Sender<pb::MineStep>,
+    tonic::Streaming<pb::MinedBatch>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let answers = miner(server)
+        .await
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, answers)
+}
+
 pub async fn miner(server: &TestServer) -> MinerClient<Channel> {
     MinerClient::new(channel(&server.url()).await).max_decoding_message_size(64 << 20)
 }
