@@ -105,10 +105,20 @@ impl Activations {
             .collect()
     }
 
-    /// Whether `collection` is being re-embedded now.
+    /// Whether `collection` is being re-embedded now. An activation whose generation
+    /// the collection already serves is not: only its clean-up is left (the old
+    /// generation's files), and GetCollection reports it done (`app::with_activation`),
+    /// so a client that waited for that may activate again at once. Whatever starts
+    /// next waits for the clean-up on the registry's DDL lock.
     pub fn running(&self, collection: &str) -> bool {
-        self.info(collection)
-            .is_some_and(|i| i.state == State::Running)
+        let Some(a) = self.info(collection) else {
+            return false;
+        };
+        a.state == State::Running
+            && !self.registry.collection(collection).is_ok_and(|c| {
+                let spec = c.spec();
+                spec.model == a.model && spec.model_version == a.version
+            })
     }
 }
 
@@ -133,6 +143,9 @@ impl Activations {
         model: &str,
         version: &str,
     ) -> Result<CollectionInfo> {
+        let running = self.running(collection);
+        // Fetched after that check: once it says the last activation switched, this is
+        // the generation it switched to.
         let source = self.registry.collection(collection)?;
         let spec = source.spec();
         if model.is_empty() {
@@ -179,7 +192,7 @@ impl Activations {
                 "collection {collection:?} keeps no inputs to re-embed (it was created without a model or with keep_inputs = false)"
             )));
         }
-        if self.running(collection) {
+        if running {
             return Err(Error::FailedPrecondition(format!(
                 "collection {collection:?} is already being re-embedded; wait for it to finish"
             )));

@@ -584,6 +584,53 @@ async fn activate_refuses_what_it_cannot_do() {
     server.stop().await;
 }
 
+/// A trainer that publishes each version of its network waits for one activation to
+/// be reported done and activates the next at once. GetCollection says done as soon as
+/// the collection serves the new generation, before the old one's files are gone; an
+/// Activate in that window was refused as "already being re-embedded" (seen in the
+/// CJK training runs at about one activation in two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activate_again_as_soon_as_the_last_is_reported_done() {
+    let (server, _dir) = TestServer::start().await;
+    let url = server.url();
+    let mut pngs = enrol_and_publish(&url).await;
+    // More items make the old generation's clean-up, the window, longer.
+    let more: Vec<Vec<u8>> = pngs.iter().cycle().take(2400).cloned().collect();
+    pngs.extend(more);
+    enrol(&url, "big", &pngs, None).await;
+    let mut colls =
+        likeness::grpc::pb::collections_client::CollectionsClient::new(channel(&url).await);
+    for round in 0..8 {
+        // Alternates between the published version and the one loaded at start.
+        let version = if round % 2 == 0 { "2" } else { "" };
+        let started = activate(&url, "big", version).await;
+        assert!(
+            started.is_ok(),
+            "round {round}: activate right after the last was reported done: {:?}",
+            started.err()
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = colls
+                .get_collection(pb::GetCollectionRequest { name: "big".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            match state(&now) {
+                pb::activation::State::Done => {
+                    assert_eq!(now.model_version, version, "round {round}");
+                    break;
+                }
+                pb::activation::State::Running => {}
+                other => panic!("round {round}: {other:?}: {:?}", now.activation),
+            }
+            assert!(Instant::now() < deadline, "round {round}: not done");
+        }
+    }
+    assert_eq!(info(&url, "big").await.count, pngs.len() as u64);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn activation_killed_halfway_resumes_at_start() {
     let dir = tempfile::tempdir().unwrap();
