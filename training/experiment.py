@@ -514,6 +514,26 @@ class Run:
         # likeness-batches-activate: the daemon re-embeds the collection (see start_model)
         self.act = None
         self.eval_s = 0.0
+        self.tag = os.getpid()  # in the collection's and model's names
+
+    def collection_name(self):
+        return f"{self.bench['name']}-{self.method}-{self.seed}-{self.tag}"
+
+    # ---- hooks that distributed.py's ranks override (one process: no-ops)
+    def create_training_collection(self):
+        """Round two: the collection the batches' embeddings are written back to."""
+        self.collection = self.collection_name()
+        self.client.create_collection(self.collection, fc.EMBED_DIM, "l2")
+
+    def drop_training_collection(self):
+        self.client.delete_collection(self.collection)
+
+    def memory_add(self, emb, labels, idx):
+        """XBM: the batch's detached embeddings into the queue."""
+        self.queue.add(emb, labels, idx)
+
+    def activate_version(self, version):
+        self.client.activate(self.collection, self.act["model"], version)
 
     # ---- images -> embeddings
     def forward(self, idx, train=True):
@@ -540,7 +560,7 @@ class Run:
         ids = [str(i) for i in range(len(self.y))]
         labels = [str(int(v)) for v in self.y]
         if self.collection is None:
-            self.collection = f"{self.bench['name']}-{self.method}-{self.seed}-{os.getpid()}"
+            self.collection = self.collection_name()
             self.client.create_collection(self.collection, vectors.shape[1], "l2")
         self.client.upsert(self.collection, ids, vectors, labels=labels, generation=step,
                            batch_size=4096)
@@ -599,7 +619,7 @@ class Run:
         ingest while the warm-up trains on random P x K batches."""
         from concurrent.futures import ThreadPoolExecutor
         import onnx_release
-        name = f"{self.bench['name']}-{self.method}-{self.seed}-{os.getpid()}"
+        name = self.collection_name()
         self.collection = name
         self.act = {"model": name, "dir": tempfile.mkdtemp(prefix="likeness-act-"),
                     "next_version": 0, "pending": None, "activated": 0, "last_poll": 0.0,
@@ -658,7 +678,7 @@ class Run:
             log["wait_seconds"] += time.perf_counter() - t
         version = self.publish_version()
         t = time.perf_counter()
-        self.client.activate(self.collection, a["model"], version)
+        self.activate_version(version)
         now = time.perf_counter()
         log["activate_call_seconds"] += now - t
         a["pending"] = {"version": version, "step": step, "t0": t, "eval0": self.eval_s}
@@ -785,7 +805,7 @@ class Run:
                 self.r2["memory_triplets"] += n
                 self.r2["memory_refs"] += len(r_id)
                 self.r2["memory_steps"] += 1
-            self.queue.add(e.detach(), labels, idx)
+            self.memory_add(e.detach(), labels, idx)
             self.r2["memory_seconds"] += time.perf_counter() - t
         elif m in ("likeness-memory", "likeness-batches-memory") and step < self.warmup:
             # The warm-up fills the memory by plain upserts: a Session cannot start on a
@@ -954,8 +974,7 @@ class Run:
             self.start_model()
             refresh_s += time.perf_counter() - t
         elif uses_daemon:  # round two: the collection fills by write-back from step 0
-            self.collection = f"{self.bench['name']}-{self.method}-{self.seed}-{os.getpid()}"
-            self.client.create_collection(self.collection, fc.EMBED_DIM, "l2")
+            self.create_training_collection()
         # Neighbour batches need every training item's vector: a full refresh at the end
         # of the warm-up (random P x K batches until then) and every --refresh steps after.
         # likeness-batches-activate: at the same steps the daemon re-embeds the stored
@@ -1040,7 +1059,7 @@ class Run:
         if self.dbl is not None:
             info["dbl"] = {"m": float(self.dbl.m.detach()), "s": float(self.dbl.log_s.detach().exp())}
         if uses_daemon and self.collection:
-            self.client.delete_collection(self.collection)
+            self.drop_training_collection()
         return curve, info
 
     def evaluate(self):
@@ -1181,7 +1200,8 @@ def per_method(result):
     rows = {}
     for r in result["runs"].values():
         rows.setdefault(r["method"], []).append(r)
-    return {m: sorted(rows[m], key=lambda r: r["seed"]) for m in METHODS if m in rows}
+    order = [m for m in METHODS if m in rows] + [m for m in rows if m not in METHODS]
+    return {m: sorted(rows[m], key=lambda r: r["seed"]) for m in order}
 
 
 def mean_se(values):

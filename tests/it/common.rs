@@ -425,10 +425,19 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f64>) {
 
 /// The fixture's 28x28 grey images encoded as PNG, as a client would send them.
 pub fn fixture_pngs(name: &str) -> Vec<Vec<u8>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/fmnist")
-        .join(name);
-    likeness::cli::load::npy_images_as_png(&path).unwrap()
+    fixture_pngs_in("fmnist", name)
+}
+
+/// The same from tests/fixtures/`set` (fmnist, cjk).
+pub fn fixture_pngs_in(set: &str, name: &str) -> Vec<Vec<u8>> {
+    likeness::cli::load::npy_images_as_png(&fixture_path(set, name)).unwrap()
+}
+
+fn fixture_path(set: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(set)
+        .join(name)
 }
 
 /// An image input.
@@ -447,17 +456,23 @@ pub fn input_query(png: &[u8]) -> Option<likeness::grpc::pb::Query> {
 }
 
 pub fn fixture(name: &str) -> (Vec<usize>, Vec<f64>) {
-    read_npy(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/fmnist")
-            .join(name),
-    )
+    fixture_in("fmnist", name)
+}
+
+/// An array of tests/fixtures/`set`.
+pub fn fixture_in(set: &str, name: &str) -> (Vec<usize>, Vec<f64>) {
+    read_npy(&fixture_path(set, name))
 }
 
 /// The model card's figures for the fixture (tests/fixtures/fmnist/expected.json).
 pub fn expected() -> serde_json::Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fmnist/expected.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    expected_in("fmnist")
+}
+
+/// The figures of tests/fixtures/`set`/expected.json.
+pub fn expected_in(set: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture_path(set, "expected.json")).unwrap())
+        .unwrap()
 }
 
 /// Asserts a bad-input case: the status code, and that the message names each needle.

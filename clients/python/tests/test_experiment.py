@@ -164,3 +164,40 @@ def test_activate_training_steps(client):
     figures = run.evaluate()
     assert 0.0 <= figures["clean"]["recall_at_1"] <= 1.0
     assert run.collection not in [c.name for c in client.list_collections()]
+
+
+def load_ranks():
+    """training/ranks.py as the module `ranks`, importable by name: its rank processes
+    are spawned, and unpickle their entry point from it."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "training"))
+    return importlib.import_module("ranks")
+
+
+@pytest.mark.parametrize("label", ["xbm-gather", "likeness-memory", "likeness-batches-activate"])
+def test_two_ranks_train_one_network(client, label):
+    """training/ranks.py (issue 17 (b)): two gloo ranks, each its own process with
+    its own batches, average their gradients every step, so they end with the same
+    weights; the likeness methods share one collection (one name for both ranks,
+    created by rank 0 and gone at the end); xbm-gather's queue holds both ranks'
+    batches."""
+    dist = load_ranks()
+    argv = ["--steps", "12", "--warmup", "4", "--refresh", "4", "--eval-every", "6",
+            "--batch", "24", "--pk-classes", "4", "--memory", "96"]
+    r = dist.run_one(label, 0, 2, argv, client.address, bench=tiny_benchmark())
+    info = r["info"]
+    assert info["weights_max_diff_across_ranks"] == 0.0
+    assert len(info["trainer_cpu_seconds_per_rank"]) == 2
+    assert all(math.isfinite(v) for v in r["curve"]["loss"]) and len(r["curve"]["loss"]) == 12
+    assert info["mined"]["label_violations"] == 0
+    r2 = info["round2"]
+    if label == "xbm-gather":
+        # from step 4 on, against a full queue of 96 = both ranks' last 2 batches
+        assert r2["memory_steps"] == 8 and r2["memory_refs"] == 8 * 96
+    elif label == "likeness-memory":
+        assert r2["memory_steps"] > 0 and r2["memory_refs"] > 0
+    else:
+        assert info["activate"]["versions"] >= 3 and r2["neighbour_batches"] > 0
+    assert not [c.name for c in client.list_collections() if c.name.startswith("smoke-")]
